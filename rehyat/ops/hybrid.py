@@ -1,0 +1,455 @@
+"""ReHyAt hybrid attention: the parallel form, the dense reference and the chunk-wise recurrent form.
+
+Every other path in the library (the diffusers processor, the recurrent runner, distillation) calls the functions
+of this module; the hybrid math lives here alone. Notation follows ``shared/SPEC.md`` sections 2 to 5 and the
+paper (Ghafoorian and Habibian, "ReHyAt", arXiv 2601.04342):
+
+* tokens are frame-major: token ``j`` belongs to latent frame ``j // frame_tokens``;
+* chunk ``c`` holds query frames ``[c*T_c, min((c+1)*T_c, T))`` (``T_c = chunk_frames``, the last chunk may be
+  shorter);
+* its softmax keys are the frames ``[max(c*T_c - T_o, 0), min((c+1)*T_c, T))`` (``T_o = overlap_frames``,
+  bidirectional inside the window);
+* its linear keys are the frames before the window (``causal=True``, Eq. 13, the form that is an RNN) or every
+  frame outside the window (``causal=False``, the paper's bidirectional ablation);
+* per query row and head, the two branches share one normaliser (Eq. 9-12)::
+
+      y = (sum_S exp(s_j - c) v_j + phi_q(q) . sum_L phi_k(k_j)^T v_j)
+          / (sum_S exp(s_j - c)     + phi_q(q) . sum_L phi_k(k_j)^T)
+
+  with ``s_j = q.k_j * scale`` and the row stabiliser ``c`` = logsumexp of the window logits (``"lse"``, default:
+  the softmax branch is plain softmax attention and any SDPA kernel serves) or their row maximum (``"max"``, the
+  paper's "max exponent term").
+
+Denominator guard: the linear mass ``phi_q(q) . sum_L phi_k(k_j)`` is clamped at zero before it enters the
+denominator, so the denominator is at least the softmax mass (1 for ``"lse"``, >= 1 for ``"max"``) and never
+reaches zero or changes sign. The library's feature maps are non-negative by construction (``rehyat.modules``), so
+for them the clamp is an exact no-op; it only protects against user-supplied feature maps with negative entries.
+NaN and Inf are never clamped away: ``clamp`` propagates NaN, and Inf sums give NaN outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_frames, check_qkv, check_settings
+
+__all__ = [
+    "chunk_windows",
+    "rehyat_attention",
+    "rehyat_attention_reference",
+    "RecurrentState",
+    "rehyat_attention_step",
+    "rehyat_attention_recurrent",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunk layout
+# ----------------------------------------------------------------------------------------------------------------
+def chunk_windows(num_frames: int, chunk_frames: int, overlap_frames: int) -> list[tuple[int, int, int]]:
+    """Frame ranges of every chunk, SPEC section 2.
+
+    Args:
+        num_frames: T, number of latent frames (>= 1).
+        chunk_frames: T_c (>= 1). ``chunk_frames >= num_frames`` gives one chunk (full softmax attention).
+        overlap_frames: T_o (>= 0), may exceed ``chunk_frames``.
+
+    Returns:
+        A list with one ``(window_start, query_start, query_end)`` per chunk, in frames: the chunk's queries are
+        frames ``[query_start, query_end)``, its softmax keys ``[window_start, query_end)`` and its causal linear
+        keys ``[0, window_start)``.
+
+    Raises:
+        ValueError: on a non-positive ``num_frames`` or ``chunk_frames`` or a negative ``overlap_frames``.
+    """
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    check_settings(frame_tokens=1, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer="lse")
+    out = []
+    for q0 in range(0, num_frames, chunk_frames):
+        out.append((max(q0 - overlap_frames, 0), q0, min(q0 + chunk_frames, num_frames)))
+    return out
+
+
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when any input is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two branches and their merge: the only place the hybrid combination is written down
+# ----------------------------------------------------------------------------------------------------------------
+def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
+    """Softmax branch over one window per batch entry.
+
+    q: ``[b, nq, H, D]``, k: ``[b, nk, H, D]``, v: ``[b, nk, H, Dv]``. Returns ``(o, mass)``: ``o`` the
+    normalised softmax output ``[b, nq, H, Dv]`` in ``acc`` and ``mass`` = ``sum_S exp(s_j - c)`` as
+    ``[b, nq, H, 1]`` in ``acc`` (``None`` for ``"lse"``, where it is exactly 1).
+    """
+    if stabilizer == "lse":
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return o.transpose(1, 2).to(acc), None
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    mass = p.sum(dim=-1, keepdim=True)  # [b, H, nq, 1]
+    o = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc)) / mass.transpose(1, 2)
+    return o, mass.transpose(1, 2)
+
+
+def _merge(o, mass, num_lin, den_lin):
+    """Joint normalisation of the two branches (SPEC section 3).
+
+    o: softmax output ``[..., H, Dv]``; mass: softmax mass ``[..., H, 1]`` or ``None`` (= 1); num_lin:
+    ``phi_q . S`` ``[..., H, Dv]``; den_lin: ``phi_q . z`` ``[..., H, 1]``, clamped at 0 (the guard).
+    """
+    den_lin = den_lin.clamp(min=0)
+    if mass is None:
+        return (o + num_lin) / (1 + den_lin)
+    return (o * mass + num_lin) / (mass + den_lin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parallel form
+# ----------------------------------------------------------------------------------------------------------------
+def _softmax_all_chunks(q, k, v, windows, frame_tokens, stabilizer, scale, acc):
+    """Softmax branch for every chunk: chunks of equal window shape are folded into the batch of one SDPA call.
+
+    Returns ``o`` ``[B, N, H, Dv]`` and ``mass`` ``[B, N, H, 1]`` (or ``None``), in ``acc``.
+    """
+    B, N, H, D = q.shape
+    T = N // frame_tokens
+    qf = q.view(B, T, frame_tokens, H, D)
+    kf = k.view(B, T, frame_tokens, H, D)
+    vf = v.view(B, T, frame_tokens, H, v.shape[-1])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for c, (w0, q0, q1) in enumerate(windows):
+        groups.setdefault((q1 - q0, q1 - w0), []).append(c)
+    per_chunk_o: list = [None] * len(windows)
+    per_chunk_m: list = [None] * len(windows)
+    for (nq, nk), chunks in groups.items():
+        G = len(chunks)
+        q_idx = torch.tensor([[windows[c][1] + i for i in range(nq)] for c in chunks], device=q.device)
+        k_idx = torch.tensor([[windows[c][0] + i for i in range(nk)] for c in chunks], device=q.device)
+        qg = qf[:, q_idx].reshape(B * G, nq * frame_tokens, H, D)
+        kg = kf[:, k_idx].reshape(B * G, nk * frame_tokens, H, D)
+        vg = vf[:, k_idx].reshape(B * G, nk * frame_tokens, H, vf.shape[-1])
+        o, mass = _window_softmax(qg, kg, vg, stabilizer, scale, acc)
+        o = o.view(B, G, nq * frame_tokens, H, -1)
+        mass = None if mass is None else mass.view(B, G, nq * frame_tokens, H, 1)
+        for i, c in enumerate(chunks):
+            per_chunk_o[c] = o[:, i]
+            per_chunk_m[c] = None if mass is None else mass[:, i]
+    o = per_chunk_o[0] if len(windows) == 1 else torch.cat(per_chunk_o, dim=1)
+    if stabilizer == "lse":
+        return o, None
+    mass = per_chunk_m[0] if len(windows) == 1 else torch.cat(per_chunk_m, dim=1)
+    return o, mass
+
+
+def _linear_all_chunks(fq, fk, v, windows, frame_tokens, causal, acc):
+    """Linear branch for every chunk from per-frame sums and an exclusive cumulative sum over frames.
+
+    Returns ``num_lin`` ``[B, N, H, Dv]`` and ``den_lin`` ``[B, N, H, 1]`` in ``acc``.
+    """
+    B, N, H, Fd = fq.shape
+    T = N // frame_tokens
+    fqf = fq.to(acc).view(B, T, frame_tokens, H, Fd)
+    fkf = fk.to(acc).view(B, T, frame_tokens, H, Fd)
+    vf = v.to(acc).view(B, T, frame_tokens, H, v.shape[-1])
+    kv = torch.einsum("btshf,btshd->bthfd", fkf, vf)  # per-frame phi_k^T v   [B, T, H, D', Dv]
+    ks = fkf.sum(dim=2)  # per-frame phi_k sums                              [B, T, H, D']
+    # prefix[e] = sum of frames [0, e)  (exclusive cumulative sum, T + 1 entries)
+    prefix_kv = F.pad(kv.cumsum(dim=1), (0, 0, 0, 0, 0, 0, 1, 0))
+    prefix_k = F.pad(ks.cumsum(dim=1), (0, 0, 0, 0, 1, 0))
+    starts = []  # per frame: the window start of its chunk
+    ends = []  # per frame: the window end of its chunk
+    for w0, q0, q1 in windows:
+        starts += [w0] * (q1 - q0)
+        ends += [q1] * (q1 - q0)
+    starts = torch.tensor(starts, device=fq.device)
+    state_kv = prefix_kv[:, starts]  # [B, T, H, D', Dv]
+    state_k = prefix_k[:, starts]  # [B, T, H, D']
+    if not causal:
+        # suffix[e] = sum of frames [e, T), summed from the end so no cancellation occurs
+        suffix_kv = F.pad(kv.flip(1).cumsum(dim=1).flip(1), (0, 0, 0, 0, 0, 0, 0, 1))
+        suffix_k = F.pad(ks.flip(1).cumsum(dim=1).flip(1), (0, 0, 0, 0, 0, 1))
+        ends = torch.tensor(ends, device=fq.device)
+        state_kv = state_kv + suffix_kv[:, ends]
+        state_k = state_k + suffix_k[:, ends]
+    num_lin = torch.einsum("btshf,bthfd->btshd", fqf, state_kv).reshape(B, N, H, -1)
+    den_lin = torch.einsum("btshf,bthf->btsh", fqf, state_k).reshape(B, N, H, 1)
+    return num_lin, den_lin
+
+
+def rehyat_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    *,
+    frame_tokens: int,
+    chunk_frames: int,
+    overlap_frames: int,
+    causal: bool = True,
+    stabilizer: str = "lse",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """ReHyAt hybrid attention, parallel form (all chunks at once): training and moderate-length inference.
+
+    Softmax inside each chunk's window through ``torch.nn.functional.scaled_dot_product_attention`` (chunks of
+    equal window shape folded into the batch, so any SDPA backend serves), linear attention over the earlier
+    frames (or all frames outside the window) from per-frame sums ``phi_k^T v`` and an exclusive cumulative sum
+    over frames, accumulated in float32 (float64 for float64 inputs), joint normalisation as in the module
+    docstring (paper Eq. 9-13). Backward goes through ordinary autograd.
+
+    Args:
+        q, k: ``[B, N, H, D]`` (diffusers layout; RoPE already applied if the model uses it), frame-major tokens,
+            ``N = frames * frame_tokens``.
+        v: ``[B, N, H, Dv]``, same dtype and device as q.
+        fq, fk: ``[B, N, H, D']`` feature-mapped q and k (``phi_q(q)``, ``phi_k(k)``); any float dtype, one for both.
+            Expected non-negative (see the denominator guard in the module docstring).
+        frame_tokens: S, tokens per latent frame (``(H/2)*(W/2)`` for Wan's patch (1, 2, 2)).
+        chunk_frames: T_c >= 1; ``chunk_frames >= frames`` makes this exactly full softmax attention.
+        overlap_frames: T_o >= 0 earlier frames inside each softmax window; may exceed ``chunk_frames``.
+        causal: linear keys are the frames before the window (True, the recurrent variant) or all frames outside
+            it (False, bidirectional).
+        stabilizer: ``"lse"`` (default) or ``"max"``: the row constant ``c`` subtracted from the window logits.
+        scale: logit scale, default ``D ** -0.5``.
+
+    Returns:
+        ``[B, N, H, Dv]`` in q's dtype.
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, ``N`` not a multiple of ``frame_tokens``,
+            ``chunk_frames < 1``, ``overlap_frames < 0`` or an unknown ``stabilizer``; raised before any compute.
+    """
+    check_settings(
+        frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer
+    )
+    check_qkv(q, k, v, fq, fk)
+    T = check_frames(q.shape[1], frame_tokens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype, fq.dtype)
+    windows = chunk_windows(T, chunk_frames, overlap_frames)
+    o, mass = _softmax_all_chunks(q, k, v, windows, frame_tokens, stabilizer, scale, acc)
+    num_lin, den_lin = _linear_all_chunks(fq, fk, v, windows, frame_tokens, causal, acc)
+    return _merge(o, mass, num_lin, den_lin).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense reference: the definition every other path is tested against
+# ----------------------------------------------------------------------------------------------------------------
+def hybrid_masks(num_frames: int, frame_tokens: int, chunk_frames: int, overlap_frames: int, causal: bool, device=None):
+    """Explicit token masks ``(softmax_mask, linear_mask)``, each ``[N, N]`` bool (query rows, key columns)."""
+    N = num_frames * frame_tokens
+    frame = torch.arange(N, device=device) // frame_tokens
+    chunk = frame // chunk_frames
+    w0 = (chunk * chunk_frames - overlap_frames).clamp(min=0)
+    w1 = ((chunk + 1) * chunk_frames).clamp(max=num_frames)
+    kf = frame[None, :]
+    softmax_mask = (kf >= w0[:, None]) & (kf < w1[:, None])
+    linear_mask = (kf < w0[:, None]) if causal else ~softmax_mask
+    return softmax_mask, linear_mask
+
+
+def rehyat_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    *,
+    frame_tokens: int,
+    chunk_frames: int,
+    overlap_frames: int,
+    causal: bool = True,
+    stabilizer: str = "lse",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense reference of :func:`rehyat_attention`: full ``[N, N]`` scores and explicit masks.
+
+    Same arguments, returns and errors as :func:`rehyat_attention`. Computes in float64 when any input is float64,
+    float32 otherwise; memory ``O(B H N^2)``, for tests and small sizes only.
+    """
+    check_settings(
+        frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer
+    )
+    check_qkv(q, k, v, fq, fk)
+    T = check_frames(q.shape[1], frame_tokens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype, fq.dtype)
+    soft, lin = hybrid_masks(T, frame_tokens, chunk_frames, overlap_frames, causal, device=q.device)
+
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
+    s = s.masked_fill(~soft, float("-inf"))
+    if stabilizer == "lse":
+        c = torch.logsumexp(s, dim=-1, keepdim=True)
+    else:
+        c = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - c)  # zero outside the window
+    kernel = torch.einsum("bqhf,bkhf->bhqk", fq.to(acc), fk.to(acc)) * lin
+    va = v.to(acc)
+    num = torch.einsum("bhqk,bkhd->bqhd", p + kernel, va)
+    den = p.sum(-1) + kernel.sum(-1).clamp(min=0)  # [B, H, N]
+    return (num / den.transpose(1, 2).unsqueeze(-1)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recurrent form (SPEC section 5)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RecurrentState:
+    """State of one ReHyAt attention layer between chunks (constant size once ``overlap_frames`` are cached).
+
+    Attributes:
+        s: ``[B, H, D', Dv]`` sum of ``phi_k(k_j)^T v_j`` over the frames already moved out of the softmax window
+            (float32, float64 for float64 inputs).
+        z: ``[B, H, D']`` sum of ``phi_k(k_j)`` over the same frames, same dtype as ``s``.
+        k, v, fk: ``[B, n, H, D]``, ``[B, n, H, Dv]``, ``[B, n, H, D']``: keys, values and feature-mapped keys of
+            the last ``min(overlap_frames, frames_seen)`` frames (``n`` = those frames x ``frame_tokens``).
+        frames_seen: number of latent frames processed so far (the absolute start frame of the next chunk).
+    """
+
+    s: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    fk: torch.Tensor
+    frames_seen: int = 0
+
+    @classmethod
+    def empty(cls, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor) -> "RecurrentState":
+        """An empty state for inputs shaped like ``q`` ``[B, n, H, D]``, ``v`` and ``fq`` ``[B, n, H, D']``."""
+        B, _, H, _ = q.shape
+        acc = _acc_dtype(q.dtype, fq.dtype)
+        return cls(
+            s=q.new_zeros(B, H, fq.shape[-1], v.shape[-1], dtype=acc),
+            z=q.new_zeros(B, H, fq.shape[-1], dtype=acc),
+            k=q.new_zeros(B, 0, H, q.shape[-1]),
+            v=v.new_zeros(B, 0, H, v.shape[-1]),
+            fk=fq.new_zeros(B, 0, H, fq.shape[-1]),
+            frames_seen=0,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.s, self.z, self.k, self.v, self.fk))
+
+
+def rehyat_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    state: RecurrentState | None = None,
+    *,
+    frame_tokens: int,
+    overlap_frames: int,
+    stabilizer: str = "lse",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, RecurrentState]:
+    """One chunk of the causal hybrid attention as an RNN step (SPEC section 5).
+
+    The chunk's queries attend with softmax to the cached overlap frames plus the chunk itself, and linearly to
+    the state ``(s, z)``; then every frame that leaves the softmax window (all but the last ``overlap_frames``
+    frames seen) moves into ``(s, z)``, the rule that equals the parallel causal form. Running the chunks of
+    :func:`chunk_windows` in order through this function equals ``rehyat_attention(..., causal=True)``.
+
+    Args:
+        q, k, v, fq, fk: one chunk, ``[B, n, H, D]`` / ``[B, n, H, Dv]`` / ``[B, n, H, D']``, ``n`` a multiple
+            of ``frame_tokens``; RoPE, if any, applied at absolute positions (start frame
+            ``state.frames_seen``).
+        state: the state after the previous chunk, or ``None`` for the first chunk. Not modified.
+        frame_tokens, overlap_frames, stabilizer, scale: as in :func:`rehyat_attention`.
+
+    Returns:
+        ``(y, new_state)``: ``y`` ``[B, n, H, Dv]`` in q's dtype, and the state after this chunk.
+
+    Raises:
+        ValueError: as :func:`rehyat_attention`, and when ``state`` does not match the inputs.
+    """
+    check_settings(frame_tokens=frame_tokens, chunk_frames=None, overlap_frames=overlap_frames, stabilizer=stabilizer)
+    check_qkv(q, k, v, fq, fk)
+    n_frames = check_frames(q.shape[1], frame_tokens)
+    if state is None:
+        state = RecurrentState.empty(q, v, fq)
+    B, _, H, _ = q.shape
+    expected = (B, H, fq.shape[-1], v.shape[-1])
+    if tuple(state.s.shape) != expected or state.k.shape[2:] != k.shape[2:] or state.k.device != q.device:
+        raise ValueError(
+            f"state does not match the inputs: state.s has shape {tuple(state.s.shape)} on {state.s.device}, "
+            f"expected {expected} on {q.device}"
+        )
+    if state.k.dtype != k.dtype or state.fk.dtype != fk.dtype:
+        raise ValueError(f"state caches have dtypes ({state.k.dtype}, {state.fk.dtype}), expected ({k.dtype}, {fk.dtype})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = state.s.dtype
+
+    k_win = torch.cat([state.k, k], dim=1)
+    v_win = torch.cat([state.v, v], dim=1)
+    fk_win = torch.cat([state.fk, fk], dim=1)
+    o, mass = _window_softmax(q, k_win, v_win, stabilizer, scale, acc)
+    fqa = fq.to(acc)
+    num_lin = torch.einsum("bnhf,bhfd->bnhd", fqa, state.s)
+    den_lin = torch.einsum("bnhf,bhf->bnh", fqa, state.z).unsqueeze(-1)
+    y = _merge(o, mass, num_lin, den_lin).to(q.dtype)
+
+    frames_seen = state.frames_seen + n_frames
+    keep = min(overlap_frames, frames_seen) * frame_tokens
+    move = k_win.shape[1] - keep
+    fk_out, v_out = fk_win[:, :move].to(acc), v_win[:, :move].to(acc)
+    new_state = RecurrentState(
+        s=state.s + torch.einsum("bnhf,bnhd->bhfd", fk_out, v_out),
+        z=state.z + fk_out.sum(dim=1),
+        k=k_win[:, move:],
+        v=v_win[:, move:],
+        fk=fk_win[:, move:],
+        frames_seen=frames_seen,
+    )
+    return y, new_state
+
+
+def rehyat_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    *,
+    frame_tokens: int,
+    chunk_frames: int,
+    overlap_frames: int,
+    stabilizer: str = "lse",
+    scale: float | None = None,
+    state: RecurrentState | None = None,
+) -> tuple[torch.Tensor, RecurrentState]:
+    """Run a whole sequence chunk by chunk through :func:`rehyat_attention_step`.
+
+    Same inputs as :func:`rehyat_attention` (causal variant only). With ``state=None`` the sequence starts at
+    frame 0; a given state continues a longer sequence, and its ``frames_seen`` must then be a multiple of
+    ``chunk_frames`` for the result to follow the parallel chunking.
+
+    Returns:
+        ``(y, state)``: ``y`` ``[B, N, H, Dv]`` in q's dtype, equal to ``rehyat_attention(..., causal=True)``
+        on the same (whole) sequence, and the final state.
+    """
+    check_settings(
+        frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer
+    )
+    check_qkv(q, k, v, fq, fk)
+    check_frames(q.shape[1], frame_tokens)
+    step = chunk_frames * frame_tokens
+    outs = []
+    for i in range(0, q.shape[1], step):
+        sl = slice(i, i + step)
+        y, state = rehyat_attention_step(
+            q[:, sl], k[:, sl], v[:, sl], fq[:, sl], fk[:, sl], state,
+            frame_tokens=frame_tokens, overlap_frames=overlap_frames, stabilizer=stabilizer, scale=scale,
+        )
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
