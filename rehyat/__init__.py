@@ -20,8 +20,8 @@ from .ops import (  # noqa: E402
 
 def __getattr__(name):
     # Model-level API lives behind a lazy import so that `import rehyat` stays fast.
-    if name in ("convert_wan", "load_rehyat_transformer", "ReHyAtConfig"):
-        from .models import wan
+    if name in ("convert_wan", "load_transformer", "save_rehyat", "ReHyAtConfig", "recurrent_forward"):
+        from . import models
 
-        return getattr(wan, name)
+        return getattr(models, name)
     raise AttributeError(f"module 'rehyat' has no attribute {name!r}")

@@ -1,0 +1,21 @@
+"""Model integration: diffusers Wan processors, conversion, save/load (``wan``) and the recurrent runner."""
+
+from .runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
+from .wan import (
+    ChunkCausalAttnProcessor,
+    ReHyAtAttnProcessor,
+    ReHyAtConfig,
+    RunContext,
+    convert_wan,
+    get_context,
+    get_rehyat_config,
+    load_transformer,
+    runner_chunk_frames,
+    save_rehyat,
+)
+
+__all__ = [
+    "ChunkCausalAttnProcessor", "ReHyAtAttnProcessor", "ReHyAtConfig", "RunContext", "TransformerState",
+    "check_recurrent", "convert_wan", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
+    "recurrent_forward", "runner_chunk_frames", "save_rehyat",
+]

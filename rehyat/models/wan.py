@@ -1,0 +1,608 @@
+"""ReHyAt inside diffusers' Wan2.1 transformer (``WanTransformer3DModel``): processors, conversion, save and load.
+
+Conversion swaps the self-attention processor (``blocks[i].attn1``) of the chosen blocks for a
+:class:`ReHyAtAttnProcessor`, an ``nn.Module`` that owns the block's feature maps ``phi_q``, ``phi_k`` (so they sit
+in the transformer's ``state_dict`` under ``blocks.{i}.attn1.processor.*`` and train with it) and calls
+:func:`rehyat.ops.rehyat_attention`. The teacher's weights are not touched. Unconverted blocks keep the teacher's
+bidirectional softmax, or get a :class:`ChunkCausalAttnProcessor` (block-causal softmax, SPEC section 6) so that
+the whole model is chunk-causal and can run as an RNN (:mod:`rehyat.models.runner`).
+
+The processors need the number of tokens per latent frame, which a diffusers processor does not receive; a forward
+pre-hook on the transformer reads it from the latents ``[B, C, F, H, W]`` into a :class:`RunContext` shared by all
+processors of the model. The same context carries the run mode (parallel or recurrent), the recurrent states and
+the distillation switch. RoPE is replaced by :class:`AbsoluteRotaryPosEmbed`, which computes the teacher's exact
+frequencies for absolute frame positions (chunk start as offset, no 1,024-frame table limit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modules import FEATURE_MAPS, make_feature_map
+from ..ops import RecurrentState, rehyat_attention, rehyat_attention_step
+from ..ops._checks import STABILIZERS, check_settings
+
+__all__ = [
+    "ReHyAtConfig",
+    "RunContext",
+    "AbsoluteRotaryPosEmbed",
+    "ReHyAtAttnProcessor",
+    "ChunkCausalAttnProcessor",
+    "convert_wan",
+    "get_rehyat_config",
+    "get_context",
+    "save_rehyat",
+    "load_transformer",
+    "REHYAT_CONFIG_NAME",
+]
+
+REHYAT_CONFIG_NAME = "rehyat_config.json"
+UNBOUNDED = sys.maxsize  # overlap of a chunk-causal softmax block: every earlier frame stays in the window
+SOFTMAX_BLOCKS = ("bidirectional", "chunk_causal")
+FEATURE_MAP_INPUTS = ("rotated", "unrotated")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReHyAtConfig:
+    """What a conversion did; saved as ``rehyat_config.json`` beside the transformer's ``config.json``.
+
+    Attributes:
+        blocks: indices of the converted blocks (sorted).
+        chunk_frames: T_c, latent frames per chunk (default of every converted block, and the chunk of the
+            chunk-causal softmax blocks).
+        overlap_frames: T_o, default of every converted block.
+        block_settings: per-block overrides ``{block: {"chunk_frames": .., "overlap_frames": ..}}`` (the knapsack
+            block selection picks these); keys are ints in memory, strings in JSON.
+        causal: causal (True, recurrent) or bidirectional linear keys.
+        stabilizer: ``"lse"`` or ``"max"`` (SPEC section 3).
+        feature_map: ``"polynomial"`` or ``"hedgehog"``; ``feature_map_kwargs`` go to its constructor.
+        feature_map_input: ``"rotated"`` (phi sees q, k after RoPE, as the teacher's attention does) or
+            ``"unrotated"``.
+        softmax_blocks: unconverted blocks stay ``"bidirectional"`` (the teacher) or become ``"chunk_causal"``.
+    """
+
+    blocks: list[int]
+    chunk_frames: int = 3
+    overlap_frames: int = 1
+    block_settings: dict[int, dict[str, int]] = field(default_factory=dict)
+    causal: bool = True
+    stabilizer: str = "lse"
+    feature_map: str = "polynomial"
+    feature_map_kwargs: dict = field(default_factory=dict)
+    feature_map_input: str = "rotated"
+    softmax_blocks: str = "bidirectional"
+
+    def settings_for(self, block: int) -> tuple[int, int]:
+        """``(chunk_frames, overlap_frames)`` of a converted block."""
+        s = self.block_settings.get(block, {})
+        return s.get("chunk_frames", self.chunk_frames), s.get("overlap_frames", self.overlap_frames)
+
+    @property
+    def is_recurrent(self) -> bool:
+        """True when every block is chunk-causal, so the model can run chunk by chunk."""
+        return self.causal and (self.softmax_blocks == "chunk_causal" or self._all_converted)
+
+    _all_converted: bool = field(default=False, repr=False)  # set by convert_wan; not saved
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("_all_converted")
+        d["block_settings"] = {str(b): dict(s) for b, s in self.block_settings.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReHyAtConfig":
+        d = dict(d)
+        d["block_settings"] = {int(b): dict(s) for b, s in d.get("block_settings", {}).items()}
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown keys in {REHYAT_CONFIG_NAME}: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RunContext:
+    """Per-model run state shared by the processors of one converted transformer.
+
+    Attributes:
+        frame_tokens: S, tokens per latent frame of the current forward (set by the transformer's pre-hook).
+        num_frames: latent frames in the current forward.
+        frame_offset: absolute index of the first latent frame of the current forward (recurrent mode).
+        mode: ``"parallel"`` (all frames at once) or ``"recurrent"`` (this forward is one chunk; states below).
+        states: per-block recurrent state (``RecurrentState``), read and replaced by the processors.
+        distill: when True, converted blocks return the teacher's softmax output (teacher forcing) and record the
+            student's error in ``records``; with ``distill_backward`` they also backpropagate their L1 loss into
+            their feature maps right away (one teacher forward trains every block).
+    """
+
+    def __init__(self) -> None:
+        self.frame_tokens: int | None = None
+        self.num_frames: int | None = None
+        self.frame_offset: int = 0
+        self.mode: str = "parallel"
+        self.states: dict[int, RecurrentState] = {}
+        self.distill: bool = False
+        self.distill_backward: bool = False
+        self.records: dict[int, dict[str, float]] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE at absolute frame positions
+# ----------------------------------------------------------------------------------------------------------------
+class AbsoluteRotaryPosEmbed(nn.Module):
+    """Wan's 3-D RoPE computed for absolute positions instead of read from a precomputed table.
+
+    Same frequencies as diffusers' ``WanRotaryPosEmbed`` (head dim split t/h/w with h = w = 2*(D//6), theta
+    10,000, interleaved pairs, computed in float64 then cast to float32, through diffusers'
+    ``get_1d_rotary_pos_embed``), so for frames below the teacher's ``rope_max_seq_len`` it returns the teacher's
+    values; frame positions start at ``context.frame_offset`` and are not limited by any table.
+
+    ``forward(hidden_states [B, C, F, H, W]) -> (cos, sin)``, each ``[1, F*H*W/(p_t p_h p_w), 1, D]`` float32.
+    """
+
+    def __init__(self, attention_head_dim: int, patch_size, context: RunContext, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.attention_head_dim = attention_head_dim
+        self.patch_size = tuple(patch_size)
+        self.theta = theta
+        self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
+        self.t_dim = attention_head_dim - self.h_dim - self.w_dim
+        self.context = context
+
+    def _axis(self, dim: int, start: int, length: int, device):
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+        return get_1d_rotary_pos_embed(
+            dim, pos, self.theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+        )
+
+    def forward(self, hidden_states: torch.Tensor):
+        _, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        dev = hidden_states.device
+        (cf, sf) = self._axis(self.t_dim, self.context.frame_offset, ppf, dev)
+        (ch, sh) = self._axis(self.h_dim, 0, pph, dev)
+        (cw, sw) = self._axis(self.w_dim, 0, ppw, dev)
+
+        def grid(f, h, w):
+            f = f.view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)
+            h = h.view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)
+            w = w.view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
+            return torch.cat([f, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1)
+
+        return grid(cf, ch, cw), grid(sf, sh, sw)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ``[B, N, H, D]`` by ``(cos, sin)`` ``[1, N, 1, D]`` (Wan's RoPE)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def _project_qkv(attn, hidden_states, rotary_emb):
+    """The teacher's q, k, v for self-attention, as in diffusers' ``WanAttnProcessor``.
+
+    Returns ``(q, k, v, q_unrotated, k_unrotated)``, each ``[B, N, H, D]``.
+    """
+    from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    q_rot, k_rot = query, key
+    if rotary_emb is not None:
+        q_rot = apply_rotary_emb(query, *rotary_emb)
+        k_rot = apply_rotary_emb(key, *rotary_emb)
+    return q_rot, k_rot, value, query, key
+
+
+def _out(attn, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    y = y.flatten(2, 3).type_as(like)
+    return attn.to_out[1](attn.to_out[0](y))
+
+
+def _softmax_reference_output(q, k, v):
+    """Full bidirectional softmax attention ``[B, N, H, D]`` through SDPA (what the teacher's processor computes)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+class _ChunkedProcessorBase(nn.Module):
+    """Shared plumbing: projections, RoPE, parallel or recurrent dispatch, output projection."""
+
+    def __init__(self, block_index: int, chunk_frames: int, overlap_frames: int, stabilizer: str, context: RunContext):
+        super().__init__()
+        self.block_index = block_index
+        self.chunk_frames = chunk_frames
+        self.overlap_frames = overlap_frames
+        self.stabilizer = stabilizer
+        # A plain attribute, not a submodule: the context holds no weights.
+        object.__setattr__(self, "context", context)
+
+    def features(self, q, k, q_unrot, k_unrot):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _frame_tokens(self) -> int:
+        s = self.context.frame_tokens
+        if s is None:
+            raise RuntimeError(
+                "ReHyAt processors need the tokens per frame: call the converted transformer itself "
+                "(its forward pre-hook sets them), not the attention module alone"
+            )
+        return s
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(
+                f"{type(self).__name__} is a self-attention processor: encoder_hidden_states and attention_mask "
+                "must be None"
+            )
+        S = self._frame_tokens()
+        q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
+        ctx = self.context
+        if ctx.mode == "recurrent":
+            y = self._recurrent(q, k, v, q_unrot, k_unrot, S)
+        else:
+            y = self._parallel(q, k, v, q_unrot, k_unrot, S)
+        return _out(attn, y, q)
+
+    def _parallel(self, q, k, v, q_unrot, k_unrot, S):
+        fq, fk = self.features(q, k, q_unrot, k_unrot)
+        T = q.shape[1] // S
+        return rehyat_attention(
+            q, k, v, fq, fk, frame_tokens=S, chunk_frames=self.chunk_frames,
+            overlap_frames=min(self.overlap_frames, T), causal=self.causal, stabilizer=self.stabilizer,
+        )
+
+    def _recurrent(self, q, k, v, q_unrot, k_unrot, S):
+        ctx = self.context
+        if not self.causal:
+            raise RuntimeError(f"block {self.block_index} is bidirectional and cannot run recurrently")
+        state = ctx.states.get(self.block_index)
+        seen = 0 if state is None else state.frames_seen
+        if seen != ctx.frame_offset:
+            raise RuntimeError(
+                f"block {self.block_index}: state has seen {seen} frames but this chunk starts at frame "
+                f"{ctx.frame_offset}; pass the states of the previous chunk"
+            )
+        if seen % self.chunk_frames != 0:
+            raise RuntimeError(
+                f"block {self.block_index}: chunk start frame {seen} is not a multiple of its chunk_frames "
+                f"({self.chunk_frames})"
+            )
+        fq, fk = self.features(q, k, q_unrot, k_unrot)
+        step = self.chunk_frames * S
+        outs = []
+        for i in range(0, q.shape[1], step):
+            sl = slice(i, i + step)
+            y, state = rehyat_attention_step(
+                q[:, sl], k[:, sl], v[:, sl], fq[:, sl], fk[:, sl], state,
+                frame_tokens=S, overlap_frames=self.overlap_frames, stabilizer=self.stabilizer,
+            )
+            outs.append(y)
+        ctx.states[self.block_index] = state
+        return torch.cat(outs, dim=1)
+
+
+class ReHyAtAttnProcessor(_ChunkedProcessorBase):
+    """Self-attention processor of a converted Wan block: ReHyAt hybrid attention with learned feature maps.
+
+    Callable like any diffusers processor: ``(attn, hidden_states [B, N, dim], encoder_hidden_states=None,
+    attention_mask=None, rotary_emb=(cos, sin)) -> [B, N, dim]``. q, k, v come from the teacher's projections and
+    qk-norm exactly as in ``WanAttnProcessor``; the feature maps ``feature_map_q``, ``feature_map_k`` (per head,
+    ``[B, N, H, D] -> [B, N, H, D']``) are this module's parameters.
+
+    Modes (from the shared :class:`RunContext`): parallel (:func:`rehyat.ops.rehyat_attention` over all frames),
+    recurrent (:func:`rehyat.ops.rehyat_attention_step` per chunk, state in ``context.states[block_index]``), and
+    distillation (returns the teacher's softmax output, records and optionally backpropagates the student's L1
+    error, SPEC section 7).
+    """
+
+    def __init__(
+        self,
+        block_index: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        chunk_frames: int,
+        overlap_frames: int,
+        causal: bool,
+        stabilizer: str,
+        feature_map: str,
+        feature_map_kwargs: dict,
+        feature_map_input: str,
+        context: RunContext,
+    ) -> None:
+        super().__init__(block_index, chunk_frames, overlap_frames, stabilizer, context)
+        self.causal = causal
+        self.feature_map_input = feature_map_input
+        self.feature_map_q = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
+        self.feature_map_k = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
+
+    def features(self, q, k, q_unrot, k_unrot):
+        if self.feature_map_input == "unrotated":
+            q, k = q_unrot, k_unrot
+        return self.feature_map_q(q), self.feature_map_k(k)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        if not self.context.distill:
+            return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
+        return self._distill(attn, hidden_states, rotary_emb)
+
+    def _distill(self, attn, hidden_states, rotary_emb):
+        """Teacher forcing: return the teacher's output; fit the hybrid output to it (L1, value distillation)."""
+        S = self._frame_tokens()
+        with torch.no_grad():
+            q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
+            teacher = _softmax_reference_output(q, k, v)
+        with torch.enable_grad():
+            student = self._parallel(q, k, v, q_unrot, k_unrot, S)
+            loss = (student.float() - teacher.float()).abs().mean()
+            if self.context.distill_backward and loss.requires_grad:
+                loss.backward()
+        with torch.no_grad():
+            diff = (student.detach().float() - teacher.float()).flatten(1).norm(dim=1)
+            rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
+        self.context.records[self.block_index] = {"l1": float(loss.detach()), "rel_error": float(rel)}
+        return _out(attn, teacher, q)
+
+
+class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
+    """Block-causal softmax for an unconverted block (CausVid-style): chunk c attends to every frame up to its end.
+
+    This is the ReHyAt operator with no linear branch and an unbounded overlap, so it shares the hybrid code path;
+    in recurrent mode its K/V cache grows with the frames seen (unlike a converted block's constant state).
+    """
+
+    causal = True
+
+    def __init__(self, block_index: int, *, chunk_frames: int, context: RunContext) -> None:
+        super().__init__(block_index, chunk_frames, UNBOUNDED, "lse", context)
+
+    def features(self, q, k, q_unrot, k_unrot):
+        empty = q.new_zeros(*q.shape[:3], 0, dtype=torch.float32)
+        return empty, empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion, save, load
+# ----------------------------------------------------------------------------------------------------------------
+def _frame_tokens_hook(module, args, kwargs):
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    if hs is None or hs.dim() != 5:
+        raise ValueError("hidden_states must be latents [B, C, F, H, W]")
+    p_t, p_h, p_w = module.config.patch_size
+    _, _, f, h, w = hs.shape
+    ctx = module._rehyat_context
+    ctx.frame_tokens = (h // p_h) * (w // p_w)
+    ctx.num_frames = f // p_t
+
+
+def _is_wan_transformer(transformer) -> bool:
+    return type(transformer).__name__ == "WanTransformer3DModel" or hasattr(transformer, "blocks") and hasattr(
+        transformer, "rope"
+    )
+
+
+def convert_wan(
+    transformer,
+    *,
+    blocks="all",
+    chunk_frames: int = 3,
+    overlap_frames: int = 1,
+    causal: bool = True,
+    stabilizer: str = "lse",
+    feature_map: str = "polynomial",
+    feature_map_kwargs: dict | None = None,
+    feature_map_input: str = "rotated",
+    softmax_blocks: str = "bidirectional",
+    block_settings: dict | None = None,
+):
+    """Convert a diffusers ``WanTransformer3DModel`` to ReHyAt, in place (SPEC sections 5 and 6).
+
+    Args:
+        transformer: the teacher, a ``WanTransformer3DModel`` with temporal patch size 1 (Wan2.1's (1, 2, 2)).
+        blocks: ``"all"`` or an iterable of block indices to convert.
+        chunk_frames, overlap_frames: T_c >= 1 and T_o >= 0, in latent frames (SPEC section 2).
+        causal: causal (recurrent) or bidirectional linear keys.
+        stabilizer: ``"lse"`` (default) or ``"max"``.
+        feature_map: ``"polynomial"`` (the paper's, default) or ``"hedgehog"``; ``feature_map_kwargs`` go to it.
+        feature_map_input: ``"rotated"`` (default: phi sees q, k after RoPE) or ``"unrotated"``.
+        softmax_blocks: unconverted blocks stay ``"bidirectional"`` or become ``"chunk_causal"`` (needed to run a
+            partly converted model recurrently).
+        block_settings: optional per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides.
+
+    Returns:
+        The same transformer, with converted processors (feature maps in the transformer's dtype and device),
+        the :class:`AbsoluteRotaryPosEmbed`, the frame-size pre-hook and ``transformer.rehyat_config``.
+
+    Raises:
+        ValueError: an already converted model, a model that is not a Wan transformer, a block index out of range,
+            or a bad setting, before anything is changed.
+    """
+    if not _is_wan_transformer(transformer):
+        raise ValueError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
+    if getattr(transformer, "rehyat_config", None) is not None:
+        raise ValueError("transformer is already converted to ReHyAt")
+    n_blocks = len(transformer.blocks)
+    if isinstance(blocks, str):
+        if blocks != "all":
+            raise ValueError(f"blocks must be 'all' or a list of block indices, got {blocks!r}")
+        blocks = list(range(n_blocks))
+    blocks = sorted(set(int(b) for b in blocks))
+    bad = [b for b in blocks if not 0 <= b < n_blocks]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range: the transformer has {n_blocks} blocks (0..{n_blocks - 1})")
+    check_settings(frame_tokens=1, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    if feature_map_input not in FEATURE_MAP_INPUTS:
+        raise ValueError(f"feature_map_input must be one of {FEATURE_MAP_INPUTS}, got {feature_map_input!r}")
+    if softmax_blocks not in SOFTMAX_BLOCKS:
+        raise ValueError(f"softmax_blocks must be one of {SOFTMAX_BLOCKS}, got {softmax_blocks!r}")
+    if transformer.config.patch_size[0] != 1:
+        raise ValueError(f"only temporal patch size 1 is supported, got patch_size {transformer.config.patch_size}")
+    block_settings = {int(b): dict(s) for b, s in (block_settings or {}).items()}
+    for b, s in block_settings.items():
+        if b not in blocks:
+            raise ValueError(f"block_settings names block {b}, which is not in blocks {blocks}")
+        unknown = set(s) - {"chunk_frames", "overlap_frames"}
+        if unknown:
+            raise ValueError(f"block_settings[{b}] has unknown keys {sorted(unknown)}")
+        check_settings(frame_tokens=1, chunk_frames=s.get("chunk_frames", chunk_frames),
+                       overlap_frames=s.get("overlap_frames", overlap_frames), stabilizer=stabilizer)
+    cfg = ReHyAtConfig(
+        blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, block_settings=block_settings,
+        causal=causal, stabilizer=stabilizer, feature_map=feature_map,
+        feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
+        softmax_blocks=softmax_blocks,
+    )
+    cfg._all_converted = len(blocks) == n_blocks
+    # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
+    ctx = RunContext()
+    heads = transformer.config.num_attention_heads
+    head_dim = transformer.config.attention_head_dim
+    param = next(transformer.parameters())
+    processors = {}
+    for b in blocks:
+        tc, to = cfg.settings_for(b)
+        processors[b] = ReHyAtAttnProcessor(
+            b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=causal, stabilizer=stabilizer,
+            feature_map=feature_map, feature_map_kwargs=cfg.feature_map_kwargs, feature_map_input=feature_map_input,
+            context=ctx,
+        ).to(device=param.device, dtype=param.dtype)
+    if softmax_blocks == "chunk_causal":
+        for b in range(n_blocks):
+            if b not in processors:
+                processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=chunk_frames, context=ctx)
+    for b, p in processors.items():
+        transformer.blocks[b].attn1.set_processor(p)
+    transformer.rope = AbsoluteRotaryPosEmbed(head_dim, transformer.config.patch_size, ctx)
+    transformer._rehyat_context = ctx
+    transformer.rehyat_config = cfg
+    transformer._rehyat_hook = transformer.register_forward_pre_hook(_frame_tokens_hook, with_kwargs=True)
+    return transformer
+
+
+def get_rehyat_config(transformer) -> ReHyAtConfig | None:
+    """The :class:`ReHyAtConfig` of a converted transformer, or ``None`` for a plain one."""
+    return getattr(transformer, "rehyat_config", None)
+
+
+def get_context(transformer) -> RunContext:
+    """The :class:`RunContext` of a converted transformer; ``ValueError`` for a plain one."""
+    ctx = getattr(transformer, "_rehyat_context", None)
+    if ctx is None:
+        raise ValueError("transformer is not converted to ReHyAt (see rehyat.convert_wan)")
+    return ctx
+
+
+def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) -> Path:
+    """Save a converted transformer to ``folder`` with ``save_pretrained`` plus ``rehyat_config.json``.
+
+    The safetensors file holds the teacher's weights unchanged and the feature maps under
+    ``blocks.{i}.attn1.processor.feature_map_{q,k}.*``. Refuses (``FileExistsError``) a non-empty folder unless
+    ``overwrite=True``; ``ValueError`` for a transformer that is not converted.
+    """
+    cfg = get_rehyat_config(transformer)
+    if cfg is None:
+        raise ValueError("transformer is not converted to ReHyAt; save a plain model with save_pretrained")
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
+    if not folder.parent.exists():
+        raise FileNotFoundError(f"parent folder {folder.parent} does not exist")
+    transformer.save_pretrained(folder, **save_kwargs)
+    (folder / REHYAT_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def _state_dict_from_folder(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    single = folder / "diffusion_pytorch_model.safetensors"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd = {}
+        for f in files:
+            sd.update(load_file(folder / f))
+        return sd
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+
+
+def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=None):
+    """Load a Wan transformer folder: a ReHyAt one (with ``rehyat_config.json``) converted, else the plain teacher.
+
+    Args:
+        folder: a ``WanTransformer3DModel`` folder written by ``save_pretrained`` (or :func:`save_rehyat`), or a
+            pipeline folder that holds one under ``transformer/``.
+        torch_dtype: cast weights to this dtype (default: as saved).
+        device: move the model there (default: CPU).
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` is missing.
+        ValueError: ``config.json`` is not a ``WanTransformer3DModel`` config, or the weights do not match.
+    """
+    from diffusers import WanTransformer3DModel
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").exists() and (folder / "transformer" / "config.json").exists():
+        folder = folder / "transformer"
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} is not a Wan checkpoint: no config.json (nor transformer/config.json)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("_class_name") != "WanTransformer3DModel":
+        raise ValueError(f"{cfg_path} describes {config.get('_class_name')!r}, expected 'WanTransformer3DModel'")
+    rcfg_path = folder / REHYAT_CONFIG_NAME
+    if not rcfg_path.exists():
+        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+        return model.to(device) if device is not None else model
+    rcfg = ReHyAtConfig.from_dict(json.loads(rcfg_path.read_text()))
+    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    convert_wan(
+        model, blocks=rcfg.blocks, chunk_frames=rcfg.chunk_frames, overlap_frames=rcfg.overlap_frames,
+        causal=rcfg.causal, stabilizer=rcfg.stabilizer, feature_map=rcfg.feature_map,
+        feature_map_kwargs=rcfg.feature_map_kwargs, feature_map_input=rcfg.feature_map_input,
+        softmax_blocks=rcfg.softmax_blocks, block_settings=rcfg.block_settings,
+    )
+    missing, unexpected = model.load_state_dict(_state_dict_from_folder(folder), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights in {folder} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    model = model.to(device) if device is not None else model
+    return model.eval()
+
+
+def runner_chunk_frames(transformer) -> int:
+    """Frames per runner chunk: the least common multiple of every chunked block's ``chunk_frames``."""
+    cfg = get_rehyat_config(transformer)
+    if cfg is None:
+        raise ValueError("transformer is not converted to ReHyAt")
+    sizes = [cfg.settings_for(b)[0] for b in cfg.blocks]
+    if cfg.softmax_blocks == "chunk_causal":
+        sizes.append(cfg.chunk_frames)
+    return math.lcm(*sizes) if sizes else cfg.chunk_frames
+
+
+STABILIZERS = STABILIZERS  # re-exported for the CLI's choices
