@@ -1,0 +1,405 @@
+"""Text-to-video generation with a (converted) Wan transformer, in parallel, recurrent or streaming mode.
+
+Built on diffusers' components: the scheduler (Wan's default ``UniPCMultistepScheduler`` with flow sigmas), the
+causal ``AutoencoderKLWan`` and a transformers text encoder, all read from a model folder. Three modes give the same
+video for a fully causal model (SPEC section 5):
+
+* ``parallel``: every denoising step runs the transformer on all latent frames at once (the teacher's way);
+* ``recurrent``: every step runs the transformer chunk by chunk (:func:`rehyat.models.recurrent_forward`), so
+  attention memory is constant in the video length;
+* ``streaming``: chunk c is fully denoised (all steps) before chunk c+1; the transformer state after each chunk is
+  kept per step, and frames are decoded with the causal VAE and handed out as soon as their chunk is done.
+
+Initial noise is drawn per latent frame from a generator seeded by ``(seed, frame)``, so the three modes (and any
+video length) see the same noise for the same frames.
+
+Model folder layout (``from_pretrained``): ``transformer/`` (required; a plain Wan or a ReHyAt checkpoint),
+``scheduler/`` (optional, default as above), ``vae/`` (optional; without it latents are pixels in [-1, 1]),
+``tokenizer/`` + ``text_encoder/`` (optional), and ``rehyat_pipeline.json`` (optional: ``{"text_encoder":
+"minilm", "max_sequence_length": 32, "fps": 8, "negative_prompt": ""}``). A diffusers Wan2.1 folder
+(``Wan2.1-T2V-1.3B-Diffusers``) loads as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
+from ..models.wan import load_transformer
+
+__all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "initial_noise", "MODES", "PIPELINE_CONFIG_NAME"]
+
+MODES = ("parallel", "recurrent", "streaming")
+PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
+
+
+def initial_noise(seed: int, shape: tuple[int, int, int, int, int], frame_start: int = 0, device="cpu") -> torch.Tensor:
+    """Standard normal latents ``[B, C, F, H, W]`` float32 whose frame ``f`` depends only on ``(seed, frame_start + f)``.
+
+    Frames are drawn one by one on the CPU from ``torch.Generator().manual_seed(seed * 1_000_003 + frame)`` and
+    moved to ``device``, so any chunking of a video gets the same noise.
+    """
+    B, C, F, H, W = shape
+    frames = []
+    for f in range(frame_start, frame_start + F):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + f)
+        frames.append(torch.randn(B, C, 1, H, W, generator=g))
+    return torch.cat(frames, dim=2).to(device)
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :meth:`ReHyAtVideoPipeline.__call__`.
+
+    Attributes:
+        video: ``[F, H, W, 3]`` uint8 frames of the first batch entry (``None`` with ``output_type="latent"``).
+        latents: ``[B, C, F_lat, H_lat, W_lat]`` float32 final latents.
+        seconds: wall time of the denoising and decoding.
+    """
+
+    video: np.ndarray | None
+    latents: torch.Tensor
+    seconds: float
+
+
+class StreamingDecoder:
+    """Decode latent frames incrementally with the causal Wan VAE, keeping its causal-convolution cache.
+
+    Calling it on consecutive latent chunks gives the frames ``AutoencoderKLWan.decode`` gives on the whole
+    latent video (the first latent frame decodes to 1 frame, every later one to 4). With ``vae=None`` the latents
+    are pixels and pass through. ``__call__(latents [B, C, f, h, w] normalised) -> [B, 3, frames, H, W]`` in [-1, 1].
+    """
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+        self.first = True
+        if vae is not None:
+            vae.clear_cache()
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        if vae is None:
+            return latents.clamp(-1, 1)
+        z = _denormalize(vae, latents)
+        x = vae.post_quant_conv(z)
+        outs = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                    first_chunk=self.first))
+            self.first = False
+        out = torch.cat(outs, dim=2)
+        if vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1, 1)
+
+    def close(self) -> None:
+        if self.vae is not None:
+            self.vae.clear_cache()
+
+
+def _denormalize(vae, latents):
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return latents * std + mean
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """``[B, 3, F, H, W]`` in [-1, 1] -> first batch entry as ``[F, H, W, 3]`` uint8."""
+    v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _default_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+class ReHyAtVideoPipeline:
+    """Text-to-video on Wan components with a plain or ReHyAt transformer.
+
+    Args:
+        transformer: ``WanTransformer3DModel``, converted (:func:`rehyat.convert_wan`) or not.
+        scheduler: a diffusers flow-matching scheduler (default: Wan's UniPC, flow shift 3.0).
+        vae: ``AutoencoderKLWan`` or ``None`` (latents are pixels in [-1, 1], as in the project's embedded model).
+        tokenizer, text_encoder: transformers models (UMT5 for Wan, MiniLM for the embedded model) or ``None``
+            (then pass ``prompt_embeds``).
+        max_sequence_length: text tokens (Wan: 512; the embedded model: 32).
+        fps: frame rate written to video files.
+    """
+
+    def __init__(self, transformer, scheduler=None, vae=None, tokenizer=None, text_encoder=None, *,
+                 max_sequence_length: int = 512, fps: int = 16, negative_prompt: str = "") -> None:
+        self.transformer = transformer
+        self.scheduler = scheduler if scheduler is not None else _default_scheduler()
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_sequence_length = max_sequence_length
+        self.fps = fps
+        self.negative_prompt = negative_prompt
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, folder, *, torch_dtype: torch.dtype | None = None, device=None) -> "ReHyAtVideoPipeline":
+        """Load a model folder (see the module docstring). Raises ``FileNotFoundError``/``ValueError`` for a folder
+        that is not a Wan or ReHyAt checkpoint, before loading any weights."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model folder {folder} does not exist")
+        if not (folder / "transformer" / "config.json").exists():
+            raise ValueError(
+                f"{folder} is not a Wan or ReHyAt checkpoint: expected transformer/config.json (a diffusers "
+                "WanTransformer3DModel folder) inside it"
+            )
+        cfg = {}
+        if (folder / PIPELINE_CONFIG_NAME).exists():
+            cfg = json.loads((folder / PIPELINE_CONFIG_NAME).read_text())
+        transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
+        scheduler = None
+        if (folder / "scheduler").is_dir():
+            from diffusers import UniPCMultistepScheduler
+            from diffusers.configuration_utils import ConfigMixin
+
+            sched_cfg = ConfigMixin.load_config(folder / "scheduler")
+            import diffusers
+
+            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "UniPCMultistepScheduler"), UniPCMultistepScheduler)
+            scheduler = sched_cls.from_config(sched_cfg)
+        vae = None
+        if (folder / "vae").is_dir():
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device or "cpu").eval()
+        tokenizer = text_encoder = None
+        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+            import transformers
+
+            te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+            arch = (te_cfg.get("architectures") or ["AutoModel"])[0]
+            te_cls = getattr(transformers, arch, transformers.AutoModel)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+            text_encoder = te_cls.from_pretrained(folder / "text_encoder").to(device or "cpu").eval()
+        elif cfg.get("text_encoder") == "minilm":
+            from ..text_encoder import load_text_encoder
+
+            tokenizer, text_encoder = load_text_encoder(device=device or "cpu")
+        return cls(
+            transformer, scheduler, vae, tokenizer, text_encoder,
+            max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
+            negative_prompt=cfg.get("negative_prompt", ""),
+        )
+
+    def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:
+        """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm")."""
+        from ..models.wan import get_rehyat_config, save_rehyat
+
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
+        folder.mkdir(parents=True, exist_ok=True)
+        if get_rehyat_config(self.transformer) is not None:
+            save_rehyat(self.transformer, folder / "transformer", overwrite=True)
+        else:
+            self.transformer.save_pretrained(folder / "transformer")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae")
+        cfg = {"max_sequence_length": self.max_sequence_length, "fps": self.fps, "negative_prompt": self.negative_prompt}
+        if text_encoder is not None:
+            cfg["text_encoder"] = text_encoder
+        (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        return folder
+
+    # ------------------------------------------------------------------------------------------------ geometry
+    @property
+    def temporal_factor(self) -> int:
+        return 1 if self.vae is None else int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 1 if self.vae is None else int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def latent_shape(self, num_frames: int, height: int, width: int, batch: int = 1) -> tuple[int, int, int, int, int]:
+        """Latent shape for a video; ``ValueError`` for a frame count or size the model cannot produce."""
+        tf, sf = self.temporal_factor, self.spatial_factor
+        p_h = self.transformer.config.patch_size[1]
+        mult = sf * p_h
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf != 0:
+            raise ValueError(f"frames must be {tf}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
+        for name, val in (("height", height), ("width", width)):
+            if not isinstance(val, int) or val < mult or val % mult != 0:
+                raise ValueError(f"{name} must be a positive multiple of {mult} for this model, got {val!r}")
+        C = self.transformer.config.in_channels
+        return (batch, C, (num_frames - 1) // tf + 1, height // sf, width // sf)
+
+    # ------------------------------------------------------------------------------------------------ text
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[B, max_sequence_length, text_dim]`` (zero-padded as diffusers' WanPipeline does)."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
+        from ..text_encoder import encode_prompts
+
+        emb, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, max_length=self.max_sequence_length)
+        return emb.to(self.device, self.transformer.dtype)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _velocity(self, latents, t, embeds, guidance_scale, forward):
+        """One guided model evaluation: the batch is [uncond; cond] when guidance is on."""
+        dtype = self.transformer.dtype
+        cfg = guidance_scale > 1.0
+        x = torch.cat([latents, latents]) if cfg else latents
+        ts = t.expand(x.shape[0]).to(x.device)
+        out = forward(x.to(dtype), ts, embeds).float()
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        *,
+        negative_prompt: str | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        mode: str = "parallel",
+        output_type: str = "np",
+        on_frames: Callable[[np.ndarray], None] | None = None,
+        keep_video: bool = True,
+        progress: bool = True,
+    ) -> GenerationOutput:
+        """Generate one video.
+
+        Args:
+            prompt / prompt_embeds: the text, or its embeddings ``[1, L, text_dim]``.
+            negative_prompt / negative_prompt_embeds: for classifier-free guidance (default: the folder's).
+            num_frames: video frames (``4k+1`` with Wan's VAE; any count in pixel space).
+            height, width: pixels, multiples of VAE stride x patch (16 for Wan).
+            num_inference_steps, guidance_scale: sampler steps and CFG scale (guidance off at <= 1).
+            seed: noise seed. mode: ``"parallel"``, ``"recurrent"`` or ``"streaming"``.
+            output_type: ``"np"`` (decode frames) or ``"latent"``.
+            on_frames: called with each newly decoded ``[f, H, W, 3]`` uint8 block as soon as it is ready
+                (per chunk in streaming mode, once at the end otherwise).
+            keep_video: also return the frames (``False`` for long streamed videos written by ``on_frames``:
+                memory then stays constant in the video length; latents are kept on the CPU).
+
+        Raises:
+            ValueError: bad mode, frames, size, empty prompt, missing text encoder, or a model that is not causal
+                for ``recurrent``/``streaming``; all before any compute.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        if prompt_embeds is None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError("prompt must be a non-empty string")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        shape = self.latent_shape(num_frames, height, width)
+        chunk = check_recurrent(self.transformer) if mode != "parallel" else None
+        if prompt_embeds is None and (self.tokenizer is None or self.text_encoder is None):
+            raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
+
+        t0 = time.perf_counter()
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt([prompt])
+        cfg = guidance_scale > 1.0
+        embeds = prompt_embeds.to(self.device, self.transformer.dtype)
+        if cfg:
+            if negative_prompt_embeds is None:
+                neg = self.negative_prompt if negative_prompt is None else negative_prompt
+                negative_prompt_embeds = self.encode_prompt([neg]) if self.text_encoder is not None else torch.zeros_like(embeds)
+            neg = negative_prompt_embeds.to(self.device, self.transformer.dtype)
+            L = max(neg.shape[1], embeds.shape[1])
+            pad = lambda e: torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1]))  # noqa: E731
+            embeds = torch.cat([pad(neg), pad(embeds)])
+
+        blocks: list[np.ndarray] = []
+
+        def emit(frames: np.ndarray) -> None:
+            if keep_video:
+                blocks.append(frames)
+            if on_frames is not None:
+                on_frames(frames)
+
+        decoder = StreamingDecoder(self.vae) if output_type == "np" else None
+        if mode == "streaming":
+            latents = self._streaming(shape, seed, embeds, num_inference_steps, guidance_scale, chunk, decoder, emit, progress)
+        else:
+            if mode == "parallel":
+                forward = lambda x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
+            else:
+                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e)  # noqa: E731
+            latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
+                                    guidance_scale, forward, progress)
+            if decoder is not None:
+                emit(to_uint8_frames(self._decode_chunked(decoder, latents)))
+        if decoder is not None:
+            decoder.close()
+        video = np.concatenate(blocks, axis=0) if blocks else None
+        return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
+
+    def _decode_chunked(self, decoder: StreamingDecoder, latents: torch.Tensor) -> torch.Tensor:
+        vae_dtype = torch.float32
+        return decoder(latents.to(vae_dtype))
+
+    def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
+        from tqdm.auto import tqdm
+
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps, device=latents.device)
+        for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+            v = self._velocity(latents, t, embeds, guidance_scale, forward)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        return latents
+
+    def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress):
+        """Each chunk fully denoised before the next; per-step transformer states kept (SPEC section 5)."""
+        from tqdm.auto import tqdm
+
+        B, C, F, H, W = shape
+        states: list[TransformerState | None] = [None] * steps
+        outs = []
+        bar = tqdm(total=F, desc="streaming (latent frames)", disable=not progress)
+        for f0 in range(0, F, chunk):
+            n = min(chunk, F - f0)
+            latents = initial_noise(seed, (B, C, n, H, W), f0, self.device)
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(steps, device=latents.device)
+            for i, t in enumerate(scheduler.timesteps):
+                def forward(x, ts, e, i=i):
+                    out, states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+                    return out
+
+                v = self._velocity(latents, t, embeds, guidance_scale, forward)
+                latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            outs.append(latents.cpu())
+            if decoder is not None:
+                emit(to_uint8_frames(decoder(latents.float())))
+            bar.update(n)
+        bar.close()
+        return torch.cat(outs, dim=2)
