@@ -168,15 +168,14 @@ class ReHyAtVideoPipeline:
             cfg = json.loads((folder / PIPELINE_CONFIG_NAME).read_text())
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
         scheduler = None
-        if (folder / "scheduler").is_dir():
-            from diffusers import UniPCMultistepScheduler
-            from diffusers.configuration_utils import ConfigMixin
-
-            sched_cfg = ConfigMixin.load_config(folder / "scheduler")
+        if (folder / "scheduler" / "scheduler_config.json").exists():
             import diffusers
 
-            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "UniPCMultistepScheduler"), UniPCMultistepScheduler)
-            scheduler = sched_cls.from_config(sched_cfg)
+            sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
+            if sched_cls is None:
+                raise ValueError(f"unknown scheduler class {sched_cfg.get('_class_name')!r} in {folder / 'scheduler'}")
+            scheduler = sched_cls.from_pretrained(folder / "scheduler")
         vae = None
         if (folder / "vae").is_dir():
             from diffusers import AutoencoderKLWan

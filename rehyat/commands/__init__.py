@@ -1,0 +1,1 @@
+"""One module per CLI command (``add_parser(subparsers)``, ``run(args)``); see :mod:`rehyat.cli`."""

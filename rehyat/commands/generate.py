@@ -1,0 +1,121 @@
+"""``rehyat generate``: text-to-video with a Wan or ReHyAt model folder (default: the embedded ReHyAt model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help=HELP, description=HELP)
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded ReHyAt model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text prompt")
+    src.add_argument("--prompt-file", type=Path,
+                     help="one prompt per line; writes '<prompt>-<i>.mp4' per prompt and seed into --out (a folder), "
+                          "the file names VBench's standard mode reads")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 for Wan (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 for Wan (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 50 for Wan)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--videos-per-prompt", type=int, default=1, help="with --prompt-file: seeds seed .. seed+n-1")
+    p.add_argument("--mode", choices=["parallel", "recurrent", "streaming"], default="streaming")
+    p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
+    p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.set_defaults(run=run)
+
+
+def vbench_name(prompt: str, index: int) -> str:
+    """VBench standard-mode file name: the prompt itself, then ``-<index>.mp4`` ('/' is not allowed in names)."""
+    return f"{prompt.replace('/', ' ')}-{index}.mp4"
+
+
+def _resolve(args):
+    """Check every argument that can be checked without the model; return (model folder, jobs)."""
+    import torch
+
+    from ..assets import default_model
+    from ..io import check_output_file
+
+    model = args.model if args.model is not None else default_model("student")
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"--model: folder {model} does not exist")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.videos_per_prompt < 1:
+        raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
+    jobs = []  # (prompt, seed, out path)
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt must not be empty")
+        if args.out.suffix.lower() != ".mp4":
+            raise ValueError(f"--out must be an .mp4 file, got {args.out}")
+        jobs.append((args.prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
+    else:
+        if not args.prompt_file.is_file():
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist")
+        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt")
+        if not args.out.is_dir():
+            raise FileNotFoundError(f"--out must be an existing folder with --prompt-file, got {args.out}")
+        for prompt in prompts:
+            for i in range(args.videos_per_prompt):
+                path = args.out / vbench_name(prompt, i)
+                jobs.append((prompt, args.seed + i, check_output_file(path, overwrite=args.overwrite)))
+    if args.save_latents is not None:
+        if len(jobs) != 1:
+            raise ValueError("--save-latents works with a single --prompt")
+        check_output_file(args.save_latents, overwrite=args.overwrite, arg="--save-latents")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Path(model), jobs, device
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from ..io import VideoWriter
+    from ..pipelines import ReHyAtVideoPipeline
+
+    model, jobs, device = _resolve(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    ]
+    defaults = {}
+    cfg_file = model / "rehyat_pipeline.json"
+    if cfg_file.exists():
+        defaults = json.loads(cfg_file.read_text()).get("defaults", {})
+    frames = args.frames or defaults.get("frames", 81)
+    height = args.height or defaults.get("height", 480)
+    width = args.width or defaults.get("width", 832)
+    steps = args.steps or defaults.get("steps", 50)
+    guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 5.0)
+
+    pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+    pipe.latent_shape(frames, height, width)  # frame count and size errors before any compute
+    for prompt, seed, out in jobs:
+        writer = VideoWriter(out, fps=pipe.fps)
+        try:
+            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height, width=width,
+                       num_inference_steps=steps, guidance_scale=guidance, seed=seed, mode=args.mode,
+                       on_frames=writer.append, keep_video=False)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {args.mode})")
+        if args.save_latents is not None:
+            torch.save(res.latents, args.save_latents)
+            print(f"wrote {args.save_latents}")
+    return 0

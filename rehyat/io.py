@@ -1,0 +1,70 @@
+"""Output files: checked before any work, written to a temporary name and moved into place when complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def check_output_file(path, *, overwrite: bool, arg: str = "--out") -> Path:
+    """Validate an output file path before any work: its folder must exist, and an existing file is refused
+    unless ``overwrite``. Raises ``FileNotFoundError`` / ``FileExistsError`` naming ``arg``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{arg}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{arg}: {path} is a folder, expected a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{arg}: {path} exists; pass --overwrite to replace it")
+    return path
+
+
+def partial_path(path: Path) -> Path:
+    """Temporary sibling of ``path`` used while it is being written (same suffix, so codecs are inferred)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+class VideoWriter:
+    """Append ``[f, H, W, 3]`` uint8 frames to an MP4 (H.264 via imageio-ffmpeg) as they are produced.
+
+    Frames go to a hidden temporary file; :meth:`close` moves it to ``path`` atomically, :meth:`abort` deletes it,
+    so a failed run never leaves a half-written video under the requested name.
+    """
+
+    def __init__(self, path, fps: int) -> None:
+        import imageio.v2 as imageio
+
+        self.path = Path(path)
+        self.tmp = partial_path(self.path)
+        self._w = imageio.get_writer(self.tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
+                                     ffmpeg_log_level="error")
+        self.frames = 0
+
+    def append(self, frames: np.ndarray) -> None:
+        for f in frames:
+            self._w.append_data(np.ascontiguousarray(f))
+        self.frames += len(frames)
+
+    def close(self) -> Path:
+        self._w.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._w.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_video(path, frames: np.ndarray, fps: int) -> Path:
+    """Write ``[F, H, W, 3]`` uint8 frames to ``path`` (MP4) atomically."""
+    w = VideoWriter(path, fps)
+    try:
+        w.append(frames)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()

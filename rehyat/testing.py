@@ -1,0 +1,71 @@
+"""Tiny Wan components built in code, for tests, examples and CPU smoke runs (no download needed).
+
+Sizes follow ``shared/ENVIRONMENT.md``: the tiny transformer runs in about 0.04 s on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_wan_transformer(num_layers: int = 2, in_channels: int = 16, text_dim: int = 64, seed: int = 0, **overrides):
+    """A random ``WanTransformer3DModel`` with 2 heads x 32, FFN 128, patch (1, 2, 2), RoPE table of 32 positions."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=in_channels,
+               out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=128, num_layers=num_layers,
+               rope_max_seq_len=32)
+    cfg.update(overrides)
+    return WanTransformer3DModel(**cfg).eval()
+
+
+def tiny_wan_vae(seed: int = 0):
+    """A random causal ``AutoencoderKLWan``: video ``[B, 3, 4k+1, H, W]`` <-> latents ``[B, 16, k+1, H/8, W/8]``."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def tiny_text_encoder(text_dim: int = 64, seed: int = 0):
+    """A word-level tokenizer and a tiny ``UMT5EncoderModel`` (hidden ``text_dim``), both built in code.
+
+    Returns ``(tokenizer, text_encoder)`` usable by :class:`rehyat.pipelines.ReHyAtVideoPipeline`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "green", "blue", "circle", "square", "triangle", "moving",
+             "left", "right", "up", "down", "on", "grey", "black", "white", "background", "cat", "dog", "the"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=len(words), d_model=text_dim, d_kv=16, d_ff=128, num_layers=1, num_heads=2)
+    return tokenizer, UMT5EncoderModel(cfg).eval()
+
+
+def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, chunk_frames: int = 2,
+                         overlap_frames: int = 1, num_layers: int = 2):
+    """Write a complete tiny model folder (transformer, scheduler, optional VAE, tokenizer, text encoder).
+
+    With ``converted=True`` every block is converted to ReHyAt (a fully causal model). Returns the folder.
+    """
+    from pathlib import Path
+
+    from .models import convert_wan
+    from .pipelines import ReHyAtVideoPipeline
+
+    folder = Path(folder)
+    tokenizer, text_encoder = tiny_text_encoder()
+    transformer = tiny_wan_transformer(num_layers=num_layers)
+    if converted:
+        convert_wan(transformer, blocks="all", chunk_frames=chunk_frames, overlap_frames=overlap_frames)
+    pipe = ReHyAtVideoPipeline(transformer, vae=tiny_wan_vae() if vae else None, tokenizer=tokenizer,
+                               text_encoder=text_encoder, max_sequence_length=16, fps=8)
+    pipe.save_pretrained(folder)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    return folder
