@@ -41,10 +41,13 @@ def vbench_name(prompt: str, index: int) -> str:
 
 def _resolve(args):
     """Check every argument that can be checked without the model; return (model folder, jobs)."""
+    import json
+
     import torch
 
     from ..assets import default_model
     from ..io import check_output_file
+    from ..pipelines.video import folder_latent_shape
 
     model = args.model if args.model is not None else default_model("student")
     if not Path(model).is_dir():
@@ -76,40 +79,41 @@ def _resolve(args):
         if len(jobs) != 1:
             raise ValueError("--save-latents works with a single --prompt")
         check_output_file(args.save_latents, overwrite=args.overwrite, arg="--save-latents")
+    defaults = {}
+    cfg_file = Path(model) / "rehyat_pipeline.json"
+    if cfg_file.exists():
+        defaults = json.loads(cfg_file.read_text()).get("defaults", {})
+    geometry = dict(
+        frames=args.frames or defaults.get("frames", 81),
+        height=args.height or defaults.get("height", 480),
+        width=args.width or defaults.get("width", 832),
+        steps=args.steps or defaults.get("steps", 50),
+        guidance=args.guidance if args.guidance is not None else defaults.get("guidance", 5.0),
+    )
+    if not (Path(model) / "transformer" / "config.json").exists():
+        raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Path(model), jobs, device
+    return Path(model), jobs, device, geometry
 
 
 def run(args) -> int:
-    import json
-
     import torch
 
     from ..io import VideoWriter
     from ..pipelines import ReHyAtVideoPipeline
 
-    model, jobs, device = _resolve(args)
+    model, jobs, device, g = _resolve(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     ]
-    defaults = {}
-    cfg_file = model / "rehyat_pipeline.json"
-    if cfg_file.exists():
-        defaults = json.loads(cfg_file.read_text()).get("defaults", {})
-    frames = args.frames or defaults.get("frames", 81)
-    height = args.height or defaults.get("height", 480)
-    width = args.width or defaults.get("width", 832)
-    steps = args.steps or defaults.get("steps", 50)
-    guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 5.0)
-
     pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
-    pipe.latent_shape(frames, height, width)  # frame count and size errors before any compute
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:
-            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height, width=width,
-                       num_inference_steps=steps, guidance_scale=guidance, seed=seed, mode=args.mode,
-                       on_frames=writer.append, keep_video=False)
+            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"],
+                       width=g["width"], num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed,
+                       mode=args.mode, on_frames=writer.append, keep_video=False)
         except BaseException:
             writer.abort()
             raise

@@ -476,7 +476,7 @@ def convert_wan(
     ctx = RunContext()
     heads = transformer.config.num_attention_heads
     head_dim = transformer.config.attention_head_dim
-    param = next(transformer.parameters())
+    param = transformer.blocks[0].attn1.to_q.weight  # feature maps take the attention weights' dtype/device
     processors = {}
     for b in blocks:
         tc, to = cfg.settings_for(b)
@@ -578,18 +578,29 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
         model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
         return model.to(device) if device is not None else model
     rcfg = ReHyAtConfig.from_dict(json.loads(rcfg_path.read_text()))
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    # The teacher's weights load through diffusers (dtype handling, fp32-kept modules); the feature maps, which
+    # diffusers does not know, are read from the same safetensors file afterwards.
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "unexpected keys": they are the feature maps
+    try:
+        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
     convert_wan(
         model, blocks=rcfg.blocks, chunk_frames=rcfg.chunk_frames, overlap_frames=rcfg.overlap_frames,
         causal=rcfg.causal, stabilizer=rcfg.stabilizer, feature_map=rcfg.feature_map,
         feature_map_kwargs=rcfg.feature_map_kwargs, feature_map_input=rcfg.feature_map_input,
         softmax_blocks=rcfg.softmax_blocks, block_settings=rcfg.block_settings,
     )
-    missing, unexpected = model.load_state_dict(_state_dict_from_folder(folder), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights in {folder} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    expected = {k for k in model.state_dict() if ".attn1.processor." in k}
+    saved = {k: v for k, v in _state_dict_from_folder(folder).items() if ".attn1.processor." in k}
+    if set(saved) != expected:
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise ValueError(f"feature maps in {folder} do not match {REHYAT_CONFIG_NAME}: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    model.load_state_dict(saved, strict=False)
     model = model.to(device) if device is not None else model
     return model.eval()
 

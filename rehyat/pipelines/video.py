@@ -55,6 +55,35 @@ def initial_noise(seed: int, shape: tuple[int, int, int, int, int], frame_start:
     return torch.cat(frames, dim=2).to(device)
 
 
+def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_frames: int, height: int, width: int,
+                 batch: int = 1) -> tuple[int, int, int, int, int]:
+    """Latent shape ``[B, C, F, H, W]`` of a video of ``num_frames`` x ``height`` x ``width`` pixels.
+
+    ``temporal``/``spatial``: the VAE's compression (1/1 in pixel space); ``patch``: the transformer's spatial
+    patch. Raises ``ValueError`` for a frame count the VAE cannot produce (``temporal * k + 1``) or a size that is
+    not a positive multiple of ``spatial * patch``.
+    """
+    mult = spatial * patch
+    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal != 0:
+        raise ValueError(f"frames must be {temporal}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
+    for name, val in (("height", height), ("width", width)):
+        if not isinstance(val, int) or val < mult or val % mult != 0:
+            raise ValueError(f"{name} must be a positive multiple of {mult} for this model, got {val!r}")
+    return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded)."""
+    folder = Path(folder)
+    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    temporal = spatial = 1
+    if (folder / "vae" / "config.json").exists():
+        vcfg = json.loads((folder / "vae" / "config.json").read_text())
+        temporal = vcfg.get("scale_factor_temporal", 4)
+        spatial = vcfg.get("scale_factor_spatial", 8)
+    return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
+
+
 @dataclass
 class GenerationOutput:
     """Result of :meth:`ReHyAtVideoPipeline.__call__`.
@@ -236,16 +265,8 @@ class ReHyAtVideoPipeline:
 
     def latent_shape(self, num_frames: int, height: int, width: int, batch: int = 1) -> tuple[int, int, int, int, int]:
         """Latent shape for a video; ``ValueError`` for a frame count or size the model cannot produce."""
-        tf, sf = self.temporal_factor, self.spatial_factor
-        p_h = self.transformer.config.patch_size[1]
-        mult = sf * p_h
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf != 0:
-            raise ValueError(f"frames must be {tf}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
-        for name, val in (("height", height), ("width", width)):
-            if not isinstance(val, int) or val < mult or val % mult != 0:
-                raise ValueError(f"{name} must be a positive multiple of {mult} for this model, got {val!r}")
-        C = self.transformer.config.in_channels
-        return (batch, C, (num_frames - 1) // tf + 1, height // sf, width // sf)
+        return latent_shape(self.temporal_factor, self.spatial_factor, self.transformer.config.patch_size[1],
+                            self.transformer.config.in_channels, num_frames, height, width, batch)
 
     # ------------------------------------------------------------------------------------------------ text
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

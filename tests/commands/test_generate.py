@@ -1,0 +1,91 @@
+"""`rehyat generate` end to end on a tiny model folder: outputs, VBench names, and errors before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rehyat.cli import main
+from rehyat.testing import tiny_pipeline_folder
+from rehyat.world import read_video
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_pipeline_folder(tmp_path_factory.mktemp("m") / "model")
+
+
+def gen(model, out, *extra):
+    return main(["generate", "--model", str(model), "--frames", "9", "--height", "32", "--width", "32",
+                 "--steps", "2", "--guidance", "2.0", "--out", str(out), *extra])
+
+
+def test_writes_video_and_latents(model, tmp_path):
+    out = tmp_path / "v.mp4"
+    assert gen(model, out, "--prompt", "a red circle", "--save-latents", str(tmp_path / "l.pt")) == 0
+    frames = read_video(out)
+    assert frames.shape == (9, 32, 32, 3)
+    assert torch.load(tmp_path / "l.pt").shape == (1, 16, 3, 4, 4)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_modes_give_same_video(model, tmp_path):
+    videos = {}
+    for mode in ("parallel", "streaming"):
+        out = tmp_path / f"{mode}.mp4"
+        assert gen(model, out, "--prompt", "a blue square", "--mode", mode, "--seed", "5") == 0
+        videos[mode] = read_video(out).astype(int)
+    assert abs(videos["parallel"] - videos["streaming"]).mean() < 1.0
+
+
+def test_refuses_existing_output_unless_overwrite(model, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"user data")
+    assert gen(model, out, "--prompt", "a red circle") == 2
+    assert "exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"user data"
+    assert gen(model, out, "--prompt", "a red circle", "--overwrite") == 0
+    assert read_video(out).shape[0] == 9
+
+
+def test_prompt_file_vbench_names(model, tmp_path):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\n\na green square\n")
+    outdir = tmp_path / "videos"
+    outdir.mkdir()
+    assert gen(model, outdir, "--prompt-file", str(pf), "--videos-per-prompt", "2") == 0
+    names = sorted(p.name for p in outdir.iterdir())
+    assert names == ["a green square-0.mp4", "a green square-1.mp4", "a red circle-0.mp4", "a red circle-1.mp4"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--prompt", " "], "empty"),
+        (["--prompt", "a cat", "--frames", "10"], "4k\\+1"),
+        (["--prompt", "a cat", "--height", "20"], "height"),
+        (["--prompt", "a cat", "--steps", "0"], "steps"),
+    ],
+)
+def test_bad_input(model, tmp_path, capsys, args, match):
+    out = tmp_path / "v.mp4"
+    base = ["generate", "--model", str(model), "--out", str(out), "--frames", "9", "--height", "32",
+            "--width", "32", "--steps", "1"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rehyat generate: error:")
+    import re
+
+    assert re.search(match, err)
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_missing_out_folder_and_bad_model(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "nope" / "v.mp4", "--prompt", "a cat") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert gen(tmp_path, tmp_path / "v.mp4", "--prompt", "a cat") == 2
+    assert "not a Wan or ReHyAt checkpoint" in capsys.readouterr().err
+    empty_prompts = tmp_path / "p.txt"
+    empty_prompts.write_text("\n \n")
+    assert gen(model, tmp_path, "--prompt-file", str(empty_prompts)) == 2
+    assert "no prompt" in capsys.readouterr().err
