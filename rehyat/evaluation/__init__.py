@@ -1,0 +1,17 @@
+"""Evaluation without downloaded networks: attention error, PSNR/SSIM, world checks, time and memory sweeps."""
+
+from .metrics import (
+    PeakMemory,
+    attention_errors,
+    evaluate_models,
+    plot_sweep,
+    results_markdown,
+    sweep_markdown,
+    time_memory_sweep,
+    video_similarity,
+)
+
+__all__ = [
+    "PeakMemory", "attention_errors", "evaluate_models", "plot_sweep", "results_markdown", "sweep_markdown",
+    "time_memory_sweep", "video_similarity",
+]

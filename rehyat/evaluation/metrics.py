@@ -1,0 +1,302 @@
+"""Evaluation that needs no downloaded network: attention error, student-vs-teacher video similarity, the world's
+ground-truth checks, and time / peak memory against video length.
+
+Everything here works on any model folder that :class:`rehyat.pipelines.ReHyAtVideoPipeline` loads; the world
+checks (:func:`rehyat.world.check_video`) only make sense for models trained on the project's video world.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PeakMemory",
+    "video_similarity",
+    "attention_errors",
+    "evaluate_models",
+    "time_memory_sweep",
+    "results_markdown",
+    "sweep_markdown",
+    "plot_sweep",
+]
+
+
+class PeakMemory:
+    """Peak memory of the code inside a ``with`` block, in bytes (``.peak_bytes``).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensor memory). On the CPU: the process's resident
+    set size sampled every ``interval`` seconds by a thread, minus its value at entry (large tensors are
+    ``mmap``-ed and returned to the OS when freed, so the sampled peak tracks tensor memory; short spikes between
+    samples can be missed).
+    """
+
+    def __init__(self, device="cpu", interval: float = 0.002) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._rss()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._rss())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._peak, self._rss()) - self._base
+
+
+def video_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """PSNR (dB) and SSIM between two uint8 videos ``[F, H, W, 3]``, averaged over frames (scikit-image)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if a.shape != b.shape:
+        raise ValueError(f"videos must have the same shape, got {a.shape} and {b.shape}")
+    psnr, ssim = [], []
+    for fa, fb in zip(a, b):
+        psnr.append(min(peak_signal_noise_ratio(fa, fb, data_range=255), 100.0))
+        win = min(7, fa.shape[0], fa.shape[1])
+        win -= 1 - win % 2
+        ssim.append(structural_similarity(fa, fb, channel_axis=-1, data_range=255, win_size=win))
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+
+
+@torch.no_grad()
+def attention_errors(pipe, prompt_embeds: torch.Tensor, num_frames: int, height: int, width: int, *, seed: int = 0,
+                     timesteps=(900, 500, 100)) -> dict[int, float]:
+    """Relative error ``||y_hybrid - y_softmax|| / ||y_softmax||`` of every converted block's attention output.
+
+    Runs the model in distillation mode (teacher forcing: each block sees the softmax model's activations) on
+    noisy latents at the given timesteps (out of 1,000) and averages the per-block errors. Returns
+    ``{block index: mean relative error}``; ``ValueError`` for a model that is not converted.
+    """
+    from ..models.wan import get_context
+
+    ctx = get_context(pipe.transformer)
+    shape = pipe.latent_shape(num_frames, height, width)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g)
+    errs: dict[int, list[float]] = {}
+    ctx.distill, ctx.distill_backward = True, False
+    try:
+        for t in timesteps:
+            x = x0.to(pipe.device, pipe.transformer.dtype)
+            pipe.transformer(x, torch.tensor([t], device=pipe.device), prompt_embeds.to(pipe.device, pipe.transformer.dtype))
+            for b, rec in ctx.records.items():
+                errs.setdefault(b, []).append(rec["rel_error"])
+    finally:
+        ctx.distill, ctx.records = False, {}
+    return {b: float(np.mean(v)) for b, v in sorted(errs.items())}
+
+
+@dataclass
+class _Run:
+    video: np.ndarray
+    seconds: float
+    peak_bytes: int
+
+
+def _generate(pipe, prompt, frames, height, width, steps, guidance, seed, mode) -> _Run:
+    with PeakMemory(pipe.device) as mem:
+        out = pipe(prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, seed=seed, mode=mode, progress=False)
+    return _Run(out.video, out.seconds, mem.peak_bytes)
+
+
+def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths: list[int], height: int, width: int,
+                    steps: int, guidance: float, teacher_max_frames: int | None = None,
+                    student_mode: str = "streaming", progress=None) -> dict:
+    """Generate with teacher (parallel) and student (``student_mode``) from the same noise and prompts and score them.
+
+    Args:
+        teacher, student: :class:`ReHyAtVideoPipeline` (either may be ``None`` to evaluate one model alone).
+        prompts: world captions (the ground-truth checks parse them). seeds: one video per prompt and seed.
+        lengths: video frame counts to evaluate (e.g. 1x, 4x, 16x the training length).
+        teacher_max_frames: skip teacher runs longer than this (full attention grows quadratically).
+
+    Returns:
+        ``{"rows": [...], "attention": {...}}``: one row per (model, length) with the mean world checks, time per
+        video, peak memory and, where both models ran, PSNR/SSIM of student vs teacher.
+    """
+    from ..world import check_video, summarise
+
+    rows = []
+    for frames in lengths:
+        per_model: dict[str, list] = {}
+        for name, pipe, mode in (("teacher", teacher, "parallel"), ("rehyat", student, student_mode)):
+            if pipe is None or (name == "teacher" and teacher_max_frames is not None and frames > teacher_max_frames):
+                continue
+            runs = []
+            for prompt in prompts:
+                for seed in seeds:
+                    if progress:
+                        progress(f"{name} {frames} frames: {prompt!r} seed {seed}")
+                    r = _generate(pipe, prompt, frames, height, width, steps, guidance, seed, mode)
+                    runs.append((prompt, seed, r, check_video(r.video, prompt)))
+            per_model[name] = runs
+            summary = summarise([c for *_, c in runs])
+            rows.append({
+                "model": name, "frames": frames, "mode": mode, "videos": len(runs),
+                "seconds_per_video": float(np.mean([r.seconds for _, _, r, _ in runs])),
+                "peak_memory_mb": float(max(r.peak_bytes for _, _, r, _ in runs)) / 2**20,
+                **{k: summary[k] for k in ("colour_present", "shape_correct", "direction_correct", "persistence",
+                                           "background_correct", "flicker") if k in summary},
+            })
+        if "teacher" in per_model and "rehyat" in per_model:
+            sims = [video_similarity(s[2].video, t[2].video) for s, t in zip(per_model["rehyat"], per_model["teacher"])]
+            rows[-1]["psnr_vs_teacher"] = float(np.mean([s["psnr"] for s in sims]))
+            rows[-1]["ssim_vs_teacher"] = float(np.mean([s["ssim"] for s in sims]))
+    result = {"rows": rows}
+    if student is not None and prompts:
+        emb = student.encode_prompt([prompts[0]])
+        result["attention"] = {str(b): e for b, e in attention_errors(student, emb, lengths[0], height, width).items()}
+    return result
+
+
+_COLUMNS = [
+    ("model", "model", "{}"), ("frames", "frames", "{}"), ("mode", "mode", "{}"), ("videos", "videos", "{}"),
+    ("colour_present", "colour", "{:.2f}"), ("shape_correct", "shape", "{:.2f}"),
+    ("direction_correct", "direction", "{:.2f}"), ("persistence", "persistence", "{:.2f}"),
+    ("background_correct", "background", "{:.2f}"), ("flicker", "flicker", "{:.3f}"),
+    ("psnr_vs_teacher", "PSNR vs teacher (dB)", "{:.1f}"), ("ssim_vs_teacher", "SSIM vs teacher", "{:.3f}"),
+    ("seconds_per_video", "s / video", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
+]
+
+
+def _table(rows: list[dict], columns) -> str:
+    cols = [c for c in columns if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(result: dict) -> str:
+    """Markdown of :func:`evaluate_models`' result: the world-check table and the per-block attention errors."""
+    out = [_table(result["rows"], _COLUMNS)]
+    if result.get("attention"):
+        att = result["attention"]
+        out += ["", "Per-block relative attention error (hybrid vs softmax, teacher-forced):", "",
+                "| block | " + " | ".join(att) + " |", "|---|" + "---|" * len(att),
+                "| rel. error | " + " | ".join(f"{v:.3f}" for v in att.values()) + " |"]
+    return "\n".join(out)
+
+
+@torch.no_grad()
+def time_memory_sweep(pipes: dict, lengths: list[int], height: int, width: int, *, repeats: int = 1,
+                      max_seconds: float | None = None, progress=None) -> list[dict]:
+    """Time and peak memory of ONE denoising step (with CFG) against video length, per model.
+
+    ``pipes``: ``{label: (pipeline, mode)}``. A model whose previous length took longer than ``max_seconds`` is
+    not run at longer lengths (marked skipped). Returns rows ``{model, mode, frames, tokens, seconds, peak_mb}``.
+    """
+    from ..models.runner import recurrent_forward
+    from ..pipelines.video import initial_noise
+
+    rows = []
+    for label, (pipe, mode) in pipes.items():
+        skip = False
+        for frames in lengths:
+            shape = pipe.latent_shape(frames, height, width)
+            p = pipe.transformer.config.patch_size
+            tokens = shape[2] * (shape[3] // p[1]) * (shape[4] // p[2])
+            if skip:
+                rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "skipped": True})
+                continue
+            x = initial_noise(0, shape, 0, pipe.device).to(pipe.transformer.dtype)
+            x = torch.cat([x, x])
+            t = torch.tensor([500, 500], device=pipe.device)
+            emb = torch.zeros(2, pipe.max_sequence_length, pipe.transformer.config.text_dim, device=pipe.device,
+                              dtype=pipe.transformer.dtype)
+            times, peak = [], 0
+            try:
+                for _ in range(repeats):
+                    if progress:
+                        progress(f"{label}: {frames} frames")
+                    with PeakMemory(pipe.device) as mem:
+                        t0 = time.perf_counter()
+                        if mode == "parallel":
+                            pipe.transformer(x, t, emb, return_dict=False)
+                        else:
+                            recurrent_forward(pipe.transformer, x, t, emb)
+                        if pipe.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    peak = max(peak, mem.peak_bytes)
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # out of memory, or past a RoPE table
+                rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "skipped": True,
+                             "error": str(e).splitlines()[0][:120]})
+                skip = True
+                continue
+            sec = float(np.median(times))
+            rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "seconds": sec,
+                         "peak_mb": peak / 2**20})
+            skip = max_seconds is not None and sec > max_seconds
+    return rows
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    """Markdown table of :func:`time_memory_sweep` rows."""
+    lines = ["| model | mode | frames | tokens | s / step | peak MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("skipped"):
+            why = r.get("error", "skipped")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['frames']} | {r['tokens']} | {why} | |")
+        else:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['frames']} | {r['tokens']} | {r['seconds']:.2f} | "
+                         f"{r['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], path, title: str = "") -> None:
+    """Two panels, time per denoising step and peak memory against video frames, one line per model (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == label and not r.get("skipped")]
+        f = [r["frames"] for r in rs]
+        axes[0].plot(f, [r["seconds"] for r in rs], "o-", label=label)
+        axes[1].plot(f, [r["peak_mb"] for r in rs], "o-", label=label)
+    axes[0].set(xlabel="video frames", ylabel="seconds per denoising step (CFG)", title="time")
+    axes[1].set(xlabel="video frames", ylabel="peak memory during the step (MB)", title="memory")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
