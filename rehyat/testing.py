@@ -51,7 +51,8 @@ def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, ch
                          overlap_frames: int = 1, num_layers: int = 2):
     """Write a complete tiny model folder (transformer, scheduler, optional VAE, tokenizer, text encoder).
 
-    With ``converted=True`` every block is converted to ReHyAt (a fully causal model). Returns the folder.
+    With ``converted=True`` every block is converted to ReHyAt (a fully causal model); with ``vae=False`` the model
+    works in pixel space (3 channels), like the project's embedded model. Returns the folder.
     """
     from pathlib import Path
 
@@ -60,11 +61,12 @@ def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, ch
 
     folder = Path(folder)
     tokenizer, text_encoder = tiny_text_encoder()
-    transformer = tiny_wan_transformer(num_layers=num_layers)
+    transformer = tiny_wan_transformer(num_layers=num_layers, in_channels=16 if vae else 3)
     if converted:
         convert_wan(transformer, blocks="all", chunk_frames=chunk_frames, overlap_frames=overlap_frames)
     pipe = ReHyAtVideoPipeline(transformer, vae=tiny_wan_vae() if vae else None, tokenizer=tokenizer,
-                               text_encoder=text_encoder, max_sequence_length=16, fps=8)
+                               text_encoder=text_encoder, max_sequence_length=16, fps=8,
+                               defaults=dict(frames=9 if vae else 8, height=32, width=32, steps=2, guidance=2.0))
     pipe.save_pretrained(folder)
     tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder.save_pretrained(folder / "text_encoder")

@@ -164,12 +164,16 @@ class ReHyAtVideoPipeline:
         vae: ``AutoencoderKLWan`` or ``None`` (latents are pixels in [-1, 1], as in the project's embedded model).
         tokenizer, text_encoder: transformers models (UMT5 for Wan, MiniLM for the embedded model) or ``None``
             (then pass ``prompt_embeds``).
-        max_sequence_length: text tokens (Wan: 512; the embedded model: 32).
+        max_sequence_length: text tokens (Wan: 512; the embedded model: 16).
         fps: frame rate written to video files.
+        negative_prompt: default negative prompt for guidance.
+        defaults: the model's default generation settings, saved in ``rehyat_pipeline.json`` (``frames``,
+            ``height``, ``width``, ``steps``, ``guidance``; the CLI falls back on Wan2.1's 81 x 480 x 832, 50, 5.0).
     """
 
     def __init__(self, transformer, scheduler=None, vae=None, tokenizer=None, text_encoder=None, *,
-                 max_sequence_length: int = 512, fps: int = 16, negative_prompt: str = "") -> None:
+                 max_sequence_length: int = 512, fps: int = 16, negative_prompt: str = "",
+                 defaults: dict | None = None) -> None:
         self.transformer = transformer
         self.scheduler = scheduler if scheduler is not None else _default_scheduler()
         self.vae = vae
@@ -178,6 +182,7 @@ class ReHyAtVideoPipeline:
         self.max_sequence_length = max_sequence_length
         self.fps = fps
         self.negative_prompt = negative_prompt
+        self.defaults = dict(defaults or {})
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -226,7 +231,7 @@ class ReHyAtVideoPipeline:
         return cls(
             transformer, scheduler, vae, tokenizer, text_encoder,
             max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
-            negative_prompt=cfg.get("negative_prompt", ""),
+            negative_prompt=cfg.get("negative_prompt", ""), defaults=cfg.get("defaults"),
         )
 
     def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:
@@ -245,6 +250,8 @@ class ReHyAtVideoPipeline:
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae")
         cfg = {"max_sequence_length": self.max_sequence_length, "fps": self.fps, "negative_prompt": self.negative_prompt}
+        if self.defaults:
+            cfg["defaults"] = self.defaults
         if text_encoder is not None:
             cfg["text_encoder"] = text_encoder
         (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

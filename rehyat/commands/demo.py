@@ -1,0 +1,158 @@
+"""``rehyat demo``: the README's main job on the embedded models, in a few minutes on a laptop CPU.
+
+Writes into ``--out``:
+
+* ``rehyat_<N>x.mp4``: a video ``--length`` times the training length from the ReHyAt student, in streaming mode
+  (each chunk fully denoised and written before the next; memory constant in the length);
+* ``side_by_side.mp4``: teacher (left) and ReHyAt (right) at the training length, same prompt and noise;
+* ``time_memory.png``: time and peak memory of one denoising step against video length, teacher vs ReHyAt;
+* ``report.md`` / ``report.json``: the evaluation table (world ground-truth checks, PSNR/SSIM vs teacher,
+  per-block attention error) and the time/memory table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+HELP = "run the main job on the embedded models: long streamed video, side-by-side, evaluation report and plot"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help=HELP, description=HELP)
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the embedded teacher)")
+    p.add_argument("--student", type=Path, default=None, help="ReHyAt folder (default: the embedded student)")
+    p.add_argument("--prompts", nargs="+", default=["a red circle moving right on a grey background",
+                                                     "a yellow square moving up on a blue background"],
+                   help="world captions; the first one is used for the videos")
+    p.add_argument("--length", type=int, default=4, help="long video = this many times the training length")
+    p.add_argument("--sweep", default="1,2,4,8", help="video lengths for the time/memory plot, x training length")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
+    p.set_defaults(run=run)
+
+
+def _hstack(a, b):
+    import numpy as np
+
+    gap = np.full((a.shape[0], a.shape[1], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([a, gap, b], axis=2)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..assets import default_model
+    from ..evaluation import attention_errors, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep
+    from ..evaluation.metrics import PeakMemory, video_similarity
+    from ..io import VideoWriter, check_output_file, write_video
+    from ..pipelines import ReHyAtVideoPipeline
+    from ..world import check_video, parse_caption, summarise
+    from .evaluate import scale_length
+
+    t_start = time.perf_counter()
+    teacher_dir = args.teacher or default_model("teacher")
+    student_dir = args.student or default_model("student")
+    for p in args.prompts:
+        parse_caption(p)
+    if args.length < 1:
+        raise ValueError(f"--length must be >= 1, got {args.length}")
+    sweep = [float(s) for s in args.sweep.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"long": out / f"rehyat_{args.length}x.mp4", "side": out / "side_by_side.mp4",
+             "plot": out / "time_memory.png", "md": out / "report.md", "json": out / "report.json"}
+    for path in names.values():
+        check_output_file(path, overwrite=args.overwrite)
+
+    torch.manual_seed(0)
+    print(f"loading {teacher_dir} and {student_dir}", flush=True)
+    teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir)
+    student = ReHyAtVideoPipeline.from_pretrained(student_dir)
+    d = json.loads((Path(student_dir) / "rehyat_pipeline.json").read_text()).get("defaults", {})
+    frames, height, width = d["frames"], d["height"], d["width"]
+    steps = args.steps or d.get("steps", 20)
+    guidance = d.get("guidance", 4.0)
+    gen = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, progress=True)
+    prompt = args.prompts[0]
+
+    # 1. a long video, streamed to disk chunk by chunk
+    long_frames = scale_length(frames, args.length, student.temporal_factor)
+    print(f"[1/4] ReHyAt, streaming {long_frames} frames ({args.length}x the training length): {prompt!r}", flush=True)
+    writer = VideoWriter(names["long"], fps=student.fps)
+    with PeakMemory() as mem:
+        try:
+            res = student(prompt, num_frames=long_frames, seed=args.seed, mode="streaming",
+                          on_frames=writer.append, keep_video=True, **gen)
+        except BaseException:
+            writer.abort()
+            raise
+    writer.close()
+    long_row = {"model": "rehyat", "frames": long_frames, "mode": "streaming", "videos": 1,
+             "seconds_per_video": res.seconds, "peak_memory_mb": mem.peak_bytes / 2**20,
+                **_checks(check_video(res.video, prompt))}
+
+    # 2. teacher vs student at the training length, same noise
+    print(f"[2/4] teacher vs ReHyAt at the training length ({frames} frames), {len(args.prompts)} prompts", flush=True)
+    pair_rows = {"teacher": [], "rehyat": []}
+    sims = []
+    for i, p in enumerate(args.prompts):
+        runs = {}
+        for name, pipe, mode in (("teacher", teacher, "parallel"), ("rehyat", student, "streaming")):
+            with PeakMemory() as mem:
+                r = pipe(p, num_frames=frames, seed=args.seed, mode=mode, **gen)
+            runs[name] = r.video
+            pair_rows[name].append((r.seconds, mem.peak_bytes, check_video(r.video, p)))
+        sims.append(video_similarity(runs["rehyat"], runs["teacher"]))
+        if i == 0:
+            write_video(names["side"], _hstack(runs["teacher"], runs["rehyat"]), fps=student.fps)
+    rows = []
+    for name, mode in (("teacher", "parallel"), ("rehyat", "streaming")):
+        rs = pair_rows[name]
+        row = {"model": name, "frames": frames, "mode": mode, "videos": len(rs),
+               "seconds_per_video": sum(r[0] for r in rs) / len(rs),
+               "peak_memory_mb": max(r[1] for r in rs) / 2**20, **_checks(summarise([r[2] for r in rs]))}
+        if name == "rehyat":
+            row["psnr_vs_teacher"] = sum(s["psnr"] for s in sims) / len(sims)
+            row["ssim_vs_teacher"] = sum(s["ssim"] for s in sims) / len(sims)
+        rows.append(row)
+    rows.append(long_row)
+
+    # 3. attention error per converted block
+    print("[3/4] per-block attention error", flush=True)
+    att = attention_errors(student, student.encode_prompt([prompt]), frames, height, width)
+    result = {"rows": rows, "attention": {str(b): e for b, e in att.items()}}
+
+    # 4. time and memory against length
+    lengths = [scale_length(frames, m, student.temporal_factor) for m in sweep]
+    print(f"[4/4] one denoising step at {lengths} frames, teacher vs ReHyAt", flush=True)
+    sweep_rows = time_memory_sweep({"teacher (softmax)": (teacher, "parallel"), "ReHyAt (recurrent)": (student, "recurrent")},
+                                   lengths, height, width, progress=lambda m: print("   ", m, flush=True))
+    plot_sweep(sweep_rows, names["plot"], title="one denoising step with CFG, CPU")
+
+    md = [
+        "# rehyat demo", "",
+        f"Models: teacher `{teacher_dir}`, ReHyAt student `{student_dir}`. Device: CPU, {torch.get_num_threads()} threads. "
+        f"{steps} steps, guidance {guidance}, seed {args.seed}. Training length: {frames} frames of {height}x{width}.", "",
+        f"- `{names['long'].name}`: {long_frames} frames streamed by ReHyAt ({args.length}x the training length), "
+        f"prompt: *{prompt}*",
+        f"- `{names['side'].name}`: teacher (left) and ReHyAt (right), {frames} frames, same prompt and noise", "",
+        "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
+        results_markdown(result), "",
+        "## Time and peak memory of one denoising step against video length", "",
+        sweep_markdown(sweep_rows), "", f"![time and memory]({names['plot'].name})", "",
+        f"Total demo time: {time.perf_counter() - t_start:.0f} s.",
+    ]
+    names["md"].write_text("\n".join(md) + "\n")
+    names["json"].write_text(json.dumps({"evaluation": result, "sweep": sweep_rows}, indent=2) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {', '.join(str(p) for p in names.values())}")
+    return 0
+
+
+def _checks(summary: dict) -> dict:
+    keys = ("colour_present", "shape_correct", "direction_correct", "persistence", "background_correct", "flicker")
+    return {k: summary[k] for k in keys if k in summary}
