@@ -1,0 +1,59 @@
+"""argparse options shared by the training commands (``rehyat distill``, ``convert``, ``finetune``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_prompt_args(p, *, required: bool = False) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", "--prompt-file", dest="prompts", type=Path, default=None,
+                   help="prompt file, one prompt per line (encoded with the model's text encoder, or looked up in "
+                        "--text-embeddings)")
+    g.add_argument("--data", type=Path, default=None,
+                   help="dataset folder (rehyat prepare-data): use its text embeddings and latent shape")
+    g.add_argument("--text-embeddings", type=Path, default=None,
+                   help="caption table (.safetensors, 'embeds' [K, L, D] + captions in its metadata) instead of a "
+                        "text encoder; alone, every caption in it is a prompt")
+
+
+def add_geometry_args(p) -> None:
+    g = p.add_argument_group("geometry (ignored with --data)")
+    g.add_argument("--frames", type=int, default=None, help="video frames (4k+1 with Wan's VAE; default: the folder's)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default: the folder's, else 480)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default: the folder's, else 832)")
+
+
+def add_conversion_args(p) -> None:
+    g = p.add_argument_group("conversion")
+    g.add_argument("--chunk-frames", type=int, default=3, help="T_c, latent frames per chunk (default 3)")
+    g.add_argument("--overlap-frames", type=int, default=1, help="T_o, earlier frames in each softmax window (default 1)")
+    g.add_argument("--feature-map", choices=["polynomial", "hedgehog"], default="polynomial")
+    g.add_argument("--feature-map-kwargs", type=json.loads, default=None,
+                   help='JSON, e.g. \'{"feature_dim": 64}\' (passed to the feature map)')
+    g.add_argument("--feature-map-input", choices=["rotated", "unrotated"], default="rotated")
+    g.add_argument("--stabilizer", choices=["lse", "max"], default="lse")
+    g.add_argument("--bidirectional", action="store_true", help="bidirectional linear keys (not recurrent)")
+    g.add_argument("--softmax-blocks", choices=["bidirectional", "chunk_causal"], default="bidirectional",
+                   help="what unconverted blocks become (default: the teacher's bidirectional softmax)")
+
+
+def conversion_kwargs(args) -> dict:
+    return dict(chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, causal=not args.bidirectional,
+                stabilizer=args.stabilizer, feature_map=args.feature_map, feature_map_kwargs=args.feature_map_kwargs,
+                feature_map_input=args.feature_map_input, softmax_blocks=args.softmax_blocks)
+
+
+def add_run_args(p, *, checkpoint_every: int, log_every: int) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=f"optimizer steps between checkpoints (default {checkpoint_every}; always at the end)")
+    g.add_argument("--log-every", type=int, default=log_every, help=f"steps between log flushes (default {log_every})")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -1,0 +1,201 @@
+"""Model folders for training: read configs without loading weights, load only the parts a run needs, write results.
+
+A model folder is what :class:`rehyat.pipelines.ReHyAtVideoPipeline` reads: ``transformer/`` (plain Wan or ReHyAt),
+``scheduler/``, optional ``vae/``, optional ``tokenizer/`` + ``text_encoder/`` (or ``"text_encoder": "minilm"``
+in ``rehyat_pipeline.json``). Training runs load the transformer and scheduler always, and a text encoder or VAE
+only when they need one, so a GPU machine without the text encoder's weights can train from a caption table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "read_transformer_config",
+    "read_pipeline_config",
+    "load_scheduler",
+    "load_text_encoder_from_folder",
+    "load_model_folder",
+    "copy_components",
+    "save_model_folder",
+    "same_architecture",
+]
+
+PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
+# config keys of WanTransformer3DModel that do not change the computation or the weights' shapes
+_NON_ARCH_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "rope_max_seq_len"}
+
+
+def _transformer_dir(folder: Path) -> Path:
+    if (folder / "transformer" / "config.json").is_file():
+        return folder / "transformer"
+    if (folder / "config.json").is_file():
+        return folder
+    raise ValueError(f"{folder} is not a Wan model folder: no transformer/config.json")
+
+
+def read_transformer_config(folder) -> dict:
+    """``config.json`` of a model folder's transformer (or of a transformer folder), checked to be a Wan one, plus
+    ``"rehyat"``: the folder's ``rehyat_config.json`` as a dict (``None`` for a plain teacher).
+
+    Raises:
+        FileNotFoundError: the folder does not exist. ValueError: no Wan transformer config in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    tdir = _transformer_dir(folder)
+    cfg = json.loads((tdir / "config.json").read_text())
+    if cfg.get("_class_name") != "WanTransformer3DModel":
+        raise ValueError(f"{tdir / 'config.json'} describes {cfg.get('_class_name')!r}, expected 'WanTransformer3DModel'")
+    cfg["patch_size"] = list(cfg.get("patch_size", [1, 2, 2]))
+    cfg.setdefault("out_channels", cfg.get("in_channels"))
+    rc = tdir / "rehyat_config.json"
+    cfg["rehyat"] = json.loads(rc.read_text()) if rc.is_file() else None
+    return cfg
+
+
+def read_pipeline_config(folder) -> dict:
+    """``rehyat_pipeline.json`` of a model folder (``{}`` when absent)."""
+    p = Path(folder) / PIPELINE_CONFIG_NAME
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def same_architecture(a: dict, b: dict) -> list[str]:
+    """Config keys (of two :func:`read_transformer_config` dicts) whose values differ and change the architecture."""
+    keys = (set(a) | set(b)) - _NON_ARCH_KEYS - {"rehyat"}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return sorted(k for k in keys if norm(a.get(k)) != norm(b.get(k)))
+
+
+def load_scheduler(folder):
+    """The folder's ``scheduler/`` (any diffusers scheduler class), or Wan's default UniPC (flow shift 3.0)."""
+    import diffusers
+
+    folder = Path(folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    cls = getattr(diffusers, json.loads(path.read_text()).get("_class_name", ""), None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler class in {path}")
+    return cls.from_pretrained(folder / "scheduler")
+
+
+def load_text_encoder_from_folder(folder, *, device="cpu"):
+    """``(tokenizer, text_encoder)`` of a model folder (``tokenizer/`` + ``text_encoder/``, or MiniLM by name).
+
+    Raises:
+        ValueError: the folder has no text encoder (then pass a caption-embedding table instead).
+    """
+    folder = Path(folder)
+    cfg = read_pipeline_config(folder)
+    if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+        import transformers
+
+        te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+        arch = (te_cfg.get("architectures") or ["AutoModel"])[0]
+        te_cls = getattr(transformers, arch, transformers.AutoModel)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+        encoder = te_cls.from_pretrained(folder / "text_encoder").to(device).eval()
+    elif cfg.get("text_encoder") == "minilm":
+        from ..text_encoder import load_text_encoder
+
+        tokenizer, encoder = load_text_encoder(device=device)
+    else:
+        raise ValueError(
+            f"{folder} has no text encoder (tokenizer/ + text_encoder/, or \"text_encoder\": \"minilm\" in "
+            f"{PIPELINE_CONFIG_NAME}): pass --text-embeddings TABLE instead"
+        )
+    width = getattr(encoder.config, "hidden_size", None) or getattr(encoder.config, "d_model", None)
+    try:
+        text_dim = read_transformer_config(folder)["text_dim"]
+    except ValueError:
+        text_dim = width
+    if width is not None and width != text_dim:
+        raise ValueError(f"{folder}'s text encoder gives {width}-dim embeddings, its transformer takes text_dim={text_dim}")
+    return tokenizer, encoder
+
+
+def load_model_folder(folder, *, device="cpu", dtype: torch.dtype | None = None, text_encoder: bool = False,
+                      vae: bool = False):
+    """A :class:`~rehyat.pipelines.ReHyAtVideoPipeline` with the folder's transformer and scheduler, and its text
+    encoder / VAE only when asked for (``None`` otherwise).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_transformer_config`; ValueError for ``text_encoder=True``
+            on a folder without one.
+    """
+    from ..models import load_transformer
+    from ..pipelines import ReHyAtVideoPipeline
+
+    folder = Path(folder)
+    read_transformer_config(folder)
+    cfg = read_pipeline_config(folder)
+    transformer = load_transformer(_transformer_dir(folder), torch_dtype=dtype, device=device)
+    tok = enc = v = None
+    if text_encoder:
+        tok, enc = load_text_encoder_from_folder(folder, device=device)
+    if vae and (folder / "vae").is_dir():
+        from diffusers import AutoencoderKLWan
+
+        v = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+    return ReHyAtVideoPipeline(
+        transformer, load_scheduler(folder), v, tok, enc, max_sequence_length=cfg.get("max_sequence_length", 512),
+        fps=cfg.get("fps", 16), negative_prompt=cfg.get("negative_prompt", ""),
+    )
+
+
+def copy_components(src, dst, *, exclude=("transformer",)) -> None:
+    """Copy every top-level entry of model folder ``src`` into ``dst`` except ``exclude`` and training files."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    skip = set(exclude) | {"train"}
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.startswith(("distill_", "finetune_", "selection")):
+            continue
+        target = dst / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, target)
+
+
+def save_model_folder(transformer, out, *, components_from=None, pipeline_config: dict | None = None) -> Path:
+    """Write a model folder: ``transformer/`` (with :func:`rehyat.save_rehyat` for a converted model, else
+    ``save_pretrained``), the other components copied from ``components_from`` (a model folder), or a default
+    scheduler when there is none, and ``rehyat_pipeline.json`` updated with ``pipeline_config``.
+
+    The transformer folder is written next to its final place and moved in, so an interrupted save never leaves a
+    half-written ``transformer/``.
+    """
+    from ..models import get_rehyat_config, save_rehyat
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if components_from is not None:
+        copy_components(components_from, out)
+    if not (out / "scheduler").is_dir():
+        load_scheduler(out).save_pretrained(out / "scheduler")  # Wan's default
+    tmp = out / ".transformer.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if get_rehyat_config(transformer) is not None:
+        save_rehyat(transformer, tmp, overwrite=True)
+    else:
+        transformer.save_pretrained(tmp)
+    if (out / "transformer").exists():
+        shutil.rmtree(out / "transformer")
+    tmp.rename(out / "transformer")
+    cfg = read_pipeline_config(out)
+    for k, v in (pipeline_config or {}).items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    (out / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
