@@ -377,6 +377,14 @@ class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
         empty = q.new_zeros(*q.shape[:3], 0, dtype=torch.float32)
         return empty, empty
 
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        if self.context.distill:
+            # Distillation runs the teacher's forward: an unconverted block answers as the teacher's bidirectional
+            # softmax, so the activations every converted block sees are the teacher's.
+            q, k, v, _, _ = _project_qkv(attn, hidden_states, rotary_emb)
+            return _out(attn, _softmax_reference_output(q, k, v), q)
+        return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion, save, load
