@@ -1,0 +1,571 @@
+"""Stage 1, attention distillation (SPEC section 7): fit every converted block's feature maps to the teacher.
+
+The teacher is converted in place with :func:`rehyat.convert_wan` and run in the converted model's distillation
+mode (:class:`rehyat.models.RunContext` ``distill=True``): each converted block computes the teacher's q, k, v and
+softmax output, returns the teacher's output (teacher forcing, so the forward IS the teacher's forward and its
+output goes down the network unchanged), and backpropagates the L1 error of its hybrid output into its own
+feature maps during the forward. One teacher forward therefore trains every chosen block; only feature-map
+parameters require grad and sit in the optimizer, everything else is frozen and bit-for-bit unchanged.
+
+Inputs are the teacher's own sampling trajectories from prompts (:class:`~rehyat.training.trajectory.
+TeacherTrajectories`): the folder's scheduler, CFG as the pipeline does it, noise from seeds; every visited
+sampling step is one teacher forward and one optimizer step.
+
+Python API: :class:`Distiller` (in memory: a converted model + trajectories -> optimizer steps and error records),
+:func:`evaluate_blocks` (per-block error on fixed trajectories, no training) and :func:`distill` (the whole run
+behind ``rehyat distill``: folders, checkpoints, resume, logs, reports, several processes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .common import (
+    CHECKPOINT_NAME,
+    cast_frozen_model,
+    CONFIG_NAME,
+    LOG_NAME,
+    TRAIN_DIR,
+    check_resume_config,
+    clear_run_outputs,
+    default_geometry,
+    feature_map_parameters,
+    latent_shape_for,
+    parse_blocks,
+    prepare_run_folder,
+    resolve_dtype,
+    run_config,
+)
+from .distributed import DistEnv, average_gradients, init_distributed
+from .progress import RunLog, truncate_log
+from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
+
+__all__ = ["Distiller", "evaluate_blocks", "prepare_for_distillation", "distill", "DistillResult", "error_table"]
+
+EVAL_SEED_OFFSET = 7_777_777  # evaluation trajectories use seed + this: other noise than training
+
+
+def prepare_for_distillation(transformer, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    """Freeze a converted transformer except its feature maps; cast the frozen teacher to ``dtype``.
+
+    The feature maps stay float32 (they are trained); the teacher's weights are cast to ``dtype`` (bfloat16 on a
+    GPU: the teacher as it runs in inference) and never change. Returns the trainable parameters.
+
+    Raises:
+        ValueError: the transformer is not converted.
+    """
+    from ..models import get_rehyat_config
+
+    if get_rehyat_config(transformer) is None:
+        raise ValueError("distillation needs a converted transformer (rehyat.convert_wan)")
+    transformer.requires_grad_(False)
+    cast_frozen_model(transformer, dtype)
+    params = []
+    for block in transformer.blocks:
+        proc = block.attn1.processor
+        for name in ("feature_map_q", "feature_map_k"):
+            fm = getattr(proc, name, None)
+            if fm is not None:
+                fm.float().requires_grad_(True)
+                params += list(fm.parameters())
+    return params
+
+
+def _records_tensor(records: dict, blocks: list[int], device) -> torch.Tensor:
+    return torch.tensor([[records[b]["l1"], records[b]["rel_error"]] for b in blocks], dtype=torch.float64, device=device)
+
+
+def _records_dict(t: torch.Tensor, blocks: list[int]) -> dict[int, dict[str, float]]:
+    rows = t.tolist()
+    return {b: {"l1": rows[i][0], "rel_error": rows[i][1]} for i, b in enumerate(blocks)}
+
+
+@torch.no_grad()
+def evaluate_blocks(transformer, trajectories: TeacherTrajectories, env: DistEnv | None = None,
+                    num_steps: int | None = None) -> dict[int, dict[str, float]]:
+    """Per-block distillation error on fixed trajectories, without training.
+
+    Runs ``num_steps`` (default: one whole trajectory) teacher forwards in distillation mode and averages every
+    converted block's ``{"l1", "rel_error"}`` over them (and over processes). ``rel_error`` is
+    ``||y_student - y_teacher|| / ||y_teacher||`` per sample, averaged.
+
+    Returns:
+        ``{block: {"l1": float, "rel_error": float}}``.
+    """
+    from ..models import get_context, get_rehyat_config
+
+    env = env or DistEnv(device=trajectories.device)
+    ctx = get_context(transformer)
+    blocks = get_rehyat_config(transformer).blocks
+    params = [p for _, p in feature_map_parameters(transformer)]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)  # no graph for the student: records only
+    total = torch.zeros(len(blocks), 2, dtype=torch.float64, device=env.device)
+    n = trajectories.steps if num_steps is None else num_steps
+    try:
+        for _ in range(n):
+            ctx.distill, ctx.distill_backward, ctx.records = True, False, {}
+            x, t, e = trajectories.inputs()
+            out = transformer(x, t, e, return_dict=False)[0]
+            total += _records_tensor(ctx.records, blocks, env.device)
+            trajectories.advance(out)
+    finally:
+        ctx.distill = ctx.distill_backward = False
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    env.all_reduce_mean(total)
+    return _records_dict(total / max(n, 1), blocks)
+
+
+class Distiller:
+    """Distillation of a converted transformer in memory: one teacher forward and one optimizer step per call.
+
+    Args:
+        transformer: a converted transformer prepared with :func:`prepare_for_distillation`.
+        trajectories: where the teacher's inputs come from.
+        lr: AdamW learning rate (default 1e-3); ``weight_decay`` (0), ``betas`` ((0.9, 0.999)).
+        warmup_steps: linear warm-up of the learning rate (0: none); constant afterwards.
+        max_grad_norm: clip the feature maps' global gradient norm (``None``: no clipping).
+        env: processes; gradients are averaged across them before each step.
+
+    ``step()`` returns ``{block: {"l1", "rel_error"}}`` of that forward (before the update; averaged over
+    processes).
+    """
+
+    def __init__(self, transformer, trajectories: TeacherTrajectories, *, lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas=(0.9, 0.999), warmup_steps: int = 0, max_grad_norm: float | None = None,
+                 env: DistEnv | None = None) -> None:
+        from ..models import get_context, get_rehyat_config
+
+        self.model, self.traj = transformer, trajectories
+        self.env = env or DistEnv(device=trajectories.device)
+        self.ctx = get_context(transformer)
+        self.blocks = get_rehyat_config(transformer).blocks
+        self.params = [p for _, p in feature_map_parameters(transformer)]
+        if not self.params or not all(p.requires_grad for p in self.params):
+            raise ValueError("call prepare_for_distillation(transformer) first")
+        fused = self.env.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+        w = max(int(warmup_steps), 0)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+        self.max_grad_norm = max_grad_norm
+        self.step_count = 0
+
+    def step(self) -> dict[int, dict[str, float]]:
+        ctx = self.ctx
+        x, t, e = self.traj.inputs()
+        ctx.distill, ctx.distill_backward, ctx.records = True, True, {}
+        try:
+            with torch.no_grad():
+                out = self.model(x, t, e, return_dict=False)[0]
+        finally:
+            ctx.distill = ctx.distill_backward = False
+        missing = [b for b in self.blocks if b not in ctx.records]
+        if missing:
+            raise RuntimeError(f"blocks {missing} recorded no distillation error: is the model called in distill mode?")
+        average_gradients(self.params, self.env)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.traj.advance(out)
+        self.step_count += 1
+        rec = _records_tensor(ctx.records, self.blocks, self.env.device)
+        return _records_dict(self.env.all_reduce_mean(rec), self.blocks)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "step": self.step_count}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.lr_scheduler.load_state_dict(s["lr_scheduler"])
+        self.step_count = s["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------
+def error_table(blocks: list[int], settings: dict[int, tuple[int, int]], before: dict | None, after: dict) -> str:
+    """Markdown table of per-block relative (and L1) errors before and after distillation."""
+    lines = ["| block | chunk_frames | overlap_frames | rel. error before | rel. error after | L1 before | L1 after |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda d, b, k: f"{d[b][k]:.4f}" if d and b in d else "-"  # noqa: E731
+    for b in blocks:
+        tc, to = settings[b]
+        lines.append(f"| {b} | {tc} | {to} | {fmt(before, b, 'rel_error')} | {fmt(after, b, 'rel_error')} | "
+                     f"{fmt(before, b, 'l1')} | {fmt(after, b, 'l1')} |")
+    mean = lambda d: sum(d[b]["rel_error"] for b in blocks) / len(blocks) if d else float("nan")  # noqa: E731
+    lines.append(f"| mean | | | {mean(before):.4f} | {mean(after):.4f} | | |")
+    return "\n".join(lines)
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did.
+
+    Attributes:
+        out: the written model folder. blocks: the distilled blocks. before / after: per-block
+            ``{"l1", "rel_error"}`` on the evaluation trajectories (``None`` with ``eval_trajectories=0``).
+        history: per optimizer step, ``{block: {"l1", "rel_error"}}`` (this invocation's steps only).
+        ranking: for ``blocks="best:N"``, the per-block errors that chose them. report: the Markdown table.
+    """
+
+    out: Path
+    blocks: list[int]
+    before: dict | None
+    after: dict | None
+    history: list[dict] = field(default_factory=list)
+    ranking: dict | None = None
+    report: str = ""
+    steps: int = 0
+
+
+def _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
+                       feature_map_input, softmax_blocks) -> dict:
+    return dict(chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal, stabilizer=stabilizer,
+                feature_map=feature_map, feature_map_kwargs=dict(feature_map_kwargs or {}),
+                feature_map_input=feature_map_input, softmax_blocks=softmax_blocks)
+
+
+def build_student(model, blocks, conversion: dict | None, block_settings: dict | None, feature_maps: dict):
+    """The student as it is saved: the teacher's weights exactly as in ``model`` (float32, CPU), converted with
+    ``blocks``/``conversion``/``block_settings`` (``blocks=None``: the folder is already converted), and the
+    trained feature maps ``feature_maps`` (``{parameter name: tensor}``) copied in."""
+    from ..models import convert_wan
+    from .components import load_model_folder
+
+    student = load_model_folder(model, device="cpu").transformer
+    if blocks is not None:
+        convert_wan(student, blocks=blocks, block_settings=block_settings, **conversion)
+    params = dict(feature_map_parameters(student))
+    if set(params) != set(feature_maps):
+        raise ValueError("the trained feature maps do not match the student's converted blocks")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(feature_maps[n])
+    return student.eval()
+
+
+def short_distillation(model, conversion: dict, blocks, pool: PromptPool, latent_shape, *, steps: int, lr: float,
+                       batch_size: int, sampling_steps: int, guidance: float, seed: int, env: DistEnv,
+                       dtype: torch.dtype, block_settings: dict | None = None, progress: bool = False,
+                       desc: str = "short distillation"):
+    """Convert a fresh copy of ``model``'s teacher, distil ``steps`` steps, and measure every block on one
+    evaluation trajectory. Used to rank blocks (``best:N``) and to price knapsack candidates.
+
+    Returns:
+        ``(errors {block: {"l1", "rel_error"}}, feature-map state {name: tensor} (CPU))``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..models import convert_wan
+    from .components import load_model_folder
+
+    pipe = load_model_folder(model, device=env.device)
+    teacher = convert_wan(pipe.transformer, blocks=blocks, block_settings=block_settings, **conversion)
+    prepare_for_distillation(teacher, dtype)
+    traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, batch_size=batch_size, sampling_steps=sampling_steps,
+                               guidance_scale=guidance, seed=seed, env=env, dtype=dtype)
+    d = Distiller(teacher, traj, lr=lr, env=env)
+    for _ in tqdm(range(steps), desc=desc, disable=not (progress and env.is_main), leave=False):
+        d.step()
+    ev = TeacherTrajectories(pipe.scheduler, pool, latent_shape, batch_size=batch_size, sampling_steps=sampling_steps,
+                             guidance_scale=guidance, seed=seed + EVAL_SEED_OFFSET, env=env, dtype=dtype)
+    errors = evaluate_blocks(teacher, ev, env)
+    state = {n: p.detach().cpu().clone() for n, p in feature_map_parameters(teacher)}
+    return errors, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+def distill(
+    model,
+    out,
+    *,
+    prompts=None,
+    data=None,
+    text_embeddings=None,
+    blocks="all",
+    chunk_frames: int = 3,
+    overlap_frames: int = 1,
+    causal: bool = True,
+    stabilizer: str = "lse",
+    feature_map: str = "polynomial",
+    feature_map_kwargs: dict | None = None,
+    feature_map_input: str = "rotated",
+    softmax_blocks: str = "bidirectional",
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    sampling_steps: int = 50,
+    guidance: float | None = None,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = 1.0,
+    batch_size: int = 1,
+    rank_steps: int = 20,
+    eval_trajectories: int = 1,
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    log_every: int = 1,
+    device=None,
+    precision: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> DistillResult:
+    """Distil a teacher's attention into ReHyAt feature maps and write the student model folder (``rehyat distill``).
+
+    Args:
+        model: the teacher's model folder (``ReHyAtVideoPipeline.from_pretrained`` layout). A folder whose
+            transformer is already converted (e.g. by ``rehyat convert``) is distilled as it is: its blocks,
+            settings and feature maps are kept and the conversion arguments below are ignored.
+        out: output folder: the student model folder (teacher's components copied, transformer saved with
+            :func:`rehyat.save_rehyat`), plus ``distill_report.{md,json}`` and ``train/`` (``checkpoint.pt``,
+            ``log.jsonl``, ``run_config.json``).
+        prompts: prompt file (one per line), encoded with the teacher's text encoder or looked up in
+            ``text_embeddings``. data: a dataset folder instead (its text embeddings; its latent shape as the
+            geometry). text_embeddings: caption table (alone: every caption in it is a prompt).
+        blocks: ``"all"``, indices (list or ``"0,3,5"``), or ``"best:N"`` (rank all blocks by their error after
+            ``rank_steps`` steps of distillation, then distil the N best).
+        chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs, feature_map_input,
+            softmax_blocks: the conversion (see :func:`rehyat.convert_wan`).
+        frames, height, width: video geometry of the trajectories (default: the folder's ``defaults``, else
+            81 x 480 x 832); ignored with ``data``.
+        sampling_steps: scheduler steps per trajectory (default 50). guidance: CFG scale (default: the folder's
+            ``defaults.guidance``, else 5.0; <= 1 turns guidance off).
+        steps: optimizer steps (= teacher forwards). lr, warmup_steps, max_grad_norm: AdamW on the feature maps.
+        batch_size: prompts per trajectory, global (split across processes; a multiple of their number).
+        rank_steps: steps of the short distillation that ranks blocks for ``best:N``.
+        eval_trajectories: trajectories (fixed seeds, not trained on) measured before and after (0: skip).
+        seed: noise, prompt order and feature-map initialisation seed.
+        checkpoint_every: steps between checkpoints (and at the end). log_every: steps between log flushes.
+        device: torch device (default: cuda if available). precision: ``"auto"`` (teacher in bfloat16 on CUDA,
+            float32 on the CPU), ``"bf16"`` or ``"fp32"``; the feature maps always train in float32.
+        overwrite: replace the outputs of an earlier run in ``out``. resume: continue the run in ``out`` from
+            its checkpoint (same settings; ``steps`` may grow).
+        progress: show progress bars. callback: called as ``callback(step, records)`` after every step.
+
+    Returns:
+        :class:`DistillResult`.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
+            range, a bad geometry or setting, data that does not fit the model, an existing ``out`` without
+            ``overwrite``/``resume``, a missing checkpoint for ``resume``, or settings that differ from the
+            checkpoint's; all before any model weights are loaded.
+    """
+    from ..models import convert_wan, get_rehyat_config
+    from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
+    from .data import check_dataset_fits_model, read_dataset_info
+
+    # ---------------------------------------------------------------- checks, before any weights are loaded
+    model, out = Path(model), Path(out)
+    tcfg = read_transformer_config(model)
+    nb = tcfg["num_layers"]
+    converted_cfg = tcfg["rehyat"]
+    if converted_cfg is None:
+        kind, bval = parse_blocks(blocks, nb)
+    else:
+        kind, bval = "list", sorted(converted_cfg["blocks"])
+        if not bval:
+            raise ValueError(f"{model}'s transformer is converted but has no converted block to distil")
+    if prompts is not None:
+        read_prompt_file(prompts)
+    if prompts is None and data is None and text_embeddings is None:
+        raise ValueError("no prompts: pass a prompt file (--prompts), --data DATASET or --text-embeddings TABLE")
+    for name, v in (("--steps", steps), ("--sampling-steps", sampling_steps), ("--batch-size", batch_size),
+                    ("--checkpoint-every", checkpoint_every)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if data is not None:
+        info = read_dataset_info(data)
+        check_dataset_fits_model(info, tcfg)
+        latent_shape = info.latent_shape
+        geometry = {"data": str(Path(data).resolve()), "latent_shape": list(latent_shape)}
+    else:
+        f, h, w = default_geometry(model, frames, height, width)
+        latent_shape = latent_shape_for(model, f, h, w)
+        geometry = {"frames": f, "height": h, "width": w}
+    pdefaults = read_pipeline_config(model).get("defaults", {})
+    guidance = float(guidance if guidance is not None else pdefaults.get("guidance", 5.0))
+    conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
+                                    feature_map_input, softmax_blocks)
+    if converted_cfg is None:
+        probe = _probe_conversion(conversion)  # bad settings fail here, before loading weights
+        del probe
+    prepare_run_folder(out, overwrite=overwrite, resume=resume)
+    settings = run_config({
+        "model": str(model.resolve()), "prompts": prompts and str(Path(prompts).resolve()),
+        "text_embeddings": text_embeddings and str(Path(text_embeddings).resolve()), **geometry,
+        "blocks": blocks if isinstance(blocks, str) else list(blocks), "conversion": conversion,
+        "sampling_steps": sampling_steps, "guidance": guidance, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
+        "max_grad_norm": max_grad_norm, "batch_size": batch_size, "rank_steps": rank_steps,
+        "eval_trajectories": eval_trajectories, "seed": seed, "checkpoint_every": checkpoint_every,
+        "log_every": log_every, "precision": precision,
+    })
+    ckpt_path = out / TRAIN_DIR / CHECKPOINT_NAME
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_config(ckpt["config"], settings)
+
+    # ---------------------------------------------------------------- processes, prompts
+    env = init_distributed(device)
+    dtype = resolve_dtype(precision, env.device)
+    torch.manual_seed(seed)
+    pool = resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
+                               device=env.device, text_dim=tcfg["text_dim"])
+    if env.is_main and not resume:
+        if overwrite:
+            clear_run_outputs(out)
+        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
+        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    env.barrier()
+    traj_kw = dict(batch_size=batch_size, sampling_steps=sampling_steps, guidance_scale=guidance, env=env, dtype=dtype)
+
+    # ---------------------------------------------------------------- which blocks
+    ranking = None
+    if ckpt is not None:
+        chosen, ranking = ckpt["extra"]["blocks"], ckpt["extra"].get("ranking")
+    elif kind == "best":
+        errors, _ = short_distillation(model, conversion, "all", pool, latent_shape, steps=rank_steps, lr=lr,
+                                       batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
+                                       seed=seed, env=env, dtype=dtype, progress=progress, desc="ranking blocks")
+        order = sorted(errors, key=lambda b: errors[b]["rel_error"])
+        chosen = sorted(order[:bval])
+        ranking = {"rank_steps": rank_steps, "errors": {str(b): errors[b] for b in order}}
+    else:
+        chosen = bval
+
+    # ---------------------------------------------------------------- the model
+    pipe = load_model_folder(model, device=env.device)
+    teacher = pipe.transformer
+    if converted_cfg is None:
+        torch.manual_seed(seed)
+        convert_wan(teacher, blocks=chosen, **conversion)
+    params = prepare_for_distillation(teacher, dtype)
+    rcfg = get_rehyat_config(teacher)
+    block_settings = {b: rcfg.settings_for(b) for b in rcfg.blocks}
+    traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)
+    eval_traj = lambda: TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed + EVAL_SEED_OFFSET, **traj_kw)  # noqa: E731
+    distiller = Distiller(teacher, traj, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, env=env)
+    before = None
+    start = 0
+    if ckpt is not None:
+        from .checkpoint import load_trainable_state
+
+        load_trainable_state(teacher, ckpt["model"])
+        distiller.load_state_dict(ckpt["optimizer_state"])
+        if ckpt["world_size"] != env.world_size and ckpt["data"]["trajectories"][0]["latents"] is not None:
+            raise ValueError(f"--resume: the checkpoint was written by {ckpt['world_size']} processes mid-trajectory; "
+                             f"resume with {ckpt['world_size']} processes")
+        traj.load_state_dict(ckpt["data"]["trajectories"][min(env.rank, len(ckpt["data"]["trajectories"]) - 1)])
+        if len(ckpt["rng"]) == env.world_size:
+            set_rng_state(ckpt["rng"][env.rank])
+        before = ckpt["extra"].get("before")
+        start = ckpt["step"]
+        if env.is_main:
+            truncate_log(out / TRAIN_DIR / LOG_NAME, start)
+    elif eval_trajectories > 0:
+        before = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps)
+
+    def checkpoint(step: int) -> None:
+        trajs = env.gather_objects(traj.state_dict())
+        rngs = env.gather_objects(rng_state())
+        if env.is_main:
+            from .checkpoint import trainable_state
+
+            save_checkpoint(ckpt_path, {
+                "step": step, "model": trainable_state(teacher), "optimizer_state": distiller.state_dict(),
+                "rng": rngs, "data": {"trajectories": trajs}, "world_size": env.world_size, "config": settings,
+                "extra": {"blocks": chosen, "ranking": ranking, "before": before},
+            })
+        env.barrier()
+
+    # ---------------------------------------------------------------- training
+    samples_per_step = batch_size * (2 if guidance > 1.0 else 1)
+    log = RunLog(out / TRAIN_DIR / LOG_NAME, is_main=env.is_main, device=env.device, total_steps=steps,
+                 start_step=start, samples_per_step=samples_per_step, log_every=log_every, desc="distill",
+                 progress=progress)
+    history = []
+    t0 = time.perf_counter()
+    try:
+        for step in range(start + 1, steps + 1):
+            rec = distiller.step()
+            history.append(rec)
+            rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
+            mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
+            worst = max(rec, key=lambda b: rec[b]["rel_error"])
+            log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
+                            "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
+                            "trajectory": traj.trajectory, "sampling_step": traj.step},
+                     postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
+            if callback is not None:
+                callback(step, rec)
+            if step % checkpoint_every == 0 or step == steps:
+                log.flush()
+                checkpoint(step)
+                log.reset_timer()
+    finally:
+        log.close()
+    train_s = time.perf_counter() - t0
+    after = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps) \
+        if eval_trajectories > 0 else (history[-1] if history else None)
+
+    # ---------------------------------------------------------------- outputs
+    report = error_table(rcfg.blocks, block_settings, before, after) if after else ""
+    if env.is_main:
+        fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(teacher)}
+        student = build_student(model, None if converted_cfg is not None else chosen, conversion, None, fm_state)
+        save_model_folder(student, out, components_from=model)
+        summary = {
+            "blocks": {str(b): {"chunk_frames": block_settings[b][0], "overlap_frames": block_settings[b][1],
+                                "before": before and before.get(b), "after": after and after.get(b)}
+                       for b in rcfg.blocks},
+            "mean_rel_error_before": before and sum(v["rel_error"] for v in before.values()) / len(before),
+            "mean_rel_error_after": after and sum(v["rel_error"] for v in after.values()) / len(after),
+            "steps": steps, "sampling_steps": sampling_steps, "batch_size": batch_size, "guidance": guidance,
+            "world_size": env.world_size, "train_seconds_this_invocation": round(train_s, 3),
+            "ranking": ranking, "evaluation": f"{eval_trajectories} trajectories x {sampling_steps} steps, seed "
+                                              f"{seed + EVAL_SEED_OFFSET}, not trained on",
+        }
+        (out / "distill_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "distill_report.md").write_text("# Distillation: per-block error vs the teacher's attention output\n\n"
+                                               + report + "\n")
+    env.barrier()
+    return DistillResult(out=out, blocks=rcfg.blocks, before=before, after=after, history=history, ranking=ranking,
+                         report=report, steps=steps)
+
+
+def _probe_conversion(conversion: dict):
+    """Check conversion settings without a model (builds one feature map)."""
+    from ..modules import make_feature_map
+    from ..ops._checks import check_settings
+
+    check_settings(frame_tokens=1, chunk_frames=conversion["chunk_frames"], overlap_frames=conversion["overlap_frames"],
+                   stabilizer=conversion["stabilizer"])
+    from ..models.wan import FEATURE_MAP_INPUTS, SOFTMAX_BLOCKS
+
+    if conversion["feature_map_input"] not in FEATURE_MAP_INPUTS:
+        raise ValueError(f"feature_map_input must be one of {FEATURE_MAP_INPUTS}")
+    if conversion["softmax_blocks"] not in SOFTMAX_BLOCKS:
+        raise ValueError(f"--softmax-blocks must be one of {SOFTMAX_BLOCKS}")
+    return make_feature_map(conversion["feature_map"], 1, 8, **conversion["feature_map_kwargs"]) if not \
+        conversion["feature_map_kwargs"] else None
