@@ -32,6 +32,11 @@ def _out_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The weights' dtype, or float64 when the input or the weights are float64 (never downcast a float64 input)."""
+    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else w.dtype
+
+
 def _check_input(x: torch.Tensor, num_heads: int, head_dim: int) -> None:
     if x.dim() < 2 or x.shape[-2] != num_heads or x.shape[-1] != head_dim:
         raise ValueError(f"x must have shape [..., H={num_heads}, D={head_dim}], got {tuple(x.shape)}")
@@ -102,9 +107,10 @@ class PolynomialFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.num_heads, self.head_dim)
-        x = x.to(self.w1.dtype)
-        h = F.gelu(torch.einsum("...hd,hde->...he", x, self.w1) + self.b1)
-        u = torch.einsum("...he,hef->...hf", h, self.w2) + self.b2
+        cdt = _compute_dtype(x, self.w1)
+        w1, b1, w2, b2 = (p.to(cdt) for p in (self.w1, self.b1, self.w2, self.b2))
+        h = F.gelu(torch.einsum("...hd,hde->...he", x.to(cdt), w1) + b1)
+        u = torch.einsum("...he,hef->...hf", h, w2) + b2
         u = u.to(_out_dtype(u.dtype))
         g = _POSITIVITY[self.positivity]
         parts = u.chunk(self.degree, dim=-1)
@@ -151,7 +157,8 @@ class HedgehogFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.num_heads, self.head_dim)
-        u = torch.einsum("...hd,hdf->...hf", x.to(self.weight.dtype), self.weight)
+        cdt = _compute_dtype(x, self.weight)
+        u = torch.einsum("...hd,hdf->...hf", x.to(cdt), self.weight.to(cdt))
         u = u.to(_out_dtype(u.dtype))
         phi = torch.cat([u.softmax(dim=-1), (-u).softmax(dim=-1)], dim=-1)
         return phi * self.log_scale.exp().to(phi.dtype)[:, None]

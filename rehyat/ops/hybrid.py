@@ -91,7 +91,11 @@ def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
     """
     if stabilizer == "lse":
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-        return o.transpose(1, 2).to(acc), None
+        o = o.transpose(1, 2).to(acc)
+        # Some SDPA backends (the CPU flash kernel, pytorch/pytorch#141128) return 0 for a query row holding NaN or
+        # Inf instead of NaN: put the NaN back so a non-finite input is never silently dropped.
+        q_bad = ~torch.isfinite(q).all(dim=-1, keepdim=True)
+        return torch.where(q_bad, torch.nan, o), None
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
     mass = p.sum(dim=-1, keepdim=True)  # [b, H, nq, 1]
@@ -387,6 +391,13 @@ def rehyat_attention_step(
         )
     if state.k.dtype != k.dtype or state.fk.dtype != fk.dtype:
         raise ValueError(f"state caches have dtypes ({state.k.dtype}, {state.fk.dtype}), expected ({k.dtype}, {fk.dtype})")
+    cached = min(overlap_frames, state.frames_seen) * frame_tokens
+    if not state.k.shape[1] == state.v.shape[1] == state.fk.shape[1] == cached:
+        raise ValueError(
+            f"state caches {state.k.shape[1]} tokens, expected min(overlap_frames={overlap_frames}, "
+            f"state.frames_seen={state.frames_seen}) * frame_tokens={frame_tokens} = {cached}: "
+            "the state was made with other settings"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = state.s.dtype
 
