@@ -301,6 +301,16 @@ def check_small(ctx: Ctx) -> None:
             one = rehyat_attention(q, k, v, fq, fk, frame_tokens=S, chunk_frames=T, overlap_frames=a.overlap_frames)
             full = F.scaled_dot_product_attention(*(x.double().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
             add_check(ctx, f"one chunk (chunk_frames >= frames) vs float64 full softmax ({label})", rel_err(one, full))
+            # a NaN in one query row must come out as NaN in that row (never silently finite), on this device's
+            # SDPA backend; the CPU flash kernel needs the operator's workaround, GPU kernels must not
+            qn = q.clone()
+            qn[0, 5, 0, 0] = float("nan")
+            y = rehyat_attention(qn, k, v, fq, fk, **kw)
+            bad_row_nan = bool(torch.isnan(y[0, 5, 0]).all())
+            others_finite = bool(torch.isfinite(y[0, 6:]).all())
+            add_check(ctx, f"NaN in one q row gives NaN in that row only ({label})",
+                      0.0 if bad_row_nan and others_finite else float("inf"),
+                      f"row NaN: {bad_row_nan}, other rows finite: {others_finite}")
     except torch.OutOfMemoryError:
         add_check(ctx, f"float64 reference ({label})", None, "out of memory: lower --check-tokens")
     except Exception as exc:  # noqa: BLE001
