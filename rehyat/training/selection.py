@@ -1,0 +1,441 @@
+"""Block selection (Attention Surgery, SPEC section 6): which blocks to convert, and with which chunk settings.
+
+* Ranking (``best:N``): distil every block briefly with one setting and convert the N blocks with the lowest error.
+* Budgeted choice (``auto``): per block, choose among candidate ``(chunk_frames, overlap_frames)`` settings and
+  "keep softmax" to minimise the total distillation error subject to an attention-FLOP budget, a fraction of the
+  teacher's self-attention FLOPs at the target geometry. This is a multiple-choice knapsack, solved exactly by
+  :func:`solve_mckp` (dynamic programming over exact integer costs, keeping only Pareto-optimal partial
+  solutions).
+
+FLOP model (:func:`attention_flops`, per video, multiply-add = 2 FLOPs, the self-attention operator only: the
+q/k/v/out projections are the same in every option and left out):
+
+* softmax over a query set Q and key set K: ``4 |Q| |K| H D`` (``QK^T`` and ``PV``);
+* teacher: one window of all N tokens: ``4 N^2 H D``; a chunk-causal softmax block: chunk c's queries against every
+  frame up to the chunk's end;
+* ReHyAt block: softmax over each chunk's window plus the linear branch: both feature maps (``2 N H`` times the
+  map's FLOPs per head-vector: ``2 D h + 2 h D'`` for the polynomial MLP, ``2 D D'/2`` for Hedgehog), the per-frame
+  sums ``phi_k^T v`` (``2 N H D' D``) and the read-out ``phi_q (S, z)`` (``2 N H D' (D + 1)``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "attention_flops",
+    "feature_map_flops",
+    "solve_mckp",
+    "brute_force_mckp",
+    "parse_candidates",
+    "BlockChoice",
+    "Selection",
+    "select_blocks_budget",
+    "selection_table",
+    "convert_model",
+]
+
+
+def feature_map_flops(head_dim: int, feature_map: str = "polynomial", feature_map_kwargs: dict | None = None) -> int:
+    """FLOPs of one feature map on one head-vector (``D -> D'``)."""
+    kw = dict(feature_map_kwargs or {})
+    fdim = kw.get("feature_dim") or 2 * head_dim
+    if feature_map == "hedgehog":
+        return 2 * head_dim * (fdim // 2)
+    hidden = kw.get("hidden_dim") or fdim
+    return 2 * head_dim * hidden + 2 * hidden * fdim
+
+
+def attention_flops(num_frames: int, frame_tokens: int, heads: int, head_dim: int, setting=None, *,
+                    feature_map: str = "polynomial", feature_map_kwargs: dict | None = None,
+                    softmax: str = "bidirectional") -> int:
+    """Self-attention FLOPs of one block on one video (exact integer, see the module docstring).
+
+    Args:
+        num_frames: latent frames T. frame_tokens: tokens per frame S. heads, head_dim: H, D.
+        setting: ``None`` for a softmax block, or ``(chunk_frames, overlap_frames)`` for a ReHyAt block.
+        feature_map, feature_map_kwargs: the ReHyAt block's feature maps.
+        softmax: a softmax block's attention (with ``setting=None``): ``"bidirectional"`` (the teacher) or
+            ``("chunk_causal", chunk_frames)`` (block-causal softmax, SPEC section 6).
+    """
+    from ..ops import chunk_windows
+
+    T, S, H, D = num_frames, frame_tokens, heads, head_dim
+    N = T * S
+    if setting is None:
+        if softmax == "bidirectional":
+            return 4 * N * N * H * D
+        kind, tc = softmax
+        if kind != "chunk_causal":
+            raise ValueError(f"softmax must be 'bidirectional' or ('chunk_causal', chunk_frames), got {softmax!r}")
+        return sum(4 * (q1 - q0) * S * q1 * S * H * D for _, q0, q1 in chunk_windows(T, tc, T))
+    tc, to = setting
+    soft = sum(4 * (q1 - q0) * S * (q1 - w0) * S * H * D for w0, q0, q1 in chunk_windows(T, tc, to))
+    fdim = dict(feature_map_kwargs or {}).get("feature_dim") or 2 * D
+    phi = 2 * N * H * feature_map_flops(D, feature_map, feature_map_kwargs)
+    linear = 2 * N * H * fdim * D + 2 * N * H * fdim * (D + 1)
+    return soft + phi + linear
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multiple-choice knapsack
+# ----------------------------------------------------------------------------------------------------------------
+def solve_mckp(errors: list[list[float]], costs: list[list[int]], budget: int) -> tuple[list[int], float, int]:
+    """Exact multiple-choice knapsack: pick one option per group, total cost <= ``budget``, least total error.
+
+    Dynamic programming over groups on exact integer costs: after each group only the Pareto-optimal partial
+    solutions (no other one both cheaper-or-equal and lower-or-equal in error) are kept, which is exact and small
+    here (the number of distinct total costs is bounded by the multisets of option costs). Ties in error go to the
+    cheaper solution, then to the lexicographically smaller choice.
+
+    Args:
+        errors: ``errors[g][o]`` error of option o in group g (finite floats).
+        costs: ``costs[g][o]`` integer cost (>= 0).
+        budget: integer budget.
+
+    Returns:
+        ``(choice, total_error, total_cost)``: ``choice[g]`` the option index chosen for group g.
+
+    Raises:
+        ValueError: mismatched shapes, an empty group, non-integer or negative costs, or no feasible choice
+            (the message gives the least achievable cost).
+    """
+    if len(errors) != len(costs):
+        raise ValueError("errors and costs must have one entry per group")
+    for g, (e, c) in enumerate(zip(errors, costs)):
+        if not e or len(e) != len(c):
+            raise ValueError(f"group {g}: errors and costs must be non-empty and of equal length")
+        if any(not isinstance(x, int) or x < 0 for x in c):
+            raise ValueError(f"group {g}: costs must be non-negative ints, got {c}")
+    # frontier: list of (cost, error, choice tuple), sorted by cost, errors strictly decreasing
+    frontier = [(0, 0.0, ())]
+    for e, c in zip(errors, costs):
+        cand = {}
+        for cost0, err0, ch in frontier:
+            for o, (eo, co) in enumerate(zip(e, c)):
+                cost = cost0 + co
+                if cost > budget:
+                    continue
+                key = (err0 + eo, ch + (o,))
+                if cost not in cand or key < cand[cost]:
+                    cand[cost] = key
+        frontier = []
+        best = None
+        for cost in sorted(cand):
+            err, ch = cand[cost]
+            if best is None or err < best:
+                frontier.append((cost, err, ch))
+                best = err
+        if not frontier:
+            least = sum(min(c) for c in costs)
+            raise ValueError(f"no choice fits the budget {budget}: the cheapest choice costs {least}")
+    cost, err, ch = min(frontier, key=lambda x: (x[1], x[0], x[2]))
+    return list(ch), err, cost
+
+
+def brute_force_mckp(errors, costs, budget) -> tuple[list[int], float, int] | None:
+    """Reference for tests: try every combination. Returns the optimum like :func:`solve_mckp`, or ``None``."""
+    best = None
+    for ch in itertools.product(*[range(len(e)) for e in errors]):
+        cost = sum(c[o] for c, o in zip(costs, ch))
+        if cost > budget:
+            continue
+        err = sum(e[o] for e, o in zip(errors, ch))
+        if best is None or (err, cost) < (best[1], best[2]):
+            best = (list(ch), err, cost)
+    return best
+
+
+def parse_candidates(spec: str) -> list[tuple[int, int]]:
+    """``"3,1;5,1;2,0"`` -> ``[(3, 1), (5, 1), (2, 0)]`` (chunk_frames >= 1, overlap_frames >= 0).
+
+    Raises ValueError for a malformed list."""
+    out = []
+    for part in str(spec).split(";"):
+        if not part.strip():
+            continue
+        try:
+            tc, to = (int(x) for x in part.split(","))
+        except ValueError:
+            raise ValueError(f"--candidates must look like '3,1;5,1;2,0' (chunk,overlap pairs), got {spec!r}") from None
+        if tc < 1 or to < 0:
+            raise ValueError(f"--candidates: chunk_frames must be >= 1 and overlap_frames >= 0, got {tc},{to}")
+        out.append((tc, to))
+    if not out:
+        raise ValueError("--candidates lists no (chunk_frames, overlap_frames) pair")
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class BlockChoice:
+    """One block's options and the chosen one: ``setting`` is ``None`` for "keep softmax"."""
+
+    block: int
+    setting: tuple[int, int] | None
+    error: float
+    flops: int
+    options: dict  # "softmax" / "tc,to" -> {"rel_error", "flops"}
+
+
+@dataclass
+class Selection:
+    """Result of a block selection: per-block choices and totals."""
+
+    choices: list[BlockChoice]
+    total_error: float
+    total_flops: int
+    teacher_flops: int
+    budget_flops: int | None
+    method: str
+
+    @property
+    def converted(self) -> dict[int, tuple[int, int]]:
+        return {c.block: c.setting for c in self.choices if c.setting is not None}
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "total_error": self.total_error, "total_flops": self.total_flops,
+            "teacher_flops": self.teacher_flops, "budget_flops": self.budget_flops,
+            "flops_fraction": self.total_flops / self.teacher_flops,
+            "blocks": [{"block": c.block, "choice": "softmax" if c.setting is None else list(c.setting),
+                        "rel_error": c.error, "flops": c.flops, "options": c.options} for c in self.choices],
+        }
+
+
+def select_blocks_budget(errors: dict[tuple[int, int], dict[int, float]], *, num_blocks: int, flops: dict,
+                         softmax_flops: int, teacher_flops_per_block: int, budget: float) -> Selection:
+    """Choose per block among candidate settings and "keep softmax" under a FLOP budget (exact knapsack).
+
+    Args:
+        errors: ``{(tc, to): {block: rel_error}}`` from short distillations.
+        num_blocks: blocks of the model.
+        flops: ``{(tc, to): FLOPs of a converted block}``; softmax_flops: FLOPs of a kept softmax block.
+        teacher_flops_per_block: the teacher's (bidirectional) FLOPs per block; budget: fraction of the teacher's
+            total, in (0, 1] (or more).
+
+    Raises:
+        ValueError: a budget no choice fits.
+    """
+    cands = list(errors)
+    teacher = teacher_flops_per_block * num_blocks
+    cap = int(budget * teacher)
+    errs, costs = [], []
+    for b in range(num_blocks):
+        errs.append([0.0] + [float(errors[c][b]) for c in cands])
+        costs.append([softmax_flops] + [flops[c] for c in cands])
+    try:
+        choice, total, cost = solve_mckp(errs, costs, cap)
+    except ValueError:
+        least = sum(min(c) for c in costs)
+        raise ValueError(f"--budget {budget} is below what any choice reaches: converting every block with its "
+                         f"cheapest candidate costs {least / teacher:.3f} of the teacher's attention FLOPs") from None
+    out = []
+    for b, o in enumerate(choice):
+        options = {"softmax": {"rel_error": 0.0, "flops": softmax_flops}}
+        options.update({f"{c[0]},{c[1]}": {"rel_error": float(errors[c][b]), "flops": flops[c]} for c in cands})
+        setting = None if o == 0 else cands[o - 1]
+        out.append(BlockChoice(b, setting, errs[b][o], costs[b][o], options))
+    return Selection(out, total, cost, teacher, cap, "knapsack")
+
+
+def selection_table(sel: Selection) -> str:
+    """Markdown table of a :class:`Selection`."""
+    keys = list(sel.choices[0].options) if sel.choices else []
+    head = "| block | choice | " + " | ".join(f"err {k}" for k in keys if k != "softmax") + " | FLOPs (G) |"
+    lines = [head, "|" + "---:|" * (3 + len([k for k in keys if k != "softmax"]))]
+    for c in sel.choices:
+        ch = "softmax" if c.setting is None else f"T_c={c.setting[0]}, T_o={c.setting[1]}"
+        errs = " | ".join(f"{c.options[k]['rel_error']:.4f}" if c.options[k]["rel_error"] == c.options[k]["rel_error"]
+                          else "-" for k in keys if k != "softmax")
+        lines.append(f"| {c.block} | {ch} | {errs} | {c.flops / 1e9:.4g} |")
+    frac = sel.total_flops / sel.teacher_flops
+    budget = f", budget {sel.budget_flops / sel.teacher_flops:.3f}" if sel.budget_flops else ""
+    lines.append(f"\nTotal error {sel.total_error:.4f}; attention FLOPs {frac:.3f} of the teacher's{budget} "
+                 f"({sel.method}).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rehyat convert
+# ----------------------------------------------------------------------------------------------------------------
+def convert_model(
+    model,
+    out,
+    *,
+    blocks="all",
+    budget: float | None = None,
+    candidates: str | list | None = None,
+    chunk_frames: int = 3,
+    overlap_frames: int = 1,
+    causal: bool = True,
+    stabilizer: str = "lse",
+    feature_map: str = "polynomial",
+    feature_map_kwargs: dict | None = None,
+    feature_map_input: str = "rotated",
+    softmax_blocks: str = "bidirectional",
+    prompts=None,
+    data=None,
+    text_embeddings=None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    rank_steps: int = 20,
+    sampling_steps: int = 20,
+    guidance: float | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 1,
+    seed: int = 0,
+    device=None,
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Path, Selection | None]:
+    """Convert a teacher folder to ReHyAt, choosing the blocks (``rehyat convert``).
+
+    ``blocks``: ``"all"`` or a list (plain conversion with ``chunk_frames``/``overlap_frames``, no distillation);
+    ``"best:N"`` (short distillation of every block, ``rank_steps`` steps, with that setting; the N lowest-error
+    blocks are converted); ``"auto"`` with ``budget`` (fraction of the teacher's self-attention FLOPs at the
+    target geometry) and ``candidates`` (``"3,1;5,1;2,0"``): one short distillation per candidate setting (all
+    blocks at once, since teacher forcing makes them independent), then the exact knapsack of
+    :func:`select_blocks_budget`. Converted blocks keep the feature maps of their short distillation (a head
+    start for ``rehyat distill``). Unconverted blocks keep bidirectional softmax unless
+    ``softmax_blocks="chunk_causal"`` (then their cost is the chunk-causal one).
+
+    The output is a model folder (teacher components copied, transformer via :func:`rehyat.save_rehyat` with
+    per-block ``block_settings``) plus ``selection.json`` / ``selection.md`` for ``best:N`` and ``auto``. Prompts
+    and geometry are as in :func:`rehyat.training.distill`.
+
+    Returns:
+        ``(out, selection)`` (``selection`` is ``None`` for a plain conversion).
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
+            folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
+    """
+    from ..models import convert_wan
+    from .common import default_geometry, latent_shape_for, parse_blocks, resolve_dtype
+    from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
+    from .data import check_dataset_fits_model, prepare_output_folder, read_dataset_info
+    from .distill import _conversion_kwargs, _probe_conversion, build_student, short_distillation
+    from .distributed import init_distributed
+    from .trajectory import read_prompt_file, resolve_prompt_pool
+
+    model, out = Path(model), Path(out)
+    tcfg = read_transformer_config(model)
+    if tcfg["rehyat"] is not None:
+        raise ValueError(f"{model} is already converted to ReHyAt; convert the teacher folder")
+    nb = tcfg["num_layers"]
+    kind, bval = parse_blocks(blocks, nb, allow=("all", "list", "best", "auto"))
+    conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
+                                    feature_map_input, softmax_blocks)
+    _probe_conversion(conversion)
+    cands = None
+    if kind == "auto":
+        if budget is None or not budget > 0:
+            raise ValueError(f"--blocks auto needs --budget > 0 (a fraction of the teacher's attention FLOPs), got {budget}")
+        cands = parse_candidates(candidates if candidates is not None else "3,1;5,1;2,0") \
+            if not isinstance(candidates, list) else [tuple(c) for c in candidates]
+    elif budget is not None or candidates is not None:
+        raise ValueError("--budget and --candidates go with --blocks auto")
+    needs_distill = kind in ("best", "auto")
+    if needs_distill:
+        if prompts is not None:
+            read_prompt_file(prompts)
+        elif data is None and text_embeddings is None:
+            raise ValueError(f"--blocks {blocks} ranks blocks by a short distillation: pass --prompts, --data or "
+                             "--text-embeddings")
+        for name, v in (("--rank-steps", rank_steps), ("--sampling-steps", sampling_steps), ("--batch-size", batch_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if data is not None:
+        info = read_dataset_info(data)
+        check_dataset_fits_model(info, tcfg)
+        latent_shape = info.latent_shape
+    else:
+        latent_shape = latent_shape_for(model, *default_geometry(model, frames, height, width))
+    prepare_output_folder(out, overwrite=overwrite)
+
+    _, F, H, W = latent_shape
+    S = (H // tcfg["patch_size"][1]) * (W // tcfg["patch_size"][2])
+    heads, hd = tcfg["num_attention_heads"], tcfg["attention_head_dim"]
+    fm_kw = dict(feature_map=feature_map, feature_map_kwargs=feature_map_kwargs)
+    teacher_block = attention_flops(F, S, heads, hd, None)
+    softmax_cost = teacher_block if softmax_blocks == "bidirectional" else \
+        attention_flops(F, S, heads, hd, None, softmax=("chunk_causal", chunk_frames))
+
+    selection = None
+    fm_state: dict = {}
+    block_settings = None
+    if not needs_distill:
+        chosen = bval
+    else:
+        env = init_distributed(device)
+        dtype = resolve_dtype(precision, env.device)
+        guidance = float(guidance if guidance is not None else read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0))
+        pool = resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
+                                   device=env.device, text_dim=tcfg["text_dim"])
+        settings = [(chunk_frames, overlap_frames)] if kind == "best" else cands
+        errors, states = {}, {}
+        for tc, to in settings:
+            torch_seed(seed)
+            conv = dict(conversion, chunk_frames=tc, overlap_frames=to)
+            err, st = short_distillation(model, conv, "all", pool, latent_shape, steps=rank_steps, lr=lr,
+                                         batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
+                                         seed=seed, env=env, dtype=dtype, progress=progress,
+                                         desc=f"short distillation T_c={tc}, T_o={to}")
+            errors[(tc, to)] = {b: err[b]["rel_error"] for b in err}
+            states[(tc, to)] = st
+        if kind == "best":
+            errs = errors[(chunk_frames, overlap_frames)]
+            order = sorted(errs, key=lambda b: errs[b])
+            chosen = sorted(order[:bval])
+            cost = attention_flops(F, S, heads, hd, (chunk_frames, overlap_frames), **fm_kw)
+            choices = [BlockChoice(b, (chunk_frames, overlap_frames) if b in chosen else None,
+                                   errs[b] if b in chosen else 0.0, cost if b in chosen else softmax_cost,
+                                   {"softmax": {"rel_error": 0.0, "flops": softmax_cost},
+                                    f"{chunk_frames},{overlap_frames}": {"rel_error": errs[b], "flops": cost}})
+                       for b in range(nb)]
+            selection = Selection(choices, sum(c.error for c in choices), sum(c.flops for c in choices),
+                                  teacher_block * nb, None, f"best:{bval} (ranked after {rank_steps} steps)")
+        else:
+            flops = {c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands}
+            selection = select_blocks_budget(errors, num_blocks=nb, flops=flops, softmax_flops=softmax_cost,
+                                             teacher_flops_per_block=teacher_block, budget=budget)
+            selection.method = f"knapsack over {len(cands)} candidates + softmax, errors after {rank_steps} steps"
+            chosen = sorted(selection.converted)
+            if not chosen:
+                raise ValueError(f"the budget {budget} keeps every block softmax: nothing to convert")
+        # feature maps of the chosen setting's short distillation
+        sel_settings = {b: s for b, s in ((c.block, c.setting) for c in selection.choices) if s is not None}
+        for b, (tc, to) in sel_settings.items():
+            prefix = f"blocks.{b}.attn1.processor."
+            fm_state.update({n: t for n, t in states[(tc, to)].items() if n.startswith(prefix)})
+        if kind == "auto":
+            block_settings = {b: {"chunk_frames": tc, "overlap_frames": to} for b, (tc, to) in sel_settings.items()}
+        if not env.is_main:
+            return out, selection
+
+    if fm_state:
+        student = build_student(model, chosen, conversion, block_settings, fm_state)
+    else:
+        torch_seed(seed)
+        student = convert_wan(load_model_folder(model, device="cpu").transformer, blocks=chosen,
+                              block_settings=block_settings, **conversion)
+    if overwrite and out.is_dir():
+        from .common import clear_run_outputs
+
+        clear_run_outputs(out)
+    save_model_folder(student, out, components_from=model)
+    if selection is not None:
+        (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
+        (out / "selection.md").write_text("# Block selection\n\n" + selection_table(selection) + "\n")
+    return out, selection
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)

@@ -1,0 +1,102 @@
+"""Block selection: exact multiple-choice knapsack, FLOP model, `rehyat convert`."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from rehyat.cli import main
+from rehyat.training import attention_flops, brute_force_mckp, parse_candidates, solve_mckp
+
+
+def test_knapsack_is_exact_against_brute_force():
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        groups = rng.randint(1, 5)
+        opts = [rng.randint(1, 4) for _ in range(groups)]
+        errors = [[round(rng.random(), 3) for _ in range(o)] for o in opts]
+        costs = [[rng.randint(0, 20) for _ in range(o)] for o in opts]
+        budget = rng.randint(0, 60)
+        ref = brute_force_mckp(errors, costs, budget)
+        if ref is None:
+            with pytest.raises(ValueError, match="no choice fits"):
+                solve_mckp(errors, costs, budget)
+            continue
+        choice, err, cost = solve_mckp(errors, costs, budget)
+        assert cost <= budget
+        assert cost == sum(c[o] for c, o in zip(costs, choice))
+        assert err == pytest.approx(sum(e[o] for e, o in zip(errors, choice)), abs=1e-12)
+        assert err == pytest.approx(ref[1], abs=1e-9)
+        checked += 1
+    assert checked > 150
+
+
+def test_knapsack_large_costs_are_exact():
+    # FLOP-sized integer costs: exact integer arithmetic, no rounding of costs into units
+    big = 10**15
+    errors = [[0.0, 0.3, 0.2], [0.0, 0.1, 0.25], [0.0, 0.5, 0.4]]
+    costs = [[10 * big, 3 * big + 1, 2 * big], [10 * big, 3 * big, 2 * big], [10 * big, 3 * big, 2 * big + 7]]
+    for budget in (15 * big, 16 * big, 22 * big + 1, 23 * big + 1, 30 * big):
+        ref = brute_force_mckp(errors, costs, budget)
+        choice, err, cost = solve_mckp(errors, costs, budget)
+        assert cost <= budget and err == pytest.approx(ref[1])
+
+
+def test_flop_model():
+    T, S, H, D = 6, 16, 2, 32
+    teacher = attention_flops(T, S, H, D, None)
+    assert teacher == 4 * (T * S) ** 2 * H * D
+    linear_only = attention_flops(T, S, H, D, (T, 0)) - teacher  # one chunk: softmax part = the teacher
+    assert linear_only > 0
+    # smaller chunks -> fewer softmax FLOPs; overlap costs more
+    assert attention_flops(T, S, H, D, (1, 0)) < attention_flops(T, S, H, D, (2, 0)) < attention_flops(T, S, H, D, (2, 1))
+    causal = attention_flops(T, S, H, D, None, softmax=("chunk_causal", 2))
+    assert causal < teacher and causal == sum(4 * 2 * S * e * S * H * D for e in (2, 4, 6))
+
+
+def test_parse_candidates():
+    assert parse_candidates("3,1;5,1;2,0") == [(3, 1), (5, 1), (2, 0)]
+    for bad in ("3;1", "a,b", "0,1", "2,-1", ""):
+        with pytest.raises(ValueError):
+            parse_candidates(bad)
+
+
+def test_convert_auto_budget_and_best_n(teacher, prompts, tmp_path, capsys):
+    from rehyat.models import load_transformer
+
+    # 6 frames of 64 tokens, small feature maps: converted blocks cost 0.27 to 0.66 of a softmax block
+    args = ["convert", "--model", str(teacher), "--prompts", str(prompts), "--frames", "6", "--height", "16",
+            "--width", "16", "--feature-map-kwargs", '{"feature_dim": 16}', "--rank-steps", "3",
+            "--sampling-steps", "2", "--batch-size", "1", "--no-progress"]
+    # auto: per-block choice among candidates and softmax under half the teacher's attention FLOPs
+    assert main(args + ["--blocks", "auto", "--budget", "0.5", "--candidates", "1,0;2,1;4,0",
+                        "--out", str(tmp_path / "auto")]) == 0
+    assert "| block |" in capsys.readouterr().out
+    sel = json.loads((tmp_path / "auto" / "selection.json").read_text())
+    assert sel["total_flops"] <= sel["budget_flops"] == int(0.5 * sel["teacher_flops"])
+    # the choice is the knapsack optimum over the measured errors
+    opts = [b["options"] for b in sel["blocks"]]
+    keys = list(opts[0])
+    errors = [[o[k]["rel_error"] for k in keys] for o in opts]
+    costs = [[o[k]["flops"] for k in keys] for o in opts]
+    ref = brute_force_mckp(errors, costs, sel["budget_flops"])
+    assert sel["total_error"] == pytest.approx(ref[1])
+    rc = json.loads((tmp_path / "auto" / "transformer" / "rehyat_config.json").read_text())
+    chosen = {str(b["block"]): b["choice"] for b in sel["blocks"] if b["choice"] != "softmax"}
+    assert sorted(map(int, chosen)) == rc["blocks"]
+    for b, (tc, to) in chosen.items():
+        assert rc["block_settings"][b] == {"chunk_frames": tc, "overlap_frames": to}
+    model = load_transformer(tmp_path / "auto")
+    assert model.rehyat_config.blocks == rc["blocks"]
+    # best:1 with the default setting
+    assert main(args + ["--blocks", "best:1", "--chunk-frames", "2", "--out", str(tmp_path / "best")]) == 0
+    sel = json.loads((tmp_path / "best" / "selection.json").read_text())
+    errs = {b["block"]: b["options"]["2,1"]["rel_error"] for b in sel["blocks"]}
+    rc = json.loads((tmp_path / "best" / "transformer" / "rehyat_config.json").read_text())
+    assert rc["blocks"] == [min(errs, key=errs.get)] and rc["chunk_frames"] == 2
+    # too small a budget is refused with the least reachable fraction
+    assert main(args + ["--blocks", "auto", "--budget", "0.001", "--out", str(tmp_path / "none")]) == 2
+    assert "cheapest candidate" in capsys.readouterr().err
