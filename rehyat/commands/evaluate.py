@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--out", type=Path, required=True, help="folder for eval.md and eval.json (created)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--text-embeddings", type=Path, default=None,
+                   help="caption-embedding table used instead of the models' text encoder")
     p.add_argument("--device", default=None)
     p.set_defaults(run=run)
 
@@ -75,8 +77,9 @@ def run(args) -> int:
     d = _defaults(Path(student_dir))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir, torch_dtype=dtype, device=device)
-    student = ReHyAtVideoPipeline.from_pretrained(student_dir, torch_dtype=dtype, device=device)
+    load = dict(torch_dtype=dtype, device=device, text_embeddings=args.text_embeddings)
+    teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir, **load)
+    student = ReHyAtVideoPipeline.from_pretrained(student_dir, **load)
     base = d.get("frames", 81)
     lengths = [scale_length(base, m, student.temporal_factor) for m in multiples]
     result = evaluate_models(

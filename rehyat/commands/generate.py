@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
     p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--text-embeddings", type=Path, default=None,
+                   help="caption-embedding table used instead of the model's text encoder")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -107,7 +109,8 @@ def run(args) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     ]
-    pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+    pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device,
+                                               text_embeddings=args.text_embeddings)
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:

@@ -179,6 +179,8 @@ class ReHyAtVideoPipeline:
         self.vae = vae
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.text_table = None  # optional caption -> embeddings table, used instead of a text encoder
+        self._text_encoder_folder = None  # a folder whose text encoder loads on first use
         self.max_sequence_length = max_sequence_length
         self.fps = fps
         self.negative_prompt = negative_prompt
@@ -186,9 +188,14 @@ class ReHyAtVideoPipeline:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, folder, *, torch_dtype: torch.dtype | None = None, device=None) -> "ReHyAtVideoPipeline":
-        """Load a model folder (see the module docstring). Raises ``FileNotFoundError``/``ValueError`` for a folder
-        that is not a Wan or ReHyAt checkpoint, before loading any weights."""
+    def from_pretrained(cls, folder, *, torch_dtype: torch.dtype | None = None, device=None,
+                        text_embeddings=None) -> "ReHyAtVideoPipeline":
+        """Load a model folder (see the module docstring).
+
+        ``text_embeddings``: a caption table (:class:`rehyat.training.data.TextEmbeddingTable` file) used instead
+        of the folder's text encoder, for machines without its weights. The text encoder itself loads on first use.
+        Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, before
+        loading any weights."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"--model folder {folder} does not exist")
@@ -215,24 +222,22 @@ class ReHyAtVideoPipeline:
             from diffusers import AutoencoderKLWan
 
             vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device or "cpu").eval()
-        tokenizer = text_encoder = None
-        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            import transformers
-
-            te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-            arch = (te_cfg.get("architectures") or ["AutoModel"])[0]
-            te_cls = getattr(transformers, arch, transformers.AutoModel)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
-            text_encoder = te_cls.from_pretrained(folder / "text_encoder").to(device or "cpu").eval()
-        elif cfg.get("text_encoder") == "minilm":
-            from ..text_encoder import load_text_encoder
-
-            tokenizer, text_encoder = load_text_encoder(device=device or "cpu")
-        return cls(
-            transformer, scheduler, vae, tokenizer, text_encoder,
+        pipe = cls(
+            transformer, scheduler, vae, None, None,
             max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
             negative_prompt=cfg.get("negative_prompt", ""), defaults=cfg.get("defaults"),
         )
+        # The text encoder loads on first use (a GPU machine may hold only the caption table).
+        if text_embeddings is not None:
+            from ..training.data import TextEmbeddingTable
+
+            pipe.text_table = TextEmbeddingTable.load(text_embeddings)
+            if pipe.text_table.text_dim != transformer.config.text_dim:
+                raise ValueError(f"{text_embeddings} holds {pipe.text_table.text_dim}-dim embeddings, the model takes "
+                                 f"text_dim={transformer.config.text_dim}")
+        elif ((folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()) or cfg.get("text_encoder") == "minilm":
+            pipe._text_encoder_folder = folder
+        return pipe
 
     def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:
         """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm")."""
@@ -276,10 +281,23 @@ class ReHyAtVideoPipeline:
                             self.transformer.config.in_channels, num_frames, height, width, batch)
 
     # ------------------------------------------------------------------------------------------------ text
+    @property
+    def has_text_encoder(self) -> bool:
+        """Whether prompts can be encoded (a loaded or loadable text encoder, or a caption table)."""
+        return self.text_table is not None or self._text_encoder_folder is not None or (
+            self.tokenizer is not None and self.text_encoder is not None)
+
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings ``[B, max_sequence_length, text_dim]`` (zero-padded as diffusers' WanPipeline does)."""
-        if self.tokenizer is None or self.text_encoder is None:
+        if not self.has_text_encoder:
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
+        if self.text_table is not None:
+            return self.text_table.lookup(prompts).to(self.device, self.transformer.dtype)
+        if self.text_encoder is None:
+            from ..training.components import load_text_encoder_from_folder
+
+            self.tokenizer, self.text_encoder = load_text_encoder_from_folder(self._text_encoder_folder,
+                                                                              device=self.device)
         from ..text_encoder import encode_prompts
 
         emb, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, max_length=self.max_sequence_length)
@@ -348,7 +366,7 @@ class ReHyAtVideoPipeline:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         shape = self.latent_shape(num_frames, height, width)
         chunk = check_recurrent(self.transformer) if mode != "parallel" else None
-        if prompt_embeds is None and (self.tokenizer is None or self.text_encoder is None):
+        if prompt_embeds is None and not self.has_text_encoder:
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
 
         t0 = time.perf_counter()
@@ -359,7 +377,7 @@ class ReHyAtVideoPipeline:
         if cfg:
             if negative_prompt_embeds is None:
                 neg = self.negative_prompt if negative_prompt is None else negative_prompt
-                negative_prompt_embeds = self.encode_prompt([neg]) if self.text_encoder is not None else torch.zeros_like(embeds)
+                negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds)
             neg = negative_prompt_embeds.to(self.device, self.transformer.dtype)
             L = max(neg.shape[1], embeds.shape[1])
             pad = lambda e: torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1]))  # noqa: E731

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Train the project's embedded models with the project's own commands: world data -> teacher from scratch ->
+# convert + distil (stage 1) -> fine-tune (stage 2) -> evaluate. Run on one GPU (an H200 took the times in
+# rehyat/assets/TRAINING.md); every size is an environment variable so a CPU smoke run can shrink it.
+#
+#   WORK=/tmp/w OUT=/tmp/out bash scripts/train_embedded.sh            # full run
+#   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 EVAL=0 ... # smoke run
+set -euo pipefail
+WORK=${WORK:-/tmp/rehyat_embedded}
+OUT=${OUT:-$WORK/out}
+PY=${PY:-python3}
+TABLE=${TABLE:-.devcarry/world_text_embeddings.safetensors}   # MiniLM embeddings of every world caption
+VIDEOS=${VIDEOS:-12000}
+TEACHER_STEPS=${TEACHER_STEPS:-4000}
+DISTILL_STEPS=${DISTILL_STEPS:-400}
+FT_STEPS=${FT_STEPS:-1500}
+BATCH=${BATCH:-64}
+EVAL=${EVAL:-1}
+STAGES=${STAGES:-data,teacher,student,eval}
+mkdir -p "$WORK" "$OUT"
+cli() { $PY -m rehyat.cli "$@"; }
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+if has data; then
+  cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$VIDEOS" --frames 16 --height 48 \
+      --width 48 --seed 0 --out "$WORK/data" --overwrite
+fi
+if has teacher; then
+  # stage 0: the teacher, a small pixel-space WanTransformer3DModel trained from scratch with flow matching
+  cli finetune --config configs/world_teacher.json --components-from configs/world_components --data "$WORK/data" \
+      --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 200 \
+      --lr-schedule cosine --min-lr-ratio 0.1 --text-dropout 0.1 --weight-decay 0.01 --no-progress --overwrite
+fi
+if has student; then
+  # stage 1: convert every block (chunk 4 frames, overlap 1) and distil the feature maps along the teacher's
+  # own sampling trajectories, teacher-forced
+  cli distill --teacher "$WORK/teacher" --data "$WORK/data" --out "$WORK/distilled" --blocks all \
+      --chunk-frames 4 --overlap-frames 1 --steps "$DISTILL_STEPS" --sampling-steps 20 --batch-size 16 \
+      --lr 2e-3 --no-progress --overwrite
+  # stage 2: flow-matching fine-tuning of the whole student on the world data plus the teacher-velocity loss
+  cli finetune --model "$WORK/distilled" --data "$WORK/data" --teacher "$WORK/teacher" --teacher-weight 1.0 \
+      --out "$WORK/student" --steps "$FT_STEPS" --batch-size "$BATCH" --lr 1e-4 --warmup-steps 50 \
+      --lr-schedule cosine --text-dropout 0.1 --no-progress --overwrite
+fi
+if has eval && [[ "$EVAL" == 1 ]]; then
+  cli eval --teacher "$WORK/teacher" --student "$WORK/student" --num-prompts "${EVAL_PROMPTS:-4}" \
+      --lengths "${EVAL_LENGTHS:-1,4,16}" --text-embeddings "$TABLE" --out "$WORK/eval" --overwrite
+fi
+# what comes back: the two model folders (without optimizer checkpoints), logs and reports
+for m in teacher distilled student; do
+  [[ -d "$WORK/$m" ]] || continue
+  tar -C "$WORK" --exclude="$m/train/checkpoint*" -czf "$OUT/$m.tar.gz" "$m"
+done
+[[ -d "$WORK/eval" ]] && cp "$WORK/eval/eval.md" "$WORK/eval/eval.json" "$OUT/" || true
+ls -la "$OUT"
