@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     from ..training.cli_args import add_conversion_args, add_geometry_args, add_prompt_args
 
     p = sub.add_parser("convert", help=HELP, description=HELP)
-    p.add_argument("--model", type=Path, required=True, help="teacher model folder")
+    p.add_argument("--model", "--teacher", dest="model", type=Path, required=True, help="teacher model folder")
     p.add_argument("--out", type=Path, required=True, help="output model folder (+ selection.json/.md)")
     p.add_argument("--blocks", default="all", help="all | a list like 0,3,5 | best:N | auto (with --budget)")
     p.add_argument("--budget", type=float, default=None,

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                    help="probability of the null text embedding (for classifier-free guidance)")
     t.add_argument("--init-seed", type=int, default=None, help="--config: weight initialisation seed (default --seed)")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, so a resumed GPU run repeats an uninterrupted one (slower)")
     t.add_argument("--eval-batches", type=int, default=2, help="fixed batches for the before/after loss (0 skips)")
     t.add_argument("--data-device", choices=["auto", "cpu", "device"], default="auto")
     add_run_args(p, checkpoint_every=500, log_every=10)
@@ -67,7 +70,8 @@ def run(args) -> int:
         max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         timestep_sampling=args.timestep_sampling, flow_shift=args.flow_shift, text_dropout=args.text_dropout,
         seed=args.seed, init_seed=args.init_seed, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, deterministic=args.deterministic,
+        checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, eval_batches=args.eval_batches, data_device=args.data_device, device=args.device,
         overwrite=args.overwrite, resume=args.resume, progress=args.progress,
     )

@@ -193,3 +193,14 @@ def cast_frozen_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
             if t.is_floating_point() and not any(k in name.split(".") for k in keep):
                 t.data = t.data.to(dtype)
     return model
+
+
+def set_deterministic() -> None:
+    """Ask PyTorch for deterministic kernels (cuBLAS workspace, cuDNN, ``use_deterministic_algorithms`` in warn-only
+    mode), so that a resumed GPU run repeats an uninterrupted one as closely as the kernels allow. Slower."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

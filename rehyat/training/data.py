@@ -245,7 +245,10 @@ class LatentDataset:
     def batch(self, indices: torch.Tensor, device=None, dtype: torch.dtype = torch.float32):
         """``(latents [b, C, F, H, W], prompt_embeds [b, L, D])`` of samples ``indices`` (int64 ``[b]``), on ``device``."""
         if self.in_memory:
-            idx = indices.to(self.latents.device)
+            idx = indices
+            if self.latents.device.type == "cuda" and indices.device.type == "cpu":
+                idx = indices.pin_memory().to(self.latents.device, non_blocking=True)  # no wait for the GPU
+            idx = idx.to(self.latents.device)
             lat, emb = self.latents[idx], self.prompt_embeds[idx]
         else:
             from safetensors.torch import load_file

@@ -381,6 +381,9 @@ def distill(
     if converted_cfg is None:
         kind, bval = parse_blocks(blocks, nb)
     else:
+        if blocks != "all":
+            raise ValueError(f"{model} is already converted (blocks {converted_cfg['blocks']}): its blocks are "
+                             f"distilled as they are, so --blocks {blocks} cannot apply; pass the teacher instead")
         kind, bval = "list", sorted(converted_cfg["blocks"])
         if not bval:
             raise ValueError(f"{model}'s transformer is converted but has no converted block to distil")

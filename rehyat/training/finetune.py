@@ -51,6 +51,7 @@ from .common import (
     prepare_run_folder,
     resolve_dtype,
     run_config,
+    set_deterministic,
 )
 from .distributed import DistEnv, init_distributed, local_slice
 from .progress import peak_memory_gib
@@ -280,6 +281,8 @@ def finetune(
     init_seed: int | None = None,
     precision: str = "auto",
     gradient_checkpointing: bool = False,
+    compile: bool = False,
+    deterministic: bool = False,
     checkpoint_every: int = 500,
     log_every: int = 10,
     eval_batches: int = 2,
@@ -317,6 +320,8 @@ def finetune(
             if it has none), for classifier-free guidance.
         seed: every random draw. precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on the CPU), ``"bf16"``
             or ``"fp32"``; weights and optimizer stay float32. gradient_checkpointing: recompute blocks in backward.
+            compile: ``torch.compile`` the student (``nn.Module.compile``; the first steps are slow while it
+            compiles). deterministic: deterministic kernels (:func:`~rehyat.training.common.set_deterministic`).
         checkpoint_every, log_every: steps between checkpoints / log flushes. eval_batches: fixed batches for the
             before/after flow-matching loss (0: skip). data_device: ``"auto"`` (on the GPU when it takes < 30% of
             its free memory), ``"cpu"`` or ``"device"``.
@@ -404,7 +409,8 @@ def finetune(
         "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": list(lora_targets),
         "timestep_sampling": timestep_sampling, "flow_shift": flow_shift, "text_dropout": text_dropout,
         "seed": seed, "init_seed": init_seed, "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing, "checkpoint_every": checkpoint_every,
+        "gradient_checkpointing": gradient_checkpointing, "compile": compile, "deterministic": deterministic,
+        "checkpoint_every": checkpoint_every,
         "log_every": log_every, "eval_batches": eval_batches,
     })
     ckpt_path = out / TRAIN_DIR / CHECKPOINT_NAME
@@ -414,6 +420,8 @@ def finetune(
         check_resume_config(ckpt["config"], settings)
 
     # ---------------------------------------------------------------- processes, data, models
+    if deterministic:
+        set_deterministic()
     env = init_distributed(device)
     dev = env.device
     local = local_slice(batch_size, env)
@@ -462,6 +470,8 @@ def finetune(
     if gradient_checkpointing:
         student.enable_gradient_checkpointing()
     params = [p for p in student.parameters() if p.requires_grad]
+    if compile:
+        student.compile()  # in place: parameter names (checkpoints, saving) stay the same
     n_trainable = sum(p.numel() for p in params)
     teacher_model, scheduler = None, None
     if teacher is not None:

@@ -90,7 +90,7 @@ def test_distillation_lowers_block_error_and_changes_only_feature_maps(root, tea
     from rehyat.pipelines import ReHyAtVideoPipeline
 
     pipe = ReHyAtVideoPipeline.from_pretrained(out)
-    assert pipe.text_encoder is not None and pipe.transformer.rehyat_config.blocks == [0, 1]
+    assert pipe.has_text_encoder and pipe.transformer.rehyat_config.blocks == [0, 1]
     report = json.loads((out / "distill_report.json").read_text())
     assert report["mean_rel_error_after"] < report["mean_rel_error_before"]
     assert "| block |" in (out / "distill_report.md").read_text()

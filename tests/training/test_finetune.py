@@ -34,7 +34,7 @@ def test_finetune_lowers_flow_matching_loss(pixel_student, pixel_dataset, tmp_pa
     from rehyat.pipelines import ReHyAtVideoPipeline
 
     pipe = ReHyAtVideoPipeline.from_pretrained(tmp_path / "ft")  # a complete model folder
-    assert pipe.transformer.rehyat_config is not None and pipe.text_encoder is not None
+    assert pipe.transformer.rehyat_config is not None and pipe.has_text_encoder
 
 
 def test_lora_trains_only_adapters_and_feature_maps(pixel_student, pixel_dataset, tmp_path):

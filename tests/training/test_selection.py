@@ -97,6 +97,18 @@ def test_convert_auto_budget_and_best_n(teacher, prompts, tmp_path, capsys):
     errs = {b["block"]: b["options"]["2,1"]["rel_error"] for b in sel["blocks"]}
     rc = json.loads((tmp_path / "best" / "transformer" / "rehyat_config.json").read_text())
     assert rc["blocks"] == [min(errs, key=errs.get)] and rc["chunk_frames"] == 2
+    # stage 1 continues from the converted folder: same blocks and settings, its feature maps as the start
+    from rehyat.training import distill
+
+    res = distill(tmp_path / "best", tmp_path / "distilled", prompts=prompts, frames=6, height=16, width=16,
+                  sampling_steps=2, steps=2, eval_trajectories=1, progress=False)
+    assert res.blocks == rc["blocks"]
+    assert json.loads((tmp_path / "distilled" / "transformer" / "rehyat_config.json").read_text()) == rc
+    # same held-out trajectories as convert's measurement: the 'before' error is that of convert's feature maps
+    assert res.before[rc["blocks"][0]]["rel_error"] == pytest.approx(errs[rc["blocks"][0]], rel=1e-4)
+    assert main(["distill", "--model", str(tmp_path / "best"), "--prompts", str(prompts), "--blocks", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "already converted" in capsys.readouterr().err
     # too small a budget is refused with the least reachable fraction
     assert main(args + ["--blocks", "auto", "--budget", "0.001", "--out", str(tmp_path / "none")]) == 2
     assert "cheapest candidate" in capsys.readouterr().err
