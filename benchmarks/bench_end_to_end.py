@@ -1,0 +1,582 @@
+"""End-to-end speed of one denoising forward: the Wan2.1-1.3B-geometry teacher against ReHyAt conversions.
+
+Usage (from the repository root):
+
+    python benchmarks/bench_end_to_end.py [--out DIR] [--frames 81 321] [--repeats 3] [--compile] [--sdpa cudnn]
+    python benchmarks/bench_end_to_end.py --device cpu --quick [--out DIR]     # tiny model, CPU smoke test, seconds
+
+On an H200 the default run (eager, 81 and 321 frames) should take about 2 minutes: the teacher forward is about
+0.6 s at 21 latent frames and 6.2 s at 81 (measured by bench_memory.py), 4 forwards per row. ``--compile`` adds
+the compilation of each model at each length (minutes): run it as a call of its own.
+
+Claim under test: on a Wan2.1-1.3B-geometry transformer (random weights, 480x832, bfloat16), with all 30 blocks
+converted one denoising forward is >= 2.5x faster than the teacher at 81 frames and >= 8x at 321 frames; with 15
+blocks converted >= 1.5x at 81 frames. Tokens per second and peak memory are reported.
+
+One forward = ``transformer(latents [1, 16, T, 60, 104], timestep [500], text embeddings [1, 512, 4096])``, batch 1
+(one branch of classifier-free guidance). Videos of 81 and 321 frames are 21 and 81 latent frames (32,760 and
+126,360 tokens). Rows, all from one set of random weights (bfloat16, float32 where ``from_pretrained`` keeps it):
+
+* teacher: the unconverted model, full softmax attention through diffusers' default processor (SDPA);
+* ReHyAt 30/30 parallel: ``convert_wan(blocks="all", chunk_frames=3, overlap_frames=1)``, the parallel form;
+* ReHyAt 30/30 recurrent: the same model through ``rehyat.models.recurrent_forward`` (chunk by chunk, constant
+  state);
+* ReHyAt 15/30 parallel: every other block converted (blocks 0, 2, ..., 28; ``--half`` picks another half), the
+  other 15 keep the teacher's full softmax attention;
+* with ``--compile``: the parallel rows again with every transformer block under ``torch.compile`` (regional
+  compilation; compile failures are reported in the row, not fatal), speed-up against the compiled teacher.
+
+Timing: CUDA events around each forward, ``--warmup`` untimed forwards first (at least 2 for compiled rows; they
+include cuDNN plan building and compilation), median of ``--repeats`` (fewer when one forward exceeds ``--budget`` / repeats). Peak memory:
+``torch.cuda.max_memory_allocated`` over the timed forwards; "above weights" subtracts what was allocated before.
+All attention calls prefer the ``--sdpa`` backend (default cuDNN, the fastest full attention on an H200; the
+other backends stay as fallbacks), for the teacher and for ReHyAt alike.
+
+Correctness in the same run: a ReHyAt model with ``chunk_frames`` >= the frames (one chunk: exactly full softmax
+attention) must equal the teacher on a short input (relative error <= 1e-2 in bfloat16; exit status 1 otherwise);
+and the recurrent form must match the parallel form of the 30/30 model on the first length (reported, tolerance
+5e-2 after 30 random bfloat16 blocks).
+
+The Markdown table is printed last, after device, torch version, date, command line and the verdicts;
+``--out DIR`` writes ``DIR/bench_end_to_end.json`` and ``DIR/bench_end_to_end.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+T0 = time.perf_counter()
+# Wan2.1-T2V-1.3B transformer config (diffusers' Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# --quick: a tiny model of the same family (4 blocks, so "half" is 2 of 4) for a CPU smoke test.
+QUICK_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=4, text_dim=64,
+                       freq_dim=32)
+VAE_T, VAE_S = 4, 8  # Wan VAE strides: 4k+1 frames -> k+1 latent frames; 8x8 pixels -> one latent
+CHECK_TOL = 1e-2  # chunk_frames >= frames must equal the teacher
+RECURRENT_TOL = 5e-2  # recurrent vs parallel of the 30/30 model, after 30 random bfloat16 blocks
+# (variant, video frames) -> minimum speed-up against the teacher (the issue's targets)
+TARGETS = {("ReHyAt 30/30", 81): 2.5, ("ReHyAt 30/30", 321): 8.0, ("ReHyAt 15/30", 81): 1.5}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def short(exc: BaseException, n: int = 140) -> str:
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def latent_frames(video_frames: int) -> int:
+    if (video_frames - 1) % VAE_T:
+        raise SystemExit(f"--frames must be 4k+1 (Wan's causal VAE), got {video_frames}")
+    return (video_frames - 1) // VAE_T + 1
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sdpa_context(name: str, device: torch.device):
+    """SDPA backend preference: ``cudnn`` or ``flash`` first with the others as fallback, or PyTorch's default."""
+    if name == "auto" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def probe_sdpa(name: str, device: torch.device) -> str:
+    """Check the chosen SDPA preference on a window-sized problem; fall back to ``auto`` if it fails."""
+    if name == "auto" or device.type != "cuda":
+        return "auto"
+    try:
+        q = torch.randn(2, 12, 4680, 128, device=device, dtype=torch.bfloat16)
+        k = torch.randn(2, 12, 6240, 128, device=device, dtype=torch.bfloat16)
+        with sdpa_context(name, device):
+            torch.nn.functional.scaled_dot_product_attention(q, k, k)
+        torch.cuda.synchronize(device)
+        return name
+    except Exception as exc:  # noqa: BLE001
+        log(f"SDPA preference {name!r} failed ({short(exc)}); using PyTorch's default order")
+        return "auto"
+
+
+def cast_like_from_pretrained(model, dtype: torch.dtype):
+    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does: parameters of the model's
+    ``_keep_in_fp32_modules`` (Wan: rope, time_embedder, scale_shift_table, norm1-3) stay float32."""
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not any(k in name.split(".") for k in keep):
+            t.data = t.data.to(dtype)
+    return model
+
+
+def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int, keep_fp32: bool = False):
+    """A ``WanTransformer3DModel`` with random weights, initialised directly on ``device`` (on an H200 the 1.3B
+    model takes seconds this way; ``torch.nn.init`` on the CPU would take minutes), then cast to ``dtype``: all of
+    it (``.to(dtype)``), or as ``from_pretrained(torch_dtype=dtype)`` does with ``keep_fp32``."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(**config)
+    if keep_fp32:
+        model = cast_like_from_pretrained(model.to(device), dtype)
+    else:
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its note on _keep_in_fp32_modules: casting all is the intent here
+        try:
+            model = model.to(device=device, dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
+    model = model.eval().requires_grad_(False)
+    free_memory(device)
+    return model
+
+
+def feature_map_dtype(model) -> str:
+    """dtype of the first converted block's feature-map weights ("-" for an unconverted model)."""
+    for block in model.blocks:
+        fm = getattr(block.attn1.processor, "feature_map_q", None)
+        if fm is not None:
+            return str(next(fm.parameters()).dtype).replace("torch.", "")
+    return "-"
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compile_blocks(model) -> None:
+    """Regional compilation: every transformer block under ``torch.compile`` (one graph serves all blocks)."""
+    import torch._dynamo
+
+    for key in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 64))
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args, device: torch.device, config: dict, dtype: torch.dtype):
+        self.args, self.device, self.config, self.dtype = args, device, config, dtype
+        self.cuda = device.type == "cuda"
+        self.lat_h, self.lat_w = args.height // VAE_S, args.width // VAE_S
+        self.frame_tokens = (self.lat_h // 2) * (self.lat_w // 2)
+        g = torch.Generator().manual_seed(args.seed + 1)
+        self.embeds = torch.randn(1, args.text_len, config["text_dim"], generator=g).to(device, dtype)
+        self.timestep = torch.tensor([500.0], device=device)
+        self.rows: list[dict] = []
+        self.outputs: dict = {}  # (variant, form, compiled, video frames) -> output on the first length
+
+    def latents(self, T: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.args.seed + 2)
+        x = torch.randn(1, self.config["in_channels"], T, self.lat_h, self.lat_w, generator=g)
+        return x.to(self.device, self.dtype)
+
+    def forward_fn(self, model, form: str, x):
+        from rehyat.models import recurrent_forward
+
+        e, t = self.embeds, self.timestep
+        if form == "recurrent":
+            return lambda: recurrent_forward(model, x, t, e)
+        return lambda: model(x, t, e, return_dict=False)[0]
+
+    def _time_once(self, fn) -> tuple[float, torch.Tensor]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end), out
+        t = time.perf_counter()
+        out = fn()
+        return (time.perf_counter() - t) * 1e3, out
+
+    def row(self, variant: str, form: str, compiled: bool, model, video_frames: int, keep_output: bool = False):
+        args, device = self.args, self.device
+        T = latent_frames(video_frames)
+        tokens = T * self.frame_tokens
+        row = {"variant": variant, "form": form, "compiled": compiled, "video_frames": video_frames,
+               "latent_frames": T, "tokens": tokens, "status": "ok", "note": "", "ms": None}
+        name = f"{variant} {form}{' (compiled)' if compiled else ''} @ {video_frames} frames ({T} latent, {tokens:,} tokens)"
+        free_memory(device)
+        x = self.latents(T)
+        before = torch.cuda.memory_allocated(device) if self.cuda else 0
+        fn = self.forward_fn(model, form, x)
+        out = None
+        try:
+            with torch.no_grad(), sdpa_context(args.sdpa, device):
+                warm = []
+                for _ in range(max(args.warmup, 2) if compiled else args.warmup):
+                    ms, out = self._time_once(fn)
+                    warm.append(ms)
+                    out = None
+                if self.cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                reps = args.repeats
+                if warm and warm[-1] * args.repeats > args.budget * 1e3:
+                    reps = max(1, int(args.budget * 1e3 // warm[-1]))
+                times = []
+                for _ in range(reps):
+                    out = None
+                    ms, out = self._time_once(fn)
+                    times.append(ms)
+            row.update(ms=statistics.median(times), min_ms=min(times), reps=reps, warmup_ms=warm,
+                       tokens_per_s=tokens / (statistics.median(times) / 1e3))
+            if self.cuda:
+                peak = torch.cuda.max_memory_allocated(device)
+                row.update(peak_gib=gib(peak), above_gib=gib(peak - before))
+            if keep_output:
+                self.outputs[(variant, form, compiled, video_frames)] = out.detach().clone()
+        except torch.OutOfMemoryError:
+            row.update(status="OOM", note="out of memory")
+        except Exception as exc:  # noqa: BLE001 - reported in the table (compile failures above all)
+            row.update(status="error", note=short(exc))
+        out = x = fn = None
+        free_memory(device)
+        if row["status"] == "ok":
+            mem = f", peak {row['peak_gib']:.2f} GiB (+{row['above_gib']:.2f})" if self.cuda else ""
+            first = f", first call {row['warmup_ms'][0] / 1e3:.1f} s" if row["warmup_ms"] else ""
+            log(f"  {name}: {row['ms']:.1f} ms (median of {row['reps']}){mem}{first}")
+        else:
+            log(f"  {name}: {row['status']} {row['note']}")
+        self.rows.append(row)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+def half_blocks(n: int, which: str) -> list[int]:
+    return {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2)), "first": list(range(n // 2)),
+            "last": list(range(n - n // 2, n))}[which]
+
+
+def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
+    from rehyat.models import convert_wan
+
+    device = torch.device(args.device)
+    config = dict(WAN_1_3B, **QUICK_OVERRIDES) if args.quick else WAN_1_3B
+    dtype = getattr(torch, args.dtype)
+    n_blocks = config["num_layers"]
+    args.sdpa = probe_sdpa(args.sdpa, device)
+    log(f"building the {'tiny (--quick)' if args.quick else 'Wan2.1-1.3B-geometry'} transformer "
+        f"(random weights, {dtype}) on {device}")
+    teacher = build_model(config, device, dtype, args.seed, args.keep_fp32_modules)
+    n_params = sum(p.numel() for p in teacher.parameters())
+    log(f"  {n_params / 1e6:,.1f}M parameters, dtype {teacher.dtype}")
+    bench = Bench(args, device, config, dtype)
+    frames = sorted(args.frames)
+    checks: list[dict] = []
+    all_name, half_name = f"ReHyAt {n_blocks}/{n_blocks}", f"ReHyAt {n_blocks // 2}/{n_blocks}"
+    half = half_blocks(n_blocks, args.half)
+    conv = dict(chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames)
+
+    # 1. Sanity check: one chunk covering every frame is exactly full softmax attention.
+    Tc = args.check_frames
+    log(f"check: ReHyAt with chunk_frames={Tc} >= {Tc} latent frames vs the teacher")
+    try:
+        one_chunk = convert_wan(copy.deepcopy(teacher), blocks="all", chunk_frames=Tc,
+                                overlap_frames=args.overlap_frames)
+        x = bench.latents(Tc)
+        with torch.no_grad(), sdpa_context(args.sdpa, device):
+            ref = teacher(x, bench.timestep, bench.embeds, return_dict=False)[0]
+            got = one_chunk(x, bench.timestep, bench.embeds, return_dict=False)[0]
+        err = rel_error(got, ref)
+        finite = bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())
+        checks.append({"check": f"ReHyAt all blocks, chunk_frames={Tc} >= frames == teacher ({Tc} latent frames, "
+                                f"{Tc * bench.frame_tokens:,} tokens)", "rel_error": err, "tol": CHECK_TOL,
+                       "result": ("PASS" if err <= CHECK_TOL else "FAIL") if finite else "FAIL (non-finite output)",
+                       "required": True})
+        del one_chunk, x, ref, got
+    except Exception as exc:  # noqa: BLE001
+        checks.append({"check": "ReHyAt chunk_frames >= frames == teacher", "rel_error": None, "tol": CHECK_TOL,
+                       "result": f"FAIL ({short(exc)})", "required": True})
+    log(f"  {checks[-1]['result']} (relative error {checks[-1]['rel_error']})")
+    free_memory(device)
+
+    # 2. Teacher.
+    log("teacher (full softmax attention, diffusers' processor)")
+    for vf in frames:
+        bench.row("teacher", "parallel", False, teacher, vf)
+
+    # 3. All blocks converted: parallel and recurrent forms.
+    log(f"{all_name}: convert_wan(blocks='all', chunk_frames={args.chunk_frames}, "
+        f"overlap_frames={args.overlap_frames})")
+    torch.manual_seed(args.seed + 3)
+    model = convert_wan(copy.deepcopy(teacher), blocks="all", **conv)
+    fm_dtype = feature_map_dtype(model)
+    log(f"  feature maps in {fm_dtype}")
+    for vf in frames:
+        bench.row(all_name, "parallel", False, model, vf, keep_output=vf == frames[0])
+        bench.row(all_name, "recurrent", False, model, vf, keep_output=vf == frames[0])
+    a = bench.outputs.get((all_name, "parallel", False, frames[0]))
+    b = bench.outputs.get((all_name, "recurrent", False, frames[0]))
+    if a is not None and b is not None:
+        err = rel_error(b, a)
+        checks.append({"check": f"{all_name} recurrent == parallel ({latent_frames(frames[0])} latent frames)",
+                       "rel_error": err, "tol": RECURRENT_TOL, "result": "PASS" if err <= RECURRENT_TOL else "FAIL",
+                       "required": False})
+        log(f"  check recurrent vs parallel: {checks[-1]['result']} (relative error {err:.2e})")
+    bench.outputs.clear()
+    del model, a, b
+    free_memory(device)
+
+    # 4. Half of the blocks converted.
+    log(f"{half_name}: convert_wan(blocks={half}, ...); the other blocks keep full softmax attention")
+    torch.manual_seed(args.seed + 4)
+    model = convert_wan(copy.deepcopy(teacher), blocks=half, **conv)
+    for vf in frames:
+        bench.row(half_name, "parallel", False, model, vf)
+    del model
+    free_memory(device)
+
+    # 5. Compiled rows, after every eager row (compilation leaves worker processes and caches behind). The
+    # converted copies are made before the teacher itself is compiled, in place, last.
+    if args.compile:
+        for name, blocks, seed in ((all_name, "all", args.seed + 3), (half_name, half, args.seed + 4)):
+            torch.manual_seed(seed)
+            model = convert_wan(copy.deepcopy(teacher), blocks=blocks, **conv)
+            compiled_rows(bench, name, model, frames)
+            del model
+            free_memory(device)
+        compiled_rows(bench, "teacher", teacher, frames)
+
+    speedups(bench.rows, all_name, half_name, args.quick)
+    meta = {
+        "model": f"{'tiny (--quick): NOT the 1.3B geometry' if args.quick else 'Wan2.1-T2V-1.3B geometry'}, random "
+                 f"weights, {n_params / 1e6:,.1f}M parameters, "
+                 + (f"{args.dtype}, float32 where from_pretrained keeps it (--keep-fp32-modules)"
+                    if args.keep_fp32_modules else f"all {args.dtype} (.to({args.dtype}))"),
+        "geometry": f"{args.height}x{args.width} pixels -> latents {bench.lat_h}x{bench.lat_w}, "
+                    f"{bench.frame_tokens} tokens per latent frame",
+        "forward": f"batch 1, timestep [500], text embeddings [1, {args.text_len}, {config['text_dim']}]",
+        "conversion": f"chunk_frames={args.chunk_frames}, overlap_frames={args.overlap_frames}, causal, polynomial "
+                      f"feature maps (random, {fm_dtype}); {half_name} = blocks {half} ({args.half})",
+        "sdpa": args.sdpa, "timing": f"CUDA events, {args.warmup} warm-up, median of {args.repeats}"
+        if bench.cuda else f"perf_counter, {args.warmup} warm-up, median of {args.repeats}",
+    }
+    return meta, bench.rows, checks, verdicts(bench.rows, all_name, half_name, args.quick)
+
+
+def compiled_rows(bench: Bench, variant: str, model, frames: list[int]) -> None:
+    log(f"{variant}: torch.compile of every block")
+    try:
+        compile_blocks(model)
+    except Exception as exc:  # noqa: BLE001
+        for vf in frames:
+            bench.rows.append({"variant": variant, "form": "parallel", "compiled": True, "video_frames": vf,
+                               "latent_frames": latent_frames(vf), "tokens": latent_frames(vf) * bench.frame_tokens,
+                               "status": "error", "note": short(exc), "ms": None})
+        log(f"  compile failed: {short(exc)}")
+        return
+    for vf in frames:
+        bench.row(variant, "parallel", True, model, vf)
+
+
+def target_frames(frames: list[int], quick: bool) -> dict[int, int]:
+    """Measured video frames -> the frames of the target they stand for (--quick: the first two lengths stand for
+    81 and 321, so the verdict code runs; its verdicts read n/a)."""
+    if quick:
+        return dict(zip(sorted(frames), (81, 321)))
+    return {f: f for f in frames}
+
+
+def speedups(rows: list[dict], all_name: str, half_name: str, quick: bool) -> None:
+    tf = target_frames(sorted({r["video_frames"] for r in rows}), quick)
+    teacher = {(r["compiled"], r["video_frames"]): r["ms"] for r in rows
+               if r["variant"] == "teacher" and r["ms"] is not None}
+    for r in rows:
+        base = teacher.get((r["compiled"], r["video_frames"]))
+        r["speedup"] = base / r["ms"] if base and r["ms"] and r["variant"] != "teacher" else None
+        key = {all_name: "ReHyAt 30/30", half_name: "ReHyAt 15/30"}.get(r["variant"])
+        target = TARGETS.get((key, tf.get(r["video_frames"])))
+        r["target"] = target
+        if target is None or r["variant"] == "teacher":
+            r["result"] = ""
+        elif quick:
+            r["result"] = "n/a (--quick)"
+        elif r["speedup"] is None:
+            r["result"] = "no data"
+        else:
+            r["result"] = "PASS" if r["speedup"] >= target else "FAIL"
+
+
+def verdicts(rows: list[dict], all_name: str, half_name: str, quick: bool) -> list[str]:
+    out = []
+    measured = {v: k for k, v in target_frames(sorted({r["video_frames"] for r in rows}), quick).items()}
+    for (key, tvf), target in TARGETS.items():
+        variant = {"ReHyAt 30/30": all_name, "ReHyAt 15/30": half_name}[key]
+        vf = measured.get(tvf)
+        rs = [r for r in rows if r["variant"] == variant and r["video_frames"] == vf and r.get("speedup")]
+        if not rs:
+            out.append(f"{key} at {tvf} frames, target >= {target:g}x: not measured")
+            continue
+        parts = [f"{r['form']}{' compiled' if r['compiled'] else ''} {r['speedup']:.2f}x" for r in rs]
+        eager = [r for r in rs if not r["compiled"]]
+        best = max(eager or rs, key=lambda r: r["speedup"])
+        verdict = "n/a (--quick: tiny model)" if quick else ("PASS" if best["speedup"] >= target else "FAIL")
+        stands = f" (standing for {tvf})" if vf != tvf else ""
+        out.append(f"{variant} at {vf} frames{stands}, target >= {target:g}x vs the teacher: {verdict} "
+                   f"(best eager form: {best['form']} {best['speedup']:.2f}x; all: {', '.join(parts)})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+def fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], checks: list[dict]) -> str:
+    head = ("| variant | form | compiled | video frames | latent frames | tokens | ms / forward | tokens/s "
+            "| peak (GiB) | above weights (GiB) | speed-up vs teacher | target | result |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ms = fmt(r["ms"], ".1f") if r["status"] == "ok" else f"{r['status']}: {r['note']}"
+        cells = [r["variant"], r["form"], "yes" if r["compiled"] else "no", str(r["video_frames"]),
+                 str(r["latent_frames"]), f"{r['tokens']:,}", ms, fmt(r.get("tokens_per_s"), ",.0f"),
+                 fmt(r.get("peak_gib"), ".2f"), fmt(r.get("above_gib"), ".2f"),
+                 fmt(r.get("speedup"), ".2f", "-" if r["variant"] != "teacher" else "1.00 (base)"),
+                 f">= {r['target']:g}x" if r.get("target") else "", r.get("result", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| check | relative error | tolerance | result |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['check']}{'' if c['required'] else ' (informative)'} | {fmt(c['rel_error'], '.2e')} "
+                     f"| {c['tol']:g} | {c['result']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU smoke test, seconds)")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="video frames, 4k+1 (default 81 321; "
+                   "--quick: 17 33)")
+    p.add_argument("--height", type=int, default=None, help="default 480 (--quick: 128)")
+    p.add_argument("--width", type=int, default=None, help="default 832 (--quick: 128)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default 512; --quick: 16)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default bfloat16 (--quick on the CPU: float32)")
+    p.add_argument("--chunk-frames", type=int, default=3)
+    p.add_argument("--overlap-frames", type=int, default=1)
+    p.add_argument("--half", default="even", choices=["even", "odd", "first", "last"],
+                   help="which half of the blocks the 15/30 model converts (default even: 0, 2, ..., 28)")
+    p.add_argument("--check-frames", type=int, default=None, help="latent frames of the one-chunk check "
+                   "(default 5; --quick: 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", type=float, default=30.0, help="seconds of timed forwards per row at most "
+                   "(repeats are reduced, never below 1)")
+    p.add_argument("--compile", action="store_true", help="also time the parallel rows with torch.compile'd blocks "
+                   "(adds compile time: minutes)")
+    p.add_argument("--sdpa", default="cudnn", choices=["cudnn", "flash", "auto"],
+                   help="SDPA backend preferred for every attention call (GPU; others stay as fallbacks)")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1: the tiny model's ops are "
+                   "too small to gain from more, and a busy core makes OpenMP waits very slow)")
+    p.add_argument("--keep-fp32-modules", action="store_true",
+                   help="cast as from_pretrained(torch_dtype=bfloat16) does (rope, time_embedder, scale_shift_table, "
+                        "norm1-3 stay float32) instead of .to(bfloat16) of everything (the default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for bench_end_to_end.json and bench_end_to_end.md")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} requested but CUDA is not available")
+    q = args.quick
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    args.frames = args.frames or ([17, 33] if q else [81, 321])
+    for f in args.frames:
+        latent_frames(f)
+    args.height = args.height or (128 if q else 480)
+    args.width = args.width or (128 if q else 832)
+    args.text_len = args.text_len or (16 if q else 512)
+    args.dtype = args.dtype or ("float32" if q and device.type == "cpu" else "bfloat16")
+    args.check_frames = args.check_frames or (3 if q else 5)
+    if device.type == "cpu" and not q:
+        log("warning: the full 1.3B geometry on the CPU takes hours; use --quick")
+
+    command = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
+    log(f"bench_end_to_end: device {args.device}, frames {args.frames}, {args.dtype}")
+    meta, rows, checks, verdict_lines = run(args)
+
+    import diffusers
+
+    info = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, **meta}
+    lines = ["# bench_end_to_end: one denoising forward, teacher vs ReHyAt", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", "Verdicts (speed-up = teacher ms / variant ms, same run, same compile setting):", ""]
+    lines += [f"- {v}" for v in verdict_lines]
+    lines += [f"- check: {c['check']}: {c['result']} (relative error {fmt(c['rel_error'], '.2e')}, "
+              f"tolerance {c['tol']:g}{'' if c['required'] else ', informative'})" for c in checks]
+    text = "\n".join(lines) + "\n\n" + markdown(rows, checks) + "\n"
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_end_to_end.json"), "w") as f:
+            json.dump({"info": info, "verdicts": verdict_lines, "checks": checks, "rows": rows}, f, indent=2,
+                      default=str)
+        with open(os.path.join(args.out, "bench_end_to_end.md"), "w") as f:
+            f.write(text)
+        log(f"wrote {os.path.join(args.out, 'bench_end_to_end.json')} and bench_end_to_end.md")
+    print("\n" + text, flush=True)
+    failed = [c for c in checks if c["required"] and not str(c["result"]).startswith("PASS")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,754 @@
+"""Peak memory and time per denoising step of ReHyAt generation against the video length.
+
+Usage (from the repository root):
+
+    python benchmarks/bench_memory.py [--out DIR] [--frames 81 321 1281] [--steps 2] [--max-seconds 60] [--cfg]
+    python benchmarks/bench_memory.py --device cpu [--out DIR]        # tiny model, one subprocess per row, ~1 min
+    python benchmarks/bench_memory.py --device cpu --smoke            # the GPU code path, tiny model (a script check)
+
+On an H200 the default GPU run takes about 2-3 minutes (one measured run of an earlier version: 2 steps,
+teacher 0.63 / 6.2 s per step at 21 / 81 latent frames, teacher at 321 latent frames skipped, est. ~200 s).
+
+Claim under test: with every block converted, the peak memory of recurrent and streaming generation does not
+grow with the number of frames, while parallel generation (teacher or ReHyAt) grows with it.
+
+GPU mode (default when CUDA is available): a Wan2.1-T2V-1.3B-geometry ``WanTransformer3DModel`` (30 blocks,
+12 heads x 128, FFN 8960, text_dim 4096) with random weights in bfloat16, at 480x832 (latents 60x104, 1,560 tokens
+per latent frame), videos of 81 / 321 / 1,281 frames = 21 / 81 / 321 latent frames. No VAE and no text encoder at
+this scale: the pipeline (``ReHyAtVideoPipeline`` with ``vae=None``, ``output_type="latent"``,
+``keep_video=False``) generates latents from random text embeddings ``[1, 512, 4096]``; by default with guidance
+off (batch 1), with ``--cfg`` with classifier-free guidance 5.0 (batch 2, as the pipeline runs it). Rows:
+
+* teacher parallel: the unconverted model (full softmax attention, diffusers' processor);
+* ReHyAt parallel / recurrent / streaming: the same weights after ``convert_wan(blocks="all", chunk_frames=3,
+  overlap_frames=1)`` (random feature maps), run through the pipeline's three modes.
+
+Each row generates with ``--steps`` denoising steps (default 2; 50 would take far too long). Peak memory is
+``torch.cuda.max_memory_allocated`` over the whole generation (reset per row); "above weights" subtracts what was
+allocated before the row (weights, embeddings). Time per step is the transformer's forward time of one denoising
+step (CUDA events in forward hooks; mean of the steps after the first, which carry first-call costs); time per
+latent frame divides it by the latent frames. Columns marked "est." are extrapolations, never measurements:
+"est. 50 steps" multiplies the time per step by 50, and a row whose predicted run time (from the previous length
+of the same mode: quadratic in tokens for the teacher, linear for ReHyAt) exceeds ``--max-seconds`` is not run
+and reads "skipped (est. X s)". Out-of-memory rows (and any other failure) become the row's status and the run
+goes on. Streaming keeps one transformer state per denoising step (constant in frames); the last column gives the
+bytes a state's tensors cover (``TransformerState.nbytes()``) and the bytes their storages hold (a slice of a
+bigger buffer keeps all of it alive), the notes the streaming total for 50 steps (est.). ``--keep-fp32-modules``
+casts like ``from_pretrained(torch_dtype=torch.bfloat16)`` instead of ``.to(torch.bfloat16)``.
+
+CPU mode (``--device cpu``): the tiny Wan transformer of ``rehyat.testing`` (2 blocks, all converted, chunk 2,
+overlap 1) with the tiny causal VAE, at 64x64 pixels, videos of 17 / 65 / 257 / 1,025 frames. Resident memory
+peaks are process-wide, so each (mode, length, phase) runs in its own child process (forked from a server that
+has already imported torch and diffusers), which resets its peak (``/proc/self/clear_refs``), builds the model,
+warms up on a 1-frame video, then generates and reads ``VmHWM``. Two phases per row: "denoise" (latents only,
+``output_type="latent"``) and "generate" (the VAE decodes too, ``keep_video=False`` with an ``on_frames``
+callback: only streaming decodes chunk by chunk; parallel and recurrent decode the whole video at the end).
+
+The Markdown table is printed last, after the device, torch version, date and command line; ``--out DIR`` writes
+``DIR/bench_memory.json`` and ``DIR/bench_memory.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+T0 = time.perf_counter()
+MODES = ("teacher parallel", "ReHyAt parallel", "ReHyAt recurrent", "ReHyAt streaming")
+PIPELINE_MODE = {"teacher parallel": "parallel", "ReHyAt parallel": "parallel", "ReHyAt recurrent": "recurrent",
+                 "ReHyAt streaming": "streaming"}
+# Wan2.1-T2V-1.3B transformer config (diffusers' Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+VAE_T, VAE_S = 4, 8  # Wan VAE strides (time, space): 4k+1 frames -> k+1 latent frames, 8x8 pixels -> 1 latent
+FULL_STEPS = 50
+# --smoke: the GPU code path with a tiny model (runs on the CPU in seconds; checks the script, measures nothing).
+SMOKE_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64,
+                       freq_dim=32)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def mib(n: float) -> float:
+    return n / 2**20
+
+
+def latent_frames(video_frames: int) -> int:
+    if (video_frames - 1) % VAE_T:
+        raise SystemExit(f"--frames must be 4k+1 (Wan's causal VAE), got {video_frames}")
+    return (video_frames - 1) // VAE_T + 1
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def sdpa_context(name: str, device: torch.device):
+    """SDPA backend preference: ``cudnn`` or ``flash`` first with the others as fallback, or PyTorch's default."""
+    if name == "auto" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def probe_sdpa(name: str, device: torch.device) -> str:
+    """Check the chosen SDPA preference on a window-sized problem; fall back to ``auto`` if it fails."""
+    if name == "auto" or device.type != "cuda":
+        return "auto"
+    try:
+        q = torch.randn(2, 12, 4680, 128, device=device, dtype=torch.bfloat16)
+        k = torch.randn(2, 12, 6240, 128, device=device, dtype=torch.bfloat16)
+        with sdpa_context(name, device):
+            torch.nn.functional.scaled_dot_product_attention(q, k, k)
+        torch.cuda.synchronize(device)
+        return name
+    except Exception as exc:  # noqa: BLE001
+        log(f"SDPA preference {name!r} failed ({type(exc).__name__}: {exc}); using PyTorch's default order")
+        return "auto"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-call timing of the transformer (forward hooks)
+# ----------------------------------------------------------------------------------------------------------------
+def held_bytes(states) -> int:
+    """Bytes of the distinct storages behind the recurrent states' tensors."""
+    storages = {}
+    for st in states:
+        for t in (st.s, st.z, st.k, st.v, st.fk):
+            u = t.untyped_storage()
+            storages[(u.device.type, u.data_ptr())] = u.nbytes()
+    return sum(storages.values())
+
+
+class CallTimer:
+    """Times every forward call of ``module`` (CUDA events or perf_counter) and records recurrent state sizes."""
+
+    def __init__(self, module, cuda: bool):
+        self.module, self.cuda = module, cuda
+        self.marks: list = []
+        self.state_bytes = 0  # what the states' tensors cover (TransformerState.nbytes())
+        self.state_held = 0  # what their storages hold (a view into a bigger buffer keeps all of it alive)
+        self._start = None
+        self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _pre(self, module, args):
+        self._start = self._now()
+
+    def _post(self, module, args, output):
+        self.marks.append((self._start, self._now()))
+        ctx = getattr(module, "_rehyat_context", None)
+        if ctx is not None and ctx.mode == "recurrent":
+            self.state_bytes = max(self.state_bytes, sum(s.nbytes() for s in ctx.states.values()))
+            self.state_held = max(self.state_held, held_bytes(ctx.states.values()))
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        return [b - a for a, b in self.marks]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def per_step_seconds(calls: list[float], mode: str, steps: int, n_chunks: int) -> list[float]:
+    """Group transformer calls into denoising steps (order of the pipeline's loops)."""
+    if mode == "parallel":
+        groups = [calls[i : i + 1] for i in range(steps)]
+    elif mode == "recurrent":
+        groups = [calls[i * n_chunks : (i + 1) * n_chunks] for i in range(steps)]
+    else:  # streaming: chunk 0 steps 0..S-1, chunk 1 steps 0..S-1, ...
+        groups = [calls[i::steps] for i in range(steps)]
+    return [sum(g) for g in groups]
+
+
+def steady_step(step_s: list[float]) -> float:
+    """Mean time of the steps after the first (the first carries first-call costs); the only step if just one."""
+    rest = step_s[1:] if len(step_s) > 1 else step_s
+    return sum(rest) / len(rest)
+
+
+def generate(pipe, mode: str, num_frames: int, height: int, width: int, embeds, steps: int, guidance: float,
+             output_type: str = "latent") -> int:
+    """One pipeline generation (sizes in the pipeline's input space: latents when it has no VAE); returns the
+    number of frames handed to ``on_frames``."""
+    count = [0]
+
+    def on_frames(frames):
+        count[0] += frames.shape[0]
+
+    pipe(prompt_embeds=embeds, num_frames=num_frames, height=height, width=width,
+         num_inference_steps=steps, guidance_scale=guidance, seed=0, mode=mode, output_type=output_type,
+         on_frames=on_frames, keep_video=False, progress=False)
+    return count[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU mode
+# ----------------------------------------------------------------------------------------------------------------
+def _cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if _cuda(device):
+        torch.cuda.empty_cache()
+
+
+def cast_like_from_pretrained(model, dtype: torch.dtype):
+    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does: parameters of the model's
+    ``_keep_in_fp32_modules`` (Wan: rope, time_embedder, scale_shift_table, norm1-3) stay float32."""
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not any(k in name.split(".") for k in keep):
+            t.data = t.data.to(dtype)
+    return model
+
+
+def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int, keep_fp32: bool = False):
+    """A ``WanTransformer3DModel`` with random weights, initialised directly on ``device`` (on an H200 the 1.3B
+    model takes seconds this way; ``torch.nn.init`` on the CPU would take minutes), then cast to ``dtype``: all of
+    it (``.to(dtype)``), or as ``from_pretrained(torch_dtype=dtype)`` does with ``keep_fp32``."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(**config)
+    if keep_fp32:
+        model = cast_like_from_pretrained(model.to(device), dtype)
+    else:
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its note on _keep_in_fp32_modules: casting all is the intent here
+        try:
+            model = model.to(device=device, dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
+    model = model.eval().requires_grad_(False)
+    free_memory(device)
+    return model
+
+
+def feature_map_dtype(model) -> str:
+    """dtype of the first converted block's feature-map weights ("-" for an unconverted model)."""
+    for block in model.blocks:
+        fm = getattr(block.attn1.processor, "feature_map_q", None)
+        if fm is not None:
+            return str(next(fm.parameters()).dtype).replace("torch.", "")
+    return "-"
+
+
+def gpu_row(pipe, label: str, video_frames: int, args, embeds, geometry) -> dict:
+    """Measure one (mode, length) generation (GPU mode; on the CPU only with --smoke, without memory columns)."""
+    device = pipe.device
+    cuda = _cuda(device)
+    lat_h, lat_w, frame_tokens, chunk = geometry
+    T = latent_frames(video_frames)
+    mode = PIPELINE_MODE[label]
+    row = {"mode": label, "video_frames": video_frames, "latent_frames": T, "tokens": T * frame_tokens,
+           "status": "ok", "note": ""}
+    free_memory(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    timer = CallTimer(pipe.transformer, cuda=cuda)
+    failure = None
+    t = time.perf_counter()
+    try:
+        with sdpa_context(args.sdpa, device):
+            generate(pipe, mode, T, lat_h, lat_w, embeds, args.steps, args.guidance)
+        if cuda:
+            torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        failure = ("OOM", "out of memory")
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the row's status; the run goes on
+        failure = ("error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}")
+    wall = time.perf_counter() - t
+    timer.close()
+    if failure:  # handled outside the except block, so the traceback no longer holds the tensors
+        timer.marks.clear()
+        free_memory(device)
+        row.update(status=failure[0], note=failure[1], wall_s=None)
+        log(f"  {label} {video_frames} frames: {failure[0]} {failure[1]}")
+        return row
+    calls = timer.seconds()
+    step_s = per_step_seconds(calls, mode, args.steps, math.ceil(T / chunk))
+    step = steady_step(step_s)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    row.update(
+        peak_gib=None if peak is None else gib(peak), above_gib=None if peak is None else gib(peak - before),
+        reserved_gib=gib(torch.cuda.max_memory_reserved(device)) if cuda else None,
+        step_s=step, step_s_all=step_s, frame_ms=step / T * 1e3, est_full_s=step * FULL_STEPS, wall_s=wall,
+        state_mib=mib(timer.state_bytes) if timer.state_bytes else None,
+        state_held_mib=mib(timer.state_held) if timer.state_held else None, calls=len(calls),
+    )
+    mem = f"peak {gib(peak):.2f} GiB (+{gib(peak - before):.2f} above weights), " if peak is not None else ""
+    log(f"  {label} {video_frames} frames ({T} latent, {T * frame_tokens:,} tokens): {mem}{step:.3f} s/step, "
+        f"wall {wall:.1f} s")
+    free_memory(device)
+    return row
+
+
+def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
+    from rehyat.models import convert_wan
+    from rehyat.pipelines import ReHyAtVideoPipeline
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    config = dict(WAN_1_3B, **SMOKE_OVERRIDES) if args.smoke else WAN_1_3B
+    text_len = 16 if args.smoke else 512
+    height, width = args.height, args.width
+    lat_h, lat_w = height // VAE_S, width // VAE_S
+    frame_tokens = (lat_h // 2) * (lat_w // 2)
+    chunk = args.chunk_frames
+    args.sdpa = probe_sdpa(args.sdpa, device)
+
+    what = "tiny smoke-test" if args.smoke else "Wan2.1-1.3B-geometry"
+    log(f"building the {what} transformer (random weights, {dtype}) on {device}")
+    model = build_model(config, device, dtype, args.seed, args.keep_fp32_modules)
+    n_params = sum(p.numel() for p in model.parameters())
+    alloc = f", {gib(torch.cuda.memory_allocated(device)):.2f} GiB allocated" if _cuda(device) else ""
+    log(f"  {n_params / 1e6:,.1f}M parameters, dtype {model.dtype}{alloc}")
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    embeds = torch.randn(1, text_len, config["text_dim"], generator=g).to(device, dtype)
+    pipe = ReHyAtVideoPipeline(model, vae=None, max_sequence_length=text_len)
+    geometry = (lat_h, lat_w, frame_tokens, chunk)
+
+    rows: list[dict] = []
+    fm_dtype = "-"
+    for label in MODES:
+        if label == "ReHyAt parallel":
+            log(f"converting all {config['num_layers']} blocks (chunk_frames={chunk}, "
+                f"overlap_frames={args.overlap_frames})")
+            convert_wan(model, blocks="all", chunk_frames=chunk, overlap_frames=args.overlap_frames)
+            fm_dtype = feature_map_dtype(model)
+            alloc = f", {gib(torch.cuda.memory_allocated(device)):.2f} GiB allocated" if _cuda(device) else ""
+            log(f"  feature maps in {fm_dtype}{alloc}")
+        mode = PIPELINE_MODE[label]
+        log(f"{label}: warm-up on {chunk} latent frames")
+        try:
+            with sdpa_context(args.sdpa, device):
+                generate(pipe, mode, chunk, lat_h, lat_w, embeds, 1, args.guidance)
+            if _cuda(device):
+                torch.cuda.synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - the measured rows report their own failures
+            log(f"  warm-up failed: {type(exc).__name__}: {exc}")
+        free_memory(device)
+        prev = None
+        for vf in sorted(args.frames):
+            T = latent_frames(vf)
+            if prev is not None:
+                # Predicted run time from the previous length of this mode: full attention is quadratic in tokens,
+                # everything else (and ReHyAt) linear; quadratic over-estimates the teacher, on purpose.
+                ratio = (T / prev["latent_frames"]) ** (2 if label == "teacher parallel" else 1)
+                est = prev["wall_s"] * ratio
+                if est > args.max_seconds:
+                    rows.append({"mode": label, "video_frames": vf, "latent_frames": T, "tokens": T * frame_tokens,
+                                 "status": "skipped", "est_s": est,
+                                 "note": f"skipped (est. {est:.0f} s > --max-seconds {args.max_seconds:g})"})
+                    log(f"  {label} {vf} frames: skipped (est. {est:.0f} s > --max-seconds {args.max_seconds:g})")
+                    continue
+            row = gpu_row(pipe, label, vf, args, embeds, geometry)
+            rows.append(row)
+            if row["status"] == "ok":
+                prev = row
+
+    meta = {"geometry": f"{height}x{width} pixels -> latents {lat_h}x{lat_w}, {frame_tokens} tokens per latent frame",
+            "model": f"{what}, random weights, {n_params / 1e6:,.1f}M parameters, "
+                     + ("bfloat16, float32 where from_pretrained keeps it (--keep-fp32-modules)" if args.keep_fp32_modules
+                        else "all bfloat16 (.to(bfloat16))")
+                     + (" (--smoke: NOT the 1.3B geometry)" if args.smoke else ""),
+            "conversion": f"all {config['num_layers']} blocks, chunk_frames={chunk}, "
+                          f"overlap_frames={args.overlap_frames}, causal, polynomial feature maps (random, {fm_dtype})",
+            "text embeddings": f"random [1, {text_len}, {config['text_dim']}]",
+            "guidance": ("CFG 5.0, batch 2" if args.cfg else "guidance off, batch 1"),
+            "steps": args.steps, "sdpa": args.sdpa}
+    notes = gpu_notes(rows, args)
+    return rows, meta, notes
+
+
+def gpu_notes(rows: list[dict], args) -> list[str]:
+    notes = [
+        f"Each row generated {args.steps} denoising step(s) through ReHyAtVideoPipeline (no VAE: latents out, "
+        f"{'CFG 5.0, batch 2' if args.cfg else 'guidance off, batch 1'}); time/step = transformer forward time of "
+        "one step (CUDA events), mean of the steps after the first.",
+        f"'est. {FULL_STEPS} steps' = time/step x {FULL_STEPS}: an extrapolation, not a measurement.",
+        "Peak = torch.cuda.max_memory_allocated during the generation; 'above weights' subtracts what was "
+        "allocated before it (weights, feature maps, text embeddings).",
+    ]
+    notes += state_notes(rows, args.steps)
+    return notes
+
+
+def state_notes(rows: list[dict], steps: int) -> list[str]:
+    """What the recurrent states cover and hold, and the streaming extrapolation to 50 steps."""
+    states = [r for r in rows if r["mode"] == "ReHyAt streaming" and r.get("state_mib")]
+    if not states:
+        return []
+    nominal, held = states[-1]["state_mib"], states[-1].get("state_held_mib") or states[-1]["state_mib"]
+    out = [f"Streaming keeps one transformer state per denoising step: its tensors cover {nominal:,.1f} MiB "
+           f"(TransformerState.nbytes()) and their storages hold {held:,.1f} MiB, the same at every length; with "
+           f"{FULL_STEPS} steps that is {held * FULL_STEPS / 1024:,.2f} GiB held (est.; {nominal * FULL_STEPS / 1024:,.2f} "
+           f"GiB if the states held only what they cover), constant in the number of frames; this run kept {steps}."]
+    if held > 1.05 * nominal:
+        out.append(f"The states hold {held / nominal:.1f}x what they cover: RecurrentState.k / v / fk are slices "
+                   "(views) of the per-chunk window buffers torch.cat([state.k, k]) etc. in rehyat_attention_step, so "
+                   "each keeps the whole window (overlap + chunk frames) alive; the recurrent and streaming peaks "
+                   "above include that (the recurrent form holds the old and the new state during a chunk).")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU mode: one child process per (mode, length, phase)
+# ----------------------------------------------------------------------------------------------------------------
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` value in bytes (``VmRSS``, ``VmHWM``), or -1 where unavailable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    hwm = _proc_status("VmHWM")
+    if hwm > 0:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cpu_child(task: dict, queue) -> None:
+    """Runs in a fresh child process: build the tiny model, warm up, generate once, report peak RSS and times."""
+    try:
+        queue.put(_cpu_child(task))
+    except BaseException as exc:  # noqa: BLE001
+        queue.put({"status": "error", "note": f"{type(exc).__name__}: {exc}"})
+
+
+def _cpu_child(task: dict) -> dict:
+    torch.set_num_threads(task["threads"])
+    reset_ok = _reset_peak()
+    from rehyat.models import convert_wan
+    from rehyat.pipelines import ReHyAtVideoPipeline
+    from rehyat.testing import tiny_wan_transformer, tiny_wan_vae
+
+    label, phase = task["mode"], task["phase"]
+    # rope_max_seq_len=1024: the teacher's RoPE table must cover the longest video (converted models compute RoPE).
+    model = tiny_wan_transformer(seed=task["seed"], rope_max_seq_len=1024)
+    if label != "teacher parallel":
+        convert_wan(model, blocks="all", chunk_frames=task["chunk_frames"], overlap_frames=task["overlap_frames"])
+    pipe = ReHyAtVideoPipeline(model, vae=tiny_wan_vae(seed=task["seed"]), max_sequence_length=16)
+    g = torch.Generator().manual_seed(task["seed"])
+    embeds = torch.randn(1, 16, model.config.text_dim, generator=g)
+    mode = PIPELINE_MODE[label]
+    output_type = "latent" if phase == "denoise" else "np"
+    size = task["size"]
+    generate(pipe, mode, 1, size, size, embeds, 1, task["guidance"], output_type)  # warm-up: a 1-frame video
+    gc.collect()
+    base = _proc_status("VmRSS")
+    _reset_peak()
+    timer = CallTimer(pipe.transformer, cuda=False)
+    t = time.perf_counter()
+    decoded = generate(pipe, mode, task["video_frames"], size, size, embeds, task["steps"], task["guidance"],
+                       output_type)
+    wall = time.perf_counter() - t
+    peak = _peak_rss()
+    timer.close()
+    T = task["latent_frames"]
+    step_s = per_step_seconds(timer.seconds(), mode, task["steps"], math.ceil(T / task["chunk_frames"]))
+    step = steady_step(step_s)
+    return {"status": "ok", "peak_mib": mib(peak), "base_mib": mib(base), "above_mib": mib(peak - base),
+            "step_s": step, "frame_ms": step / T * 1e3, "wall_s": wall,
+            "wall_per_frame_ms": wall / task["video_frames"] * 1e3, "decoded_frames": decoded,
+            "state_mib": mib(timer.state_bytes) if timer.state_bytes else None,
+            "state_held_mib": mib(timer.state_held) if timer.state_held else None, "peak_reset": reset_ok}
+
+
+def _wait_child(p, q, limit: float) -> dict:
+    """The child's result, or an error row if it dies without one or runs past ``limit`` seconds."""
+    import queue as queue_mod
+
+    deadline = time.perf_counter() + limit
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue_mod.Empty:
+            pass
+        if not p.is_alive():
+            try:
+                return q.get(timeout=1.0)
+            except queue_mod.Empty:
+                return {"status": "error", "note": f"child exited with code {p.exitcode} and no result"}
+        if time.perf_counter() > deadline:
+            p.kill()
+            return {"status": "error", "note": f"no result within --max-seconds {limit:g}"}
+
+
+def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
+    import multiprocessing as mp
+
+    size = args.size
+    lat = size // VAE_S
+    frame_tokens = (lat // 2) * (lat // 2)
+    try:
+        ctx = mp.get_context("forkserver")
+        # Imported once by the fork server: each child starts with torch and diffusers loaded (no 8 s import each).
+        # diffusers imports its classes lazily: name the modules themselves, or each child pays ~2.5 s for them.
+        ctx.set_forkserver_preload(["torch", "diffusers", "diffusers.models.transformers.transformer_wan",
+                                    "diffusers.models.autoencoders.autoencoder_kl_wan", "diffusers.models.embeddings",
+                                    "diffusers.schedulers.scheduling_unipc_multistep", "tqdm.auto", "rehyat.models",
+                                    "rehyat.pipelines", "rehyat.testing"])
+    except ValueError:
+        ctx = mp.get_context("spawn")
+    rows = []
+    phases = ("denoise", "generate")
+    for label in MODES:
+        for vf in sorted(args.frames):
+            T = latent_frames(vf)
+            for phase in phases:
+                task = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T, "size": size,
+                        "steps": args.steps, "guidance": args.guidance, "chunk_frames": args.chunk_frames,
+                        "overlap_frames": args.overlap_frames, "seed": args.seed, "threads": args.threads}
+                q = ctx.Queue()
+                p = ctx.Process(target=cpu_child, args=(task, q))
+                p.start()
+                res = _wait_child(p, q, args.max_seconds)
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+                if p.exitcode not in (0, None) and res.get("status") == "ok":
+                    res["note"] = f"child exit code {p.exitcode}"
+                row = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T,
+                       "tokens": T * frame_tokens, "note": "", **res}
+                rows.append(row)
+                if row["status"] == "ok":
+                    log(f"  {label} {vf} frames [{phase}]: peak RSS {row['peak_mib']:.0f} MiB "
+                        f"(+{row['above_mib']:.1f} over baseline), {row['step_s'] * 1e3:.1f} ms/step, "
+                        f"wall {row['wall_s']:.2f} s")
+                else:
+                    log(f"  {label} {vf} frames [{phase}]: {row['status']} {row['note']}")
+    meta = {"geometry": f"{size}x{size} pixels -> latents {lat}x{lat}, {frame_tokens} tokens per latent frame",
+            "model": "rehyat.testing tiny Wan transformer (2 blocks, 2 heads x 32, FFN 128) + tiny causal Wan VAE, "
+                     "float32",
+            "conversion": f"all blocks, chunk_frames={args.chunk_frames}, overlap_frames={args.overlap_frames}",
+            "guidance": "CFG 5.0, batch 2" if args.cfg else "guidance off, batch 1",
+            "steps": args.steps, "threads": args.threads}
+    notes = [
+        "One child process per row (forked from a server that preloaded torch and diffusers); it resets its peak RSS "
+        "(/proc/self/clear_refs), builds the model, warms up on a 1-frame video, records its RSS (baseline), "
+        "generates, and reads VmHWM. 'over baseline' = peak - baseline.",
+        "Phase 'denoise': latents only (output_type='latent'). Phase 'generate': the tiny VAE decodes too "
+        "(keep_video=False, on_frames): streaming decodes chunk by chunk, parallel and recurrent decode the whole "
+        "video once at the end, so their peak includes the decoded video.",
+        f"time/step = transformer forward time of one denoising step (mean of steps after the first; {args.steps} "
+        "steps); wall/frame = wall time of the generation / video frames.",
+    ] + state_notes([r for r in rows if r.get("phase") == "denoise"], args.steps)
+    return rows, meta, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+def growth_notes(rows: list[dict], cpu: bool) -> list[str]:
+    """Per mode (and phase): the peak memory of the longest measured video against the shortest."""
+    key, unit, scale = ("above_mib", "MiB", 1.0) if cpu else ("above_gib", "GiB", 1.0)
+    groups: dict = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get(key) is not None:
+            groups.setdefault((r["mode"], r.get("phase")), []).append(r)
+    out = []
+    for (mode, phase), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        a, b = rs[0], rs[-1]
+        name = f"{mode} [{phase}]" if phase else mode
+        out.append(f"{name}: {a['video_frames']} -> {b['video_frames']} frames ({b['latent_frames'] / a['latent_frames']:.0f}x "
+                   f"the latent frames): peak above baseline {a[key] * scale:.2f} -> {b[key] * scale:.2f} {unit} "
+                   f"({b[key] - a[key]:+.2f} {unit})")
+    return out
+
+
+def state_cell(r: dict) -> str:
+    if not r.get("state_mib"):
+        return "-"
+    a, b = r["state_mib"], r.get("state_held_mib") or r["state_mib"]
+    spec = ",.0f" if a >= 100 else ".2f"
+    return f"{a:{spec}} / {b:{spec}}"
+
+
+def fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict], cpu: bool) -> str:
+    if cpu:
+        head = ("| mode | phase | video frames | latent frames | tokens | peak RSS (MiB) | over baseline (MiB) "
+                "| time/step (ms) | time/latent frame/step (ms) | wall/video frame (ms) |")
+        lines = [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if r["status"] != "ok":
+                cells = [r["mode"], r["phase"], str(r["video_frames"]), str(r["latent_frames"]), f"{r['tokens']:,}",
+                         r["status"] + (f": {r['note']}" if r["note"] else ""), "", "", "", ""]
+            else:
+                cells = [r["mode"], r["phase"], str(r["video_frames"]), str(r["latent_frames"]), f"{r['tokens']:,}",
+                         f"{r['peak_mib']:.0f}", f"{r['above_mib']:+.1f}", f"{r['step_s'] * 1e3:.1f}",
+                         f"{r['frame_ms']:.2f}", f"{r['wall_per_frame_ms']:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    head = ("| mode | video frames | latent frames | tokens | peak memory (GiB) | above weights (GiB) | time/step (s) "
+            "| time/latent frame/step (ms) | est. 50 steps (s) | state/step (MiB): covered / held |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        base = [r["mode"], str(r["video_frames"]), str(r["latent_frames"]), f"{r['tokens']:,}"]
+        if r["status"] == "ok":
+            cells = base + [fmt(r["peak_gib"], ".2f"), fmt(r["above_gib"], ".2f"), f"{r['step_s']:.3f}",
+                            f"{r['frame_ms']:.1f}", f"{r['est_full_s']:.0f} (est.)", state_cell(r)]
+        elif r["status"] == "skipped":
+            cells = base + [f"skipped (est. {r['est_s']:.0f} s)", "", "", "", "", ""]
+        else:
+            cells = base + [r["status"] if r["status"] == "OOM" else f"{r['status']}: {r['note']}", "", "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--frames", type=int, nargs="+", default=None,
+                   help="video frame counts, 4k+1 (default GPU: 81 321 1281; CPU: 17 65 257 1025)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps per generation (default 2)")
+    p.add_argument("--cfg", action="store_true", help="classifier-free guidance 5.0 (batch 2); default off (batch 1)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip a row whose predicted run time exceeds this (GPU, default 60); CPU: per-child limit "
+                        "(default 120)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--size", type=int, default=64, help="CPU mode: square video size in pixels (default 64)")
+    p.add_argument("--chunk-frames", type=int, default=None, help="T_c (default GPU 3, CPU 2)")
+    p.add_argument("--overlap-frames", type=int, default=1)
+    p.add_argument("--sdpa", default="cudnn", choices=["cudnn", "flash", "auto"],
+                   help="SDPA backend preferred for every attention call (GPU; others stay as fallbacks)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU mode: torch threads per child (default 1: the tiny model's ops are too small to gain "
+                        "from more, and a busy core makes OpenMP waits very slow)")
+    p.add_argument("--smoke", action="store_true",
+                   help="run the GPU code path with a tiny model (works on the CPU; a script check, not a benchmark)")
+    p.add_argument("--keep-fp32-modules", action="store_true",
+                   help="cast as from_pretrained(torch_dtype=bfloat16) does (rope, time_embedder, scale_shift_table, "
+                        "norm1-3 stay float32) instead of .to(bfloat16) of everything (the default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for bench_memory.json and bench_memory.md")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cpu = torch.device(args.device).type == "cpu" and not args.smoke
+    if args.smoke:
+        args.height, args.width = (64, 64) if (args.height, args.width) == (480, 832) else (args.height, args.width)
+    if args.frames is None:
+        args.frames = [17, 65, 257, 1025] if cpu else [9, 17, 33] if args.smoke else [81, 321, 1281]
+    for f in args.frames:
+        latent_frames(f)
+    if args.max_seconds is None:
+        args.max_seconds = 120.0 if cpu else 60.0
+    if args.chunk_frames is None:
+        args.chunk_frames = 2 if cpu else 3
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    args.guidance = 5.0 if args.cfg else 1.0
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} requested but CUDA is not available")
+
+    command = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
+    log(f"bench_memory: device {args.device}, frames {args.frames}, steps {args.steps}, "
+        f"{'CFG 5.0 (batch 2)' if args.cfg else 'guidance off (batch 1)'}")
+    rows, meta, notes = run_cpu(args) if cpu else run_gpu(args)
+
+    import diffusers
+
+    info = {
+        "benchmark": "bench_memory",
+        "device": device_name(torch.device(args.device)),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        **meta,
+    }
+    notes = notes + [f"Growth, {g}" for g in growth_notes(rows, cpu)]
+    table = markdown_table(rows, cpu)
+    header = [f"# bench_memory: peak memory and time per denoising step vs video length", ""]
+    header += [f"- {k}: {v}" for k, v in info.items() if k != "benchmark"]
+    header += [""] + [f"- {n}" for n in notes] + [""]
+    text = "\n".join(header) + "\n" + table + "\n"
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
+            json.dump({"info": info, "notes": notes, "rows": rows}, f, indent=2, default=str)
+        with open(os.path.join(args.out, "bench_memory.md"), "w") as f:
+            f.write(text)
+        log(f"wrote {os.path.join(args.out, 'bench_memory.json')} and bench_memory.md")
+    print("\n" + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
