@@ -420,9 +420,10 @@ def rehyat_attention_step(
     new_state = RecurrentState(
         s=state.s + torch.einsum("bnhf,bnhd->bhfd", fk_out, v_out),
         z=state.z + fk_out.sum(dim=1),
-        k=k_win[:, move:],
-        v=v_win[:, move:],
-        fk=fk_win[:, move:],
+        # clone: a slice would keep the whole window buffer (overlap + chunk) alive, not just the overlap frames
+        k=k_win[:, move:].clone(),
+        v=v_win[:, move:].clone(),
+        fk=fk_win[:, move:].clone(),
         frames_seen=frames_seen,
     )
     return y, new_state

@@ -815,3 +815,16 @@ class TestChunkLayout:
         if causal:
             future = frame[None, :] >= ((frame[:, None] // Tc + 1) * Tc)
             assert not ((soft | lin) & future).any()
+
+
+def test_state_caches_own_their_memory():
+    """The overlap cache must not be a view that keeps the whole (overlap + chunk) window buffer alive."""
+    from rehyat.ops import rehyat_attention_step
+
+    g = torch.Generator().manual_seed(0)
+    S, H, D = 4, 2, 8
+    x = [torch.randn(1, 3 * S, H, D, generator=g) for _ in range(3)]
+    f = [torch.rand(1, 3 * S, H, 6, generator=g) for _ in range(2)]
+    _, state = rehyat_attention_step(*x, *f, frame_tokens=S, overlap_frames=1)
+    for t in (state.k, state.v, state.fk):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
