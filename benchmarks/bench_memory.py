@@ -64,6 +64,8 @@ import time
 
 import torch
 
+from rehyat.evaluation.isolation import isolated_context, peak_rss, proc_status, reset_peak_rss, run_isolated
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 T0 = time.perf_counter()
@@ -443,47 +445,9 @@ def state_notes(rows: list[dict], steps: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # CPU mode: one child process per (mode, length, phase)
 # ----------------------------------------------------------------------------------------------------------------
-def _proc_status(key: str) -> int:
-    """A ``/proc/self/status`` value in bytes (``VmRSS``, ``VmHWM``), or -1 where unavailable."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    hwm = _proc_status("VmHWM")
-    if hwm > 0:
-        return hwm
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def cpu_child(task: dict, queue) -> None:
-    """Runs in a fresh child process: build the tiny model, warm up, generate once, report peak RSS and times."""
-    try:
-        queue.put(_cpu_child(task))
-    except BaseException as exc:  # noqa: BLE001
-        queue.put({"status": "error", "note": f"{type(exc).__name__}: {exc}"})
-
-
 def _cpu_child(task: dict) -> dict:
     torch.set_num_threads(task["threads"])
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak_rss()
     from rehyat.models import convert_wan
     from rehyat.pipelines import ReHyAtVideoPipeline
     from rehyat.testing import tiny_wan_transformer, tiny_wan_vae
@@ -501,14 +465,14 @@ def _cpu_child(task: dict) -> dict:
     size = task["size"]
     generate(pipe, mode, 1, size, size, embeds, 1, task["guidance"], output_type)  # warm-up: a 1-frame video
     gc.collect()
-    base = _proc_status("VmRSS")
-    _reset_peak()
+    base = proc_status("VmRSS")
+    reset_peak_rss()
     timer = CallTimer(pipe.transformer, cuda=False)
     t = time.perf_counter()
     decoded = generate(pipe, mode, task["video_frames"], size, size, embeds, task["steps"], task["guidance"],
                        output_type)
     wall = time.perf_counter() - t
-    peak = _peak_rss()
+    peak = peak_rss()
     timer.close()
     T = task["latent_frames"]
     step_s = per_step_seconds(timer.seconds(), mode, task["steps"], math.ceil(T / task["chunk_frames"]))
@@ -520,42 +484,11 @@ def _cpu_child(task: dict) -> dict:
             "state_held_mib": mib(timer.state_held) if timer.state_held else None, "peak_reset": reset_ok}
 
 
-def _wait_child(p, q, limit: float) -> dict:
-    """The child's result, or an error row if it dies without one or runs past ``limit`` seconds."""
-    import queue as queue_mod
-
-    deadline = time.perf_counter() + limit
-    while True:
-        try:
-            return q.get(timeout=1.0)
-        except queue_mod.Empty:
-            pass
-        if not p.is_alive():
-            try:
-                return q.get(timeout=1.0)
-            except queue_mod.Empty:
-                return {"status": "error", "note": f"child exited with code {p.exitcode} and no result"}
-        if time.perf_counter() > deadline:
-            p.kill()
-            return {"status": "error", "note": f"no result within --max-seconds {limit:g}"}
-
-
 def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
-    import multiprocessing as mp
-
     size = args.size
     lat = size // VAE_S
     frame_tokens = (lat // 2) * (lat // 2)
-    try:
-        ctx = mp.get_context("forkserver")
-        # Imported once by the fork server: each child starts with torch and diffusers loaded (no 8 s import each).
-        # diffusers imports its classes lazily: name the modules themselves, or each child pays ~2.5 s for them.
-        ctx.set_forkserver_preload(["torch", "diffusers", "diffusers.models.transformers.transformer_wan",
-                                    "diffusers.models.autoencoders.autoencoder_kl_wan", "diffusers.models.embeddings",
-                                    "diffusers.schedulers.scheduling_unipc_multistep", "tqdm.auto", "rehyat.models",
-                                    "rehyat.pipelines", "rehyat.testing"])
-    except ValueError:
-        ctx = mp.get_context("spawn")
+    ctx = isolated_context(["rehyat.testing"])
     rows = []
     phases = ("denoise", "generate")
     for label in MODES:
@@ -565,16 +498,7 @@ def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
                 task = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T, "size": size,
                         "steps": args.steps, "guidance": args.guidance, "chunk_frames": args.chunk_frames,
                         "overlap_frames": args.overlap_frames, "seed": args.seed, "threads": args.threads}
-                q = ctx.Queue()
-                p = ctx.Process(target=cpu_child, args=(task, q))
-                p.start()
-                res = _wait_child(p, q, args.max_seconds)
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-                if p.exitcode not in (0, None) and res.get("status") == "ok":
-                    res["note"] = f"child exit code {p.exitcode}"
+                res = run_isolated(ctx, _cpu_child, task, args.max_seconds)
                 row = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T,
                        "tokens": T * frame_tokens, "note": "", **res}
                 rows.append(row)

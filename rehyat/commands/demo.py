@@ -46,7 +46,7 @@ def run(args) -> int:
     import torch
 
     from ..assets import default_model
-    from ..evaluation import attention_errors, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep
+    from ..evaluation import attention_errors, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep_isolated
     from ..evaluation.metrics import PeakMemory, video_similarity
     from ..io import VideoWriter, check_output_file, write_video
     from ..pipelines import ReHyAtVideoPipeline
@@ -129,9 +129,10 @@ def run(args) -> int:
     # 4. time and memory against length
     lengths = [scale_length(frames, m, student.temporal_factor) for m in sweep]
     print(f"[4/4] one denoising step at {lengths} frames, teacher vs ReHyAt", flush=True)
-    sweep_rows = time_memory_sweep({"teacher (softmax)": (teacher, "parallel"), "ReHyAt (recurrent)": (student, "recurrent")},
-                                   lengths, height, width, progress=lambda m: print("   ", m, flush=True))
-    plot_sweep(sweep_rows, names["plot"], title="one denoising step with CFG, CPU")
+    sweep_rows = time_memory_sweep_isolated(
+        {"teacher (softmax)": (teacher_dir, "parallel"), "ReHyAt (recurrent)": (student_dir, "recurrent")},
+        lengths, height, width, threads=torch.get_num_threads(), progress=lambda m: print("   ", m, flush=True))
+    plot_sweep(sweep_rows, names["plot"], title="one denoising step with CFG, CPU (one fresh process per point)")
 
     md = [
         "# rehyat demo", "",
@@ -143,6 +144,8 @@ def run(args) -> int:
         "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
         results_markdown(result), "",
         "## Time and peak memory of one denoising step against video length", "",
+        "Each point runs in a fresh process (loaded model, warmed up on the shortest length); peak memory is the "
+        "growth of the resident set during the step.", "",
         sweep_markdown(sweep_rows), "", f"![time and memory]({names['plot'].name})", "",
         f"Total demo time: {time.perf_counter() - t_start:.0f} s.",
     ]

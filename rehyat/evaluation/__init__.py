@@ -8,10 +8,11 @@ from .metrics import (
     results_markdown,
     sweep_markdown,
     time_memory_sweep,
+    time_memory_sweep_isolated,
     video_similarity,
 )
 
 __all__ = [
     "PeakMemory", "attention_errors", "evaluate_models", "plot_sweep", "results_markdown", "sweep_markdown",
-    "time_memory_sweep", "video_similarity",
+    "time_memory_sweep", "time_memory_sweep_isolated", "video_similarity",
 ]

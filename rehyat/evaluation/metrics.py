@@ -21,6 +21,7 @@ __all__ = [
     "attention_errors",
     "evaluate_models",
     "time_memory_sweep",
+    "time_memory_sweep_isolated",
     "results_markdown",
     "sweep_markdown",
     "plot_sweep",
@@ -219,24 +220,14 @@ def time_memory_sweep(pipes: dict, lengths: list[int], height: int, width: int, 
     ``pipes``: ``{label: (pipeline, mode)}``. A model whose previous length took longer than ``max_seconds`` is
     not run at longer lengths (marked skipped). Returns rows ``{model, mode, frames, tokens, seconds, peak_mb}``.
     """
-    from ..models.runner import recurrent_forward
-    from ..pipelines.video import initial_noise
-
     rows = []
     for label, (pipe, mode) in pipes.items():
         skip = False
         for frames in lengths:
-            shape = pipe.latent_shape(frames, height, width)
-            p = pipe.transformer.config.patch_size
-            tokens = shape[2] * (shape[3] // p[1]) * (shape[4] // p[2])
+            x, t, emb, tokens = _step_inputs(pipe, frames, height, width)
             if skip:
                 rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "skipped": True})
                 continue
-            x = initial_noise(0, shape, 0, pipe.device).to(pipe.transformer.dtype)
-            x = torch.cat([x, x])
-            t = torch.tensor([500, 500], device=pipe.device)
-            emb = torch.zeros(2, pipe.max_sequence_length, pipe.transformer.config.text_dim, device=pipe.device,
-                              dtype=pipe.transformer.dtype)
             times, peak = [], 0
             try:
                 for _ in range(repeats):
@@ -244,10 +235,7 @@ def time_memory_sweep(pipes: dict, lengths: list[int], height: int, width: int, 
                         progress(f"{label}: {frames} frames")
                     with PeakMemory(pipe.device) as mem:
                         t0 = time.perf_counter()
-                        if mode == "parallel":
-                            pipe.transformer(x, t, emb, return_dict=False)
-                        else:
-                            recurrent_forward(pipe.transformer, x, t, emb)
+                        _one_step(pipe, mode, x, t, emb)
                         if pipe.device.type == "cuda":
                             torch.cuda.synchronize()
                         times.append(time.perf_counter() - t0)
@@ -264,16 +252,91 @@ def time_memory_sweep(pipes: dict, lengths: list[int], height: int, width: int, 
     return rows
 
 
+def _step_inputs(pipe, frames: int, height: int, width: int):
+    """CFG-batched inputs of one denoising step: noise ``[2, C, F, H, W]``, timesteps ``[2]``, text ``[2, L, D]``."""
+    from ..pipelines.video import initial_noise
+
+    shape = pipe.latent_shape(frames, height, width)
+    x = initial_noise(0, shape, 0, pipe.device).to(pipe.transformer.dtype)
+    emb = torch.zeros(2, pipe.max_sequence_length, pipe.transformer.config.text_dim, device=pipe.device,
+                      dtype=pipe.transformer.dtype)
+    p = pipe.transformer.config.patch_size
+    tokens = shape[2] * (shape[3] // p[1]) * (shape[4] // p[2])
+    return torch.cat([x, x]), torch.tensor([500, 500], device=pipe.device), emb, tokens
+
+
+def _one_step(pipe, mode, x, t, emb) -> None:
+    from ..models.runner import recurrent_forward
+
+    if mode == "parallel":
+        pipe.transformer(x, t, emb, return_dict=False)
+    else:
+        recurrent_forward(pipe.transformer, x, t, emb)
+
+
+@torch.no_grad()
+def _sweep_child(task: dict) -> dict:
+    """In a fresh process: load the model folder, warm up on the shortest length, time one step, read peak RSS."""
+    from ..pipelines import ReHyAtVideoPipeline
+    from .isolation import peak_rss, proc_status, reset_peak_rss
+
+    torch.set_num_threads(task["threads"])
+    pipe = ReHyAtVideoPipeline.from_pretrained(task["folder"], torch_dtype=torch.float32)
+    x, t, emb, _ = _step_inputs(pipe, task["warmup_frames"], task["height"], task["width"])
+    _one_step(pipe, task["mode"], x, t, emb)
+    x, t, emb, tokens = _step_inputs(pipe, task["frames"], task["height"], task["width"])
+    base = proc_status("VmRSS")
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    _one_step(pipe, task["mode"], x, t, emb)
+    sec = time.perf_counter() - t0
+    return {"status": "ok", "seconds": sec, "peak_mb": (peak_rss() - base) / 2**20, "tokens": tokens}
+
+
+def time_memory_sweep_isolated(models: dict, lengths: list[int], height: int, width: int, *, threads: int = 1,
+                               max_seconds: float = 120.0, progress=None) -> list[dict]:
+    """CPU version of :func:`time_memory_sweep` with one fresh process per measurement (honest peak memory).
+
+    ``models``: ``{label: (model folder, mode)}``. Each row runs in a child process that loads the folder, warms up
+    on the shortest length, then times one CFG denoising step and reports its peak resident memory above the
+    resident memory before the step (``/proc/self`` ``VmHWM``). After a row that took longer than
+    ``max_seconds / 2``, longer lengths of that model are skipped. Rows as :func:`time_memory_sweep`.
+    """
+    from .isolation import isolated_context, run_isolated
+
+    ctx = isolated_context()
+    rows = []
+    for label, (folder, mode) in models.items():
+        skip = False
+        for frames in lengths:
+            row = {"model": label, "mode": mode, "frames": frames}
+            if skip:
+                rows.append({**row, "tokens": None, "skipped": True})
+                continue
+            if progress:
+                progress(f"{label}: {frames} frames")
+            task = {"folder": str(folder), "mode": mode, "frames": frames, "warmup_frames": min(lengths),
+                    "height": height, "width": width, "threads": threads}
+            res = run_isolated(ctx, _sweep_child, task, max_seconds)
+            if res.get("status") != "ok":
+                rows.append({**row, "tokens": None, "skipped": True, "error": res.get("note", "failed")[:120]})
+                skip = True
+                continue
+            rows.append({**row, "tokens": res["tokens"], "seconds": res["seconds"], "peak_mb": res["peak_mb"]})
+            skip = res["seconds"] > max_seconds / 2
+    return rows
+
+
 def sweep_markdown(rows: list[dict]) -> str:
     """Markdown table of :func:`time_memory_sweep` rows."""
     lines = ["| model | mode | frames | tokens | s / step | peak MB |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
             why = r.get("error", "skipped")
-            lines.append(f"| {r['model']} | {r['mode']} | {r['frames']} | {r['tokens']} | {why} | |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['frames']} | {r['tokens'] or ''} | {why} | |")
         else:
             lines.append(f"| {r['model']} | {r['mode']} | {r['frames']} | {r['tokens']} | {r['seconds']:.2f} | "
-                         f"{r['peak_mb']:.0f} |")
+                         f"{max(r['peak_mb'], 0.0):.0f} |")
     return "\n".join(lines)
 
 
