@@ -139,7 +139,7 @@ def run_export(args) -> int:
         from ..pipelines import ReHyAtVideoPipeline
 
         pipe = ReHyAtVideoPipeline.from_pretrained(args.model)
-        if pipe.text_encoder is None:
+        if not pipe.has_text_encoder:
             raise ValueError(f"--model {args.model} has no text encoder")
         embed = lambda caps: pipe.encode_prompt(caps).float().cpu()  # noqa: E731
         L, D = pipe.max_sequence_length, pipe.transformer.config.text_dim
