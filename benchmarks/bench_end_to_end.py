@@ -44,13 +44,10 @@ The Markdown table is printed last, after device, torch version, date, command l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -58,13 +55,13 @@ import time
 
 import torch
 
+from wan_bench_common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    WAN_1_3B, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames, log, probe_sdpa,
+    sdpa_context, short,
+)
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-T0 = time.perf_counter()
-# Wan2.1-T2V-1.3B transformer config (diffusers' Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 # --quick: a tiny model of the same family (4 blocks, so "half" is 2 of 4) for a CPU smoke test.
 QUICK_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=4, text_dim=64,
                        freq_dim=32)
@@ -73,114 +70,6 @@ CHECK_TOL = 1e-2  # chunk_frames >= frames must equal the teacher
 RECURRENT_TOL = 5e-2  # recurrent vs parallel of the 30/30 model, after 30 random bfloat16 blocks
 # (variant, video frames) -> minimum speed-up against the teacher (the issue's targets)
 TARGETS = {("ReHyAt 30/30", 81): 2.5, ("ReHyAt 30/30", 321): 8.0, ("ReHyAt 15/30", 81): 1.5}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def gib(n: float) -> float:
-    return n / 2**30
-
-
-def short(exc: BaseException, n: int = 140) -> str:
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def latent_frames(video_frames: int) -> int:
-    if (video_frames - 1) % VAE_T:
-        raise SystemExit(f"--frames must be 4k+1 (Wan's causal VAE), got {video_frames}")
-    return (video_frames - 1) // VAE_T + 1
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sdpa_context(name: str, device: torch.device):
-    """SDPA backend preference: ``cudnn`` or ``flash`` first with the others as fallback, or PyTorch's default."""
-    if name == "auto" or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-    order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
-    return sdpa_kernel(order, set_priority=True)
-
-
-def probe_sdpa(name: str, device: torch.device) -> str:
-    """Check the chosen SDPA preference on a window-sized problem; fall back to ``auto`` if it fails."""
-    if name == "auto" or device.type != "cuda":
-        return "auto"
-    try:
-        q = torch.randn(2, 12, 4680, 128, device=device, dtype=torch.bfloat16)
-        k = torch.randn(2, 12, 6240, 128, device=device, dtype=torch.bfloat16)
-        with sdpa_context(name, device):
-            torch.nn.functional.scaled_dot_product_attention(q, k, k)
-        torch.cuda.synchronize(device)
-        return name
-    except Exception as exc:  # noqa: BLE001
-        log(f"SDPA preference {name!r} failed ({short(exc)}); using PyTorch's default order")
-        return "auto"
-
-
-def cast_like_from_pretrained(model, dtype: torch.dtype):
-    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does: parameters of the model's
-    ``_keep_in_fp32_modules`` (Wan: rope, time_embedder, scale_shift_table, norm1-3) stay float32."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not any(k in name.split(".") for k in keep):
-            t.data = t.data.to(dtype)
-    return model
-
-
-def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int, keep_fp32: bool = False):
-    """A ``WanTransformer3DModel`` with random weights, initialised directly on ``device`` (on an H200 the 1.3B
-    model takes seconds this way; ``torch.nn.init`` on the CPU would take minutes), then cast to ``dtype``: all of
-    it (``.to(dtype)``), or as ``from_pretrained(torch_dtype=dtype)`` does with ``keep_fp32``."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config)
-    if keep_fp32:
-        model = cast_like_from_pretrained(model.to(device), dtype)
-    else:
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # its note on _keep_in_fp32_modules: casting all is the intent here
-        try:
-            model = model.to(device=device, dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
-    model = model.eval().requires_grad_(False)
-    free_memory(device)
-    return model
-
-
-def feature_map_dtype(model) -> str:
-    """dtype of the first converted block's feature-map weights ("-" for an unconverted model)."""
-    for block in model.blocks:
-        fm = getattr(block.attn1.processor, "feature_map_q", None)
-        if fm is not None:
-            return str(next(fm.parameters()).dtype).replace("torch.", "")
-    return "-"
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

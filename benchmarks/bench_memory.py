@@ -51,94 +51,38 @@ The Markdown table is printed last, after the device, torch version, date and co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
 
 import torch
 
+from wan_bench_common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    WAN_1_3B, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames, log, probe_sdpa,
+    sdpa_context,
+)
+
 from rehyat.evaluation.isolation import isolated_context, peak_rss, proc_status, reset_peak_rss, run_isolated
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-T0 = time.perf_counter()
 MODES = ("teacher parallel", "ReHyAt parallel", "ReHyAt recurrent", "ReHyAt streaming")
 PIPELINE_MODE = {"teacher parallel": "parallel", "ReHyAt parallel": "parallel", "ReHyAt recurrent": "recurrent",
                  "ReHyAt streaming": "streaming"}
-# Wan2.1-T2V-1.3B transformer config (diffusers' Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-VAE_T, VAE_S = 4, 8  # Wan VAE strides (time, space): 4k+1 frames -> k+1 latent frames, 8x8 pixels -> 1 latent
+from wan_bench_common import VAE_S  # noqa: E402
 FULL_STEPS = 50
 # --smoke: the GPU code path with a tiny model (runs on the CPU in seconds; checks the script, measures nothing).
 SMOKE_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64,
                        freq_dim=32)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def gib(n: float) -> float:
-    return n / 2**30
-
-
 def mib(n: float) -> float:
     return n / 2**20
-
-
-def latent_frames(video_frames: int) -> int:
-    if (video_frames - 1) % VAE_T:
-        raise SystemExit(f"--frames must be 4k+1 (Wan's causal VAE), got {video_frames}")
-    return (video_frames - 1) // VAE_T + 1
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def sdpa_context(name: str, device: torch.device):
-    """SDPA backend preference: ``cudnn`` or ``flash`` first with the others as fallback, or PyTorch's default."""
-    if name == "auto" or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-    order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
-    return sdpa_kernel(order, set_priority=True)
-
-
-def probe_sdpa(name: str, device: torch.device) -> str:
-    """Check the chosen SDPA preference on a window-sized problem; fall back to ``auto`` if it fails."""
-    if name == "auto" or device.type != "cuda":
-        return "auto"
-    try:
-        q = torch.randn(2, 12, 4680, 128, device=device, dtype=torch.bfloat16)
-        k = torch.randn(2, 12, 6240, 128, device=device, dtype=torch.bfloat16)
-        with sdpa_context(name, device):
-            torch.nn.functional.scaled_dot_product_attention(q, k, k)
-        torch.cuda.synchronize(device)
-        return name
-    except Exception as exc:  # noqa: BLE001
-        log(f"SDPA preference {name!r} failed ({type(exc).__name__}: {exc}); using PyTorch's default order")
-        return "auto"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,55 +174,6 @@ def generate(pipe, mode: str, num_frames: int, height: int, width: int, embeds, 
 # ----------------------------------------------------------------------------------------------------------------
 def _cuda(device: torch.device) -> bool:
     return device.type == "cuda"
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if _cuda(device):
-        torch.cuda.empty_cache()
-
-
-def cast_like_from_pretrained(model, dtype: torch.dtype):
-    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does: parameters of the model's
-    ``_keep_in_fp32_modules`` (Wan: rope, time_embedder, scale_shift_table, norm1-3) stay float32."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not any(k in name.split(".") for k in keep):
-            t.data = t.data.to(dtype)
-    return model
-
-
-def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int, keep_fp32: bool = False):
-    """A ``WanTransformer3DModel`` with random weights, initialised directly on ``device`` (on an H200 the 1.3B
-    model takes seconds this way; ``torch.nn.init`` on the CPU would take minutes), then cast to ``dtype``: all of
-    it (``.to(dtype)``), or as ``from_pretrained(torch_dtype=dtype)`` does with ``keep_fp32``."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config)
-    if keep_fp32:
-        model = cast_like_from_pretrained(model.to(device), dtype)
-    else:
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # its note on _keep_in_fp32_modules: casting all is the intent here
-        try:
-            model = model.to(device=device, dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
-    model = model.eval().requires_grad_(False)
-    free_memory(device)
-    return model
-
-
-def feature_map_dtype(model) -> str:
-    """dtype of the first converted block's feature-map weights ("-" for an unconverted model)."""
-    for block in model.blocks:
-        fm = getattr(block.attn1.processor, "feature_map_q", None)
-        if fm is not None:
-            return str(next(fm.parameters()).dtype).replace("torch.", "")
-    return "-"
 
 
 def gpu_row(pipe, label: str, video_frames: int, args, embeds, geometry) -> dict:
