@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"

@@ -34,11 +34,11 @@ import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import load_transformer
+from .folders import PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder, read_pipeline_config
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "initial_noise", "MODES", "PIPELINE_CONFIG_NAME"]
 
 MODES = ("parallel", "recurrent", "streaming")
-PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 
 
 def initial_noise(seed: int, shape: tuple[int, int, int, int, int], frame_start: int = 0, device="cpu") -> torch.Tensor:
@@ -149,12 +149,6 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return v.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _default_scheduler():
-    from diffusers import UniPCMultistepScheduler
-
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-
-
 class ReHyAtVideoPipeline:
     """Text-to-video on Wan components with a plain or ReHyAt transformer.
 
@@ -175,7 +169,7 @@ class ReHyAtVideoPipeline:
                  max_sequence_length: int = 512, fps: int = 16, negative_prompt: str = "",
                  defaults: dict | None = None) -> None:
         self.transformer = transformer
-        self.scheduler = scheduler if scheduler is not None else _default_scheduler()
+        self.scheduler = scheduler if scheduler is not None else default_scheduler()
         self.vae = vae
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -204,19 +198,9 @@ class ReHyAtVideoPipeline:
                 f"{folder} is not a Wan or ReHyAt checkpoint: expected transformer/config.json (a diffusers "
                 "WanTransformer3DModel folder) inside it"
             )
-        cfg = {}
-        if (folder / PIPELINE_CONFIG_NAME).exists():
-            cfg = json.loads((folder / PIPELINE_CONFIG_NAME).read_text())
+        cfg = read_pipeline_config(folder)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
-        scheduler = None
-        if (folder / "scheduler" / "scheduler_config.json").exists():
-            import diffusers
-
-            sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
-            if sched_cls is None:
-                raise ValueError(f"unknown scheduler class {sched_cfg.get('_class_name')!r} in {folder / 'scheduler'}")
-            scheduler = sched_cls.from_pretrained(folder / "scheduler")
+        scheduler = load_scheduler(folder)
         vae = None
         if (folder / "vae").is_dir():
             from diffusers import AutoencoderKLWan
@@ -294,8 +278,6 @@ class ReHyAtVideoPipeline:
         if self.text_table is not None:
             return self.text_table.lookup(prompts).to(self.device, self.transformer.dtype)
         if self.text_encoder is None:
-            from ..training.components import load_text_encoder_from_folder
-
             self.tokenizer, self.text_encoder = load_text_encoder_from_folder(self._text_encoder_folder,
                                                                               device=self.device)
         from ..text_encoder import encode_prompts

@@ -411,8 +411,7 @@ def distill(
     conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
                                     feature_map_input, softmax_blocks)
     if converted_cfg is None:
-        probe = _probe_conversion(conversion)  # bad settings fail here, before loading weights
-        del probe
+        _probe_conversion(conversion)  # bad settings fail here, before loading weights
     prepare_run_folder(out, overwrite=overwrite, resume=resume)
     settings = run_config({
         "model": str(model.resolve()), "prompts": prompts and str(Path(prompts).resolve()),
@@ -463,7 +462,7 @@ def distill(
     if converted_cfg is None:
         torch.manual_seed(seed)
         convert_wan(teacher, blocks=chosen, **conversion)
-    params = prepare_for_distillation(teacher, dtype)
+    prepare_for_distillation(teacher, dtype)
     rcfg = get_rehyat_config(teacher)
     block_settings = {b: rcfg.settings_for(b) for b in rcfg.blocks}
     traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)

@@ -46,7 +46,6 @@ from .common import (
     check_resume_config,
     clear_run_outputs,
     default_geometry,
-    feature_map_parameters,
     latent_shape_for,
     prepare_run_folder,
     resolve_dtype,
@@ -338,7 +337,7 @@ def finetune(
             the patch); a dataset folder without ``dataset.json``; an empty prompt file; bad numbers; an existing
             ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's.
     """
-    from .components import load_model_folder, load_scheduler, read_pipeline_config, read_transformer_config, \
+    from .components import load_model_folder, read_pipeline_config, read_transformer_config, \
         same_architecture, save_model_folder
     from .data import GlobalBatchSampler, check_dataset_fits_model, load_dataset, read_dataset_info
     from .progress import RunLog, truncate_log
