@@ -199,6 +199,11 @@ class ReHyAtVideoPipeline:
                 "WanTransformer3DModel folder) inside it"
             )
         cfg = read_pipeline_config(folder)
+        table = None
+        if text_embeddings is not None:  # read (and fail) before any weights load
+            from ..training.data import TextEmbeddingTable
+
+            table = TextEmbeddingTable.load(text_embeddings)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
         scheduler = load_scheduler(folder)
         vae = None
@@ -212,10 +217,8 @@ class ReHyAtVideoPipeline:
             negative_prompt=cfg.get("negative_prompt", ""), defaults=cfg.get("defaults"),
         )
         # The text encoder loads on first use (a GPU machine may hold only the caption table).
-        if text_embeddings is not None:
-            from ..training.data import TextEmbeddingTable
-
-            pipe.text_table = TextEmbeddingTable.load(text_embeddings)
+        if table is not None:
+            pipe.text_table = table
             if pipe.text_table.text_dim != transformer.config.text_dim:
                 raise ValueError(f"{text_embeddings} holds {pipe.text_table.text_dim}-dim embeddings, the model takes "
                                  f"text_dim={transformer.config.text_dim}")
