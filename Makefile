@@ -21,8 +21,9 @@ venv: .venv/.installed
 test: venv
 	$(PY) -m pytest tests
 
+# --overwrite: a second `make demo` replaces the files of the first one in outputs/demo
 demo: venv
-	$(PY) -m rehyat.cli demo --out outputs/demo
+	$(PY) -m rehyat.cli demo --out outputs/demo --overwrite
 
 clean-venv:
 	rm -rf .venv

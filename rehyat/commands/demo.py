@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+from .evaluate import number_list
+
 HELP = "run the main job on the embedded models: long streamed video, side-by-side, evaluation report and plot"
 
 
@@ -28,7 +30,8 @@ def add_parser(sub) -> None:
                                                      "a yellow square moving up on a blue background"],
                    help="world captions; the first one is used for the videos")
     p.add_argument("--length", type=int, default=4, help="long video = this many times the training length")
-    p.add_argument("--sweep", default="1,2,4,8", help="video lengths for the time/memory plot, x training length")
+    p.add_argument("--sweep", type=number_list(float), default=[1.0, 2.0, 4.0, 8.0],
+                   help="video lengths for the time/memory plot, x training length")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
@@ -47,7 +50,7 @@ def run(args) -> int:
 
     from ..assets import default_model
     from ..evaluation import attention_errors, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep_isolated
-    from ..evaluation.metrics import PeakMemory, video_similarity
+    from ..evaluation.metrics import video_similarity
     from ..io import VideoWriter, check_output_file, write_video
     from ..pipelines import ReHyAtVideoPipeline
     from ..world import check_video, parse_caption, summarise
@@ -60,7 +63,7 @@ def run(args) -> int:
         parse_caption(p)
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
-    sweep = [float(s) for s in args.sweep.split(",")]
+    sweep = args.sweep
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = {"long": out / f"rehyat_{args.length}x.mp4", "side": out / "side_by_side.mp4",
@@ -83,17 +86,15 @@ def run(args) -> int:
     long_frames = scale_length(frames, args.length, student.temporal_factor)
     print(f"[1/4] ReHyAt, streaming {long_frames} frames ({args.length}x the training length): {prompt!r}", flush=True)
     writer = VideoWriter(names["long"], fps=student.fps)
-    with PeakMemory() as mem:
-        try:
-            res = student(prompt, num_frames=long_frames, seed=args.seed, mode="streaming",
-                          on_frames=writer.append, keep_video=True, **gen)
-        except BaseException:
-            writer.abort()
-            raise
+    try:
+        res = student(prompt, num_frames=long_frames, seed=args.seed, mode="streaming",
+                      on_frames=writer.append, keep_video=True, **gen)
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
     long_row = {"model": "rehyat", "frames": long_frames, "mode": "streaming", "videos": 1,
-             "seconds_per_video": res.seconds, "peak_memory_mb": mem.peak_bytes / 2**20,
-                **_checks(check_video(res.video, prompt))}
+                "seconds_per_video": res.seconds, **_checks(check_video(res.video, prompt))}
 
     # 2. teacher vs student at the training length, same noise
     print(f"[2/4] teacher vs ReHyAt at the training length ({frames} frames), {len(args.prompts)} prompts", flush=True)
@@ -102,10 +103,9 @@ def run(args) -> int:
     for i, p in enumerate(args.prompts):
         runs = {}
         for name, pipe, mode in (("teacher", teacher, "parallel"), ("rehyat", student, "streaming")):
-            with PeakMemory() as mem:
-                r = pipe(p, num_frames=frames, seed=args.seed, mode=mode, **gen)
+            r = pipe(p, num_frames=frames, seed=args.seed, mode=mode, **gen)
             runs[name] = r.video
-            pair_rows[name].append((r.seconds, mem.peak_bytes, check_video(r.video, p)))
+            pair_rows[name].append((r.seconds, check_video(r.video, p)))
         sims.append(video_similarity(runs["rehyat"], runs["teacher"]))
         if i == 0:
             write_video(names["side"], _hstack(runs["teacher"], runs["rehyat"]), fps=student.fps)
@@ -113,8 +113,7 @@ def run(args) -> int:
     for name, mode in (("teacher", "parallel"), ("rehyat", "streaming")):
         rs = pair_rows[name]
         row = {"model": name, "frames": frames, "mode": mode, "videos": len(rs),
-               "seconds_per_video": sum(r[0] for r in rs) / len(rs),
-               "peak_memory_mb": max(r[1] for r in rs) / 2**20, **_checks(summarise([r[2] for r in rs]))}
+               "seconds_per_video": sum(r[0] for r in rs) / len(rs), **_checks(summarise([r[1] for r in rs]))}
         if name == "rehyat":
             row["psnr_vs_teacher"] = sum(s["psnr"] for s in sims) / len(sims)
             row["ssim_vs_teacher"] = sum(s["ssim"] for s in sims) / len(sims)
@@ -143,6 +142,10 @@ def run(args) -> int:
         f"- `{names['side'].name}`: teacher (left) and ReHyAt (right), {frames} frames, same prompt and noise", "",
         "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
         results_markdown(result), "",
+        "The shipped teacher is under-trained (see rehyat/assets/TRAINING.md): its samples get the background and "
+        "the colour right but not yet a coherent moving shape, and its student inherits that. What the demo shows "
+        "is the mechanics (streaming in constant memory, student close to teacher, cost against length), not "
+        "video quality.", "",
         "## Time and peak memory of one denoising step against video length", "",
         "Each point runs in a fresh process (loaded model, warmed up on the shortest length); peak memory is the "
         "growth of the resident set during the step.", "",

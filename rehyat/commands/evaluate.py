@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-file", type=Path, default=None,
                    help="world captions, one per line (default: --num-prompts captions sampled from the world)")
     p.add_argument("--num-prompts", type=int, default=4)
-    p.add_argument("--seeds", default="0", help="comma-separated noise seeds, one video per prompt and seed")
-    p.add_argument("--lengths", default="1,4,16",
+    p.add_argument("--seeds", type=number_list(int), default=[0],
+                   help="comma-separated noise seeds, one video per prompt and seed")
+    p.add_argument("--lengths", type=number_list(float), default=[1.0, 4.0, 16.0],
                    help="comma-separated multiples of the model's training length (its default frame count)")
     p.add_argument("--teacher-max-frames", type=int, default=None,
                    help="skip teacher videos longer than this (full attention is quadratic)")
@@ -28,6 +29,24 @@ def add_parser(sub) -> None:
                    help="caption-embedding table used instead of the models' text encoder")
     p.add_argument("--device", default=None)
     p.set_defaults(run=run)
+
+
+def number_list(kind):
+    """argparse type: a comma-separated list of ``kind`` values, e.g. "1,4,16" (floats > 0, ints >= 0)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        low_ok = (lambda v: v > 0) if kind is float else (lambda v: v >= 0)
+        if not all(low_ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {'positive' if kind is float else 'non-negative'} values, "
+                                             f"got {text!r}")
+        return values
+
+    return parse
 
 
 def _defaults(folder: Path) -> dict:
@@ -66,8 +85,7 @@ def run(args) -> int:
 
     for p in prompts:
         parse_caption(p)  # ValueError for a prompt the world checks cannot score
-    seeds = [int(s) for s in args.seeds.split(",")]
-    multiples = [float(m) for m in args.lengths.split(",")]
+    seeds, multiples = args.seeds, args.lengths
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite")
@@ -82,6 +100,8 @@ def run(args) -> int:
     student = ReHyAtVideoPipeline.from_pretrained(student_dir, **load)
     base = d.get("frames", 81)
     lengths = [scale_length(base, m, student.temporal_factor) for m in multiples]
+    if min(lengths) < 1:
+        raise ValueError(f"--lengths {multiples} gives a video shorter than one frame")
     result = evaluate_models(
         teacher, student, prompts, seeds=seeds, lengths=lengths, height=d.get("height", 480),
         width=d.get("width", 832), steps=args.steps or d.get("steps", 50),

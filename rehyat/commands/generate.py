@@ -8,7 +8,9 @@ HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help=HELP, description=HELP)
+    import argparse
+
+    p = sub.add_parser("generate", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded ReHyAt model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
@@ -23,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos-per-prompt", type=int, default=1, help="with --prompt-file: seeds seed .. seed+n-1")
-    p.add_argument("--mode", choices=["parallel", "recurrent", "streaming"], default="streaming")
+    p.add_argument("--mode", choices=["auto", "parallel", "recurrent", "streaming"], default="auto",
+                   help="auto: streaming for a chunk-causal ReHyAt model, parallel otherwise (a plain Wan teacher)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
     p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -40,11 +43,26 @@ def vbench_name(prompt: str, index: int) -> str:
     return f"{prompt.replace('/', ' ')}-{index}.mp4"
 
 
-def _resolve(args):
-    """Check every argument that can be checked without the model; return (model folder, jobs)."""
-    import json
-
+def check_device(device: str | None) -> str:
+    """``--device`` as a torch device string (default: cuda if available, else cpu); ValueError if unusable."""
     import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def _resolve(args):
+    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings)."""
+    import json
 
     from ..assets import default_model
     from ..io import check_output_file
@@ -53,8 +71,6 @@ def _resolve(args):
     model = args.model if args.model is not None else default_model("student")
     if not Path(model).is_dir():
         raise FileNotFoundError(f"--model: folder {model} does not exist")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.videos_per_prompt < 1:
         raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
     jobs = []  # (prompt, seed, out path)
@@ -84,17 +100,18 @@ def _resolve(args):
     cfg_file = Path(model) / "rehyat_pipeline.json"
     if cfg_file.exists():
         defaults = json.loads(cfg_file.read_text()).get("defaults", {})
-    geometry = dict(
-        frames=args.frames or defaults.get("frames", 81),
-        height=args.height or defaults.get("height", 480),
-        width=args.width or defaults.get("width", 832),
-        steps=args.steps or defaults.get("steps", 50),
-        guidance=args.guidance if args.guidance is not None else defaults.get("guidance", 5.0),
-    )
+    pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
+    geometry = dict(frames=pick(args.frames, "frames", 81), height=pick(args.height, "height", 480),
+                    width=pick(args.width, "width", 832), steps=pick(args.steps, "steps", 50),
+                    guidance=pick(args.guidance, "guidance", 5.0))
+    if geometry["steps"] < 1:
+        raise ValueError(f"--steps must be >= 1, got {geometry['steps']}")
+    if geometry["guidance"] < 0:
+        raise ValueError(f"--guidance must be >= 0, got {geometry['guidance']}")
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
     folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     return Path(model), jobs, device, geometry
 
 
@@ -110,17 +127,23 @@ def run(args) -> int:
     ]
     pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device,
                                                text_embeddings=args.text_embeddings)
+    mode = args.mode
+    if mode == "auto":
+        from ..models.wan import get_rehyat_config
+
+        cfg = get_rehyat_config(pipe.transformer)
+        mode = "streaming" if cfg is not None and cfg.is_recurrent else "parallel"
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:
             res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"],
                        width=g["width"], num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed,
-                       mode=args.mode, on_frames=writer.append, keep_video=False)
+                       mode=mode, on_frames=writer.append, keep_video=False)
         except BaseException:
             writer.abort()
             raise
         writer.close()
-        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {args.mode})")
+        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {mode})")
         if args.save_latents is not None:
             torch.save(res.latents, args.save_latents)
             print(f"wrote {args.save_latents}")

@@ -146,7 +146,9 @@ def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths
 
     Returns:
         ``{"rows": [...], "attention": {...}}``: one row per (model, length) with the mean world checks, time per
-        video, peak memory and, where both models ran, PSNR/SSIM of student vs teacher.
+        video, peak memory (on CUDA only: on the CPU a process's resident memory after earlier runs says nothing
+        about one run; use :func:`time_memory_sweep_isolated`) and, where both models ran, PSNR/SSIM of student
+        vs teacher.
     """
     from ..world import check_video, summarise
 
@@ -168,7 +170,8 @@ def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths
             rows.append({
                 "model": name, "frames": frames, "mode": mode, "videos": len(runs),
                 "seconds_per_video": float(np.mean([r.seconds for _, _, r, _ in runs])),
-                "peak_memory_mb": float(max(r.peak_bytes for _, _, r, _ in runs)) / 2**20,
+                **({"peak_memory_mb": float(max(r.peak_bytes for _, _, r, _ in runs)) / 2**20}
+                   if pipe.device.type == "cuda" else {}),
                 **{k: summary[k] for k in ("colour_present", "shape_correct", "direction_correct", "persistence",
                                            "background_correct", "flicker") if k in summary},
             })
@@ -189,7 +192,7 @@ _COLUMNS = [
     ("direction_correct", "direction", "{:.2f}"), ("persistence", "persistence", "{:.2f}"),
     ("background_correct", "background", "{:.2f}"), ("flicker", "flicker", "{:.3f}"),
     ("psnr_vs_teacher", "PSNR vs teacher (dB)", "{:.1f}"), ("ssim_vs_teacher", "SSIM vs teacher", "{:.3f}"),
-    ("seconds_per_video", "s / video", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("seconds_per_video", "s / video", "{:.1f}"), ("peak_memory_mb", "peak MB (CUDA)", "{:.0f}"),
 ]
 
 
@@ -206,7 +209,8 @@ def results_markdown(result: dict) -> str:
     out = [_table(result["rows"], _COLUMNS)]
     if result.get("attention"):
         att = result["attention"]
-        out += ["", "Per-block relative attention error (hybrid vs softmax, teacher-forced):", "",
+        out += ["", "Per-block relative attention error of the ReHyAt model: its hybrid attention against full softmax "
+                "attention on the same q, k, v (its own, at noisy latents; teacher-forced through the blocks):", "",
                 "| block | " + " | ".join(att) + " |", "|---|" + "---|" * len(att),
                 "| rel. error | " + " | ".join(f"{v:.3f}" for v in att.values()) + " |"]
     return "\n".join(out)

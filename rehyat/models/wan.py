@@ -488,11 +488,14 @@ def convert_wan(
     processors = {}
     for b in blocks:
         tc, to = cfg.settings_for(b)
-        processors[b] = ReHyAtAttnProcessor(
-            b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=causal, stabilizer=stabilizer,
-            feature_map=feature_map, feature_map_kwargs=cfg.feature_map_kwargs, feature_map_input=feature_map_input,
-            context=ctx,
-        ).to(device=param.device, dtype=param.dtype)
+        try:
+            processors[b] = ReHyAtAttnProcessor(
+                b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=causal, stabilizer=stabilizer,
+                feature_map=feature_map, feature_map_kwargs=cfg.feature_map_kwargs,
+                feature_map_input=feature_map_input, context=ctx,
+            ).to(device=param.device, dtype=param.dtype)
+        except TypeError as e:  # an unknown keyword in feature_map_kwargs
+            raise ValueError(f"feature_map_kwargs {cfg.feature_map_kwargs} do not fit feature_map {feature_map!r}: {e}") from None
     if softmax_blocks == "chunk_causal":
         for b in range(n_blocks):
             if b not in processors:
@@ -523,8 +526,9 @@ def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) 
     """Save a converted transformer to ``folder`` with ``save_pretrained`` plus ``rehyat_config.json``.
 
     The safetensors file holds the teacher's weights unchanged and the feature maps under
-    ``blocks.{i}.attn1.processor.feature_map_{q,k}.*``. Refuses (``FileExistsError``) a non-empty folder unless
-    ``overwrite=True``; ``ValueError`` for a transformer that is not converted.
+    ``blocks.{i}.attn1.processor.feature_map_{q,k}.*``. Missing parent folders are created. Refuses
+    (``FileExistsError``) a non-empty folder unless ``overwrite=True``; ``ValueError`` for a transformer that is not
+    converted.
     """
     cfg = get_rehyat_config(transformer)
     if cfg is None:
@@ -532,9 +536,7 @@ def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
-    if not folder.parent.exists():
-        raise FileNotFoundError(f"parent folder {folder.parent} does not exist")
-    transformer.save_pretrained(folder, **save_kwargs)
+    transformer.save_pretrained(folder, **save_kwargs)  # creates missing parent folders, like diffusers does
     (folder / REHYAT_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return folder
 
@@ -578,9 +580,13 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} is not a Wan checkpoint: no config.json (nor transformer/config.json)")
-    config = json.loads(cfg_path.read_text())
-    if config.get("_class_name") != "WanTransformer3DModel":
-        raise ValueError(f"{cfg_path} describes {config.get('_class_name')!r}, expected 'WanTransformer3DModel'")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("_class_name") != "WanTransformer3DModel":
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        raise ValueError(f"{cfg_path} describes {name!r}, expected 'WanTransformer3DModel'")
     rcfg_path = folder / REHYAT_CONFIG_NAME
     if not rcfg_path.exists():
         model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)

@@ -35,20 +35,32 @@ def read_transformer_config(folder) -> dict:
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     tdir = _transformer_dir(folder)
-    cfg = json.loads((tdir / "config.json").read_text())
+    cfg = _read_json(tdir / "config.json")
     if cfg.get("_class_name") != "WanTransformer3DModel":
         raise ValueError(f"{tdir / 'config.json'} describes {cfg.get('_class_name')!r}, expected 'WanTransformer3DModel'")
     cfg["patch_size"] = list(cfg.get("patch_size", [1, 2, 2]))
     cfg.setdefault("out_channels", cfg.get("in_channels"))
     rc = tdir / "rehyat_config.json"
-    cfg["rehyat"] = json.loads(rc.read_text()) if rc.is_file() else None
+    cfg.setdefault("in_channels", 16)  # diffusers' WanTransformer3DModel default
+    cfg["rehyat"] = _read_json(rc) if rc.is_file() else None
     return cfg
 
 
 def read_pipeline_config(folder) -> dict:
     """``rehyat_pipeline.json`` of a model folder (``{}`` when absent)."""
     p = Path(folder) / PIPELINE_CONFIG_NAME
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return _read_json(p) if p.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
 
 
 def default_scheduler():

@@ -34,7 +34,8 @@ import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import load_transformer
-from .folders import PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder, read_pipeline_config
+from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
+                      read_pipeline_config, read_transformer_config)
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "initial_noise", "MODES", "PIPELINE_CONFIG_NAME"]
 
@@ -64,7 +65,9 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
     not a positive multiple of ``spatial * patch``.
     """
     mult = spatial * patch
-    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal != 0:
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"frames must be an int >= 1, got {num_frames!r}")
+    if (num_frames - 1) % temporal != 0:
         raise ValueError(f"frames must be {temporal}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
     for name, val in (("height", height), ("width", width)):
         if not isinstance(val, int) or val < mult or val % mult != 0:
@@ -75,7 +78,7 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
 def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
     """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded)."""
     folder = Path(folder)
-    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    tcfg = read_transformer_config(folder)
     temporal = spatial = 1
     if (folder / "vae" / "config.json").exists():
         vcfg = json.loads((folder / "vae" / "config.json").read_text())
@@ -309,11 +312,11 @@ class ReHyAtVideoPipeline:
         negative_prompt: str | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        num_frames: int = 81,
-        height: int = 480,
-        width: int = 832,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         mode: str = "parallel",
         output_type: str = "np",
@@ -329,6 +332,8 @@ class ReHyAtVideoPipeline:
             num_frames: video frames (``4k+1`` with Wan's VAE; any count in pixel space).
             height, width: pixels, multiples of VAE stride x patch (16 for Wan).
             num_inference_steps, guidance_scale: sampler steps and CFG scale (guidance off at <= 1).
+            Unset sizes and settings come from the folder's ``defaults`` (``rehyat_pipeline.json``), else
+            Wan2.1's: 81 frames, 480 x 832, 50 steps, guidance 5.0.
             seed: noise seed. mode: ``"parallel"``, ``"recurrent"`` or ``"streaming"``.
             output_type: ``"np"`` (decode frames) or ``"latent"``.
             on_frames: called with each newly decoded ``[f, H, W, 3]`` uint8 block as soon as it is ready
@@ -340,6 +345,12 @@ class ReHyAtVideoPipeline:
             ValueError: bad mode, frames, size, empty prompt, missing text encoder, or a model that is not causal
                 for ``recurrent``/``streaming``; all before any compute.
         """
+        d = self.defaults
+        num_frames = num_frames if num_frames is not None else d.get("frames", 81)
+        height = height if height is not None else d.get("height", 480)
+        width = width if width is not None else d.get("width", 832)
+        num_inference_steps = num_inference_steps if num_inference_steps is not None else d.get("steps", 50)
+        guidance_scale = guidance_scale if guidance_scale is not None else d.get("guidance", 5.0)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if output_type not in ("np", "latent"):

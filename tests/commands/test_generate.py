@@ -65,6 +65,10 @@ def test_prompt_file_vbench_names(model, tmp_path):
         (["--prompt", "a cat", "--frames", "10"], "4k\\+1"),
         (["--prompt", "a cat", "--height", "20"], "height"),
         (["--prompt", "a cat", "--steps", "0"], "steps"),
+        (["--prompt", "a cat", "--frames", "0"], "frames must be an int >= 1"),
+        (["--prompt", "a cat", "--height", "0"], "height"),
+        (["--prompt", "a cat", "--guidance", "-1"], "guidance"),
+        (["--prompt", "a cat", "--device", "tpu"], "--device"),
     ],
 )
 def test_bad_input(model, tmp_path, capsys, args, match):
@@ -89,3 +93,23 @@ def test_missing_out_folder_and_bad_model(model, tmp_path, capsys):
     empty_prompts.write_text("\n \n")
     assert gen(model, tmp_path, "--prompt-file", str(empty_prompts)) == 2
     assert "no prompt" in capsys.readouterr().err
+
+
+def test_auto_mode_runs_a_plain_teacher_in_parallel(tmp_path, capsys):
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    assert gen(teacher, tmp_path / "t.mp4", "--prompt", "a red circle") == 0
+    assert "mode parallel" in capsys.readouterr().out
+    assert gen(teacher, tmp_path / "s.mp4", "--prompt", "a red circle", "--mode", "streaming") == 2
+    assert "not causal" in capsys.readouterr().err
+
+
+def test_auto_mode_streams_a_causal_model(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a red circle") == 0
+    assert "mode streaming" in capsys.readouterr().out
+
+
+def test_unreadable_model_config(tmp_path, capsys):
+    (tmp_path / "m" / "transformer").mkdir(parents=True)
+    (tmp_path / "m" / "transformer" / "config.json").write_text("{not json")
+    assert gen(tmp_path / "m", tmp_path / "v.mp4", "--prompt", "a cat") == 2
+    assert "not valid JSON" in capsys.readouterr().err

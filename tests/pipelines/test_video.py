@@ -124,3 +124,10 @@ def test_not_a_checkpoint(tmp_path):
         ReHyAtVideoPipeline.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="not a Wan or ReHyAt checkpoint"):
         ReHyAtVideoPipeline.from_pretrained(tmp_path)
+
+
+def test_call_uses_the_folder_defaults(tmp_path):
+    folder = tiny_pipeline_folder(tmp_path / "m", vae=False)  # defaults: 8 frames of 32 x 32, 2 steps
+    pipe = ReHyAtVideoPipeline.from_pretrained(folder)
+    out = pipe("a red circle", progress=False)
+    assert out.video.shape == (8, 32, 32, 3)
