@@ -144,7 +144,7 @@ def run(args) -> int:
         results_markdown(result), "",
         "The shipped teacher is under-trained (see rehyat/assets/TRAINING.md): its samples get the background and "
         "the colour right but not yet a coherent moving shape, and its student inherits that. What the demo shows "
-        "is the mechanics (streaming in constant memory, student close to teacher, cost against length), not "
+        "is the mechanics (streaming in constant memory, the student measured against its teacher, cost against length), not "
         "video quality.", "",
         "## Time and peak memory of one denoising step against video length", "",
         "Each point runs in a fresh process (loaded model, warmed up on the shortest length); peak memory is the "
