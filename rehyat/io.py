@@ -21,6 +21,19 @@ def check_output_file(path, *, overwrite: bool, arg: str = "--out") -> Path:
     return path
 
 
+def read_json_object(path) -> dict:
+    """A JSON object from ``path``; ``ValueError`` naming the file when it is not valid JSON or not an object."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
 def partial_path(path: Path) -> Path:
     """Temporary sibling of ``path`` used while it is being written (same suffix, so codecs are inferred)."""
     return path.with_name(f".{path.stem}.partial{path.suffix}")

@@ -41,6 +41,7 @@ __all__ = [
     "get_context",
     "save_rehyat",
     "load_transformer",
+    "read_wan_config",
     "REHYAT_CONFIG_NAME",
 ]
 
@@ -557,6 +558,30 @@ def _state_dict_from_folder(folder: Path) -> dict:
     raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its index) in {folder}")
 
 
+def read_wan_config(folder) -> tuple[Path, dict]:
+    """``(transformer folder, its config.json)`` for a ``WanTransformer3DModel`` folder or a pipeline folder that
+    holds one under ``transformer/``; reads no weights.
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` is missing.
+        ValueError: ``config.json`` is not valid JSON or not a ``WanTransformer3DModel`` config.
+    """
+    from ..io import read_json_object
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").exists() and (folder / "transformer" / "config.json").exists():
+        folder = folder / "transformer"
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} is not a Wan model folder: no config.json (nor transformer/config.json)")
+    config = read_json_object(cfg_path)
+    if config.get("_class_name") != "WanTransformer3DModel":
+        raise ValueError(f"{cfg_path} describes {config.get('_class_name')!r}, expected 'WanTransformer3DModel'")
+    return folder, config
+
+
 def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=None):
     """Load a Wan transformer folder: a ReHyAt one (with ``rehyat_config.json``) converted, else the plain teacher.
 
@@ -572,21 +597,7 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
     """
     from diffusers import WanTransformer3DModel
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist")
-    if not (folder / "config.json").exists() and (folder / "transformer" / "config.json").exists():
-        folder = folder / "transformer"
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{folder} is not a Wan checkpoint: no config.json (nor transformer/config.json)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("_class_name") != "WanTransformer3DModel":
-        name = config.get("_class_name") if isinstance(config, dict) else None
-        raise ValueError(f"{cfg_path} describes {name!r}, expected 'WanTransformer3DModel'")
+    folder, config = read_wan_config(folder)
     rcfg_path = folder / REHYAT_CONFIG_NAME
     if not rcfg_path.exists():
         model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)

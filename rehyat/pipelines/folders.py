@@ -7,21 +7,15 @@ in ``rehyat_pipeline.json``). The pipeline and the training commands share these
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..io import read_json_object
+from ..models.wan import read_wan_config
 
 __all__ = ["PIPELINE_CONFIG_NAME", "read_transformer_config", "read_pipeline_config", "default_scheduler", "load_scheduler",
            "load_text_encoder_from_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
-
-
-def _transformer_dir(folder: Path) -> Path:
-    if (folder / "transformer" / "config.json").is_file():
-        return folder / "transformer"
-    if (folder / "config.json").is_file():
-        return folder
-    raise ValueError(f"{folder} is not a Wan model folder: no transformer/config.json")
 
 
 def read_transformer_config(folder) -> dict:
@@ -31,36 +25,19 @@ def read_transformer_config(folder) -> dict:
     Raises:
         FileNotFoundError: the folder does not exist. ValueError: no Wan transformer config in it.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist")
-    tdir = _transformer_dir(folder)
-    cfg = _read_json(tdir / "config.json")
-    if cfg.get("_class_name") != "WanTransformer3DModel":
-        raise ValueError(f"{tdir / 'config.json'} describes {cfg.get('_class_name')!r}, expected 'WanTransformer3DModel'")
+    tdir, cfg = read_wan_config(folder)
     cfg["patch_size"] = list(cfg.get("patch_size", [1, 2, 2]))
     cfg.setdefault("out_channels", cfg.get("in_channels"))
     rc = tdir / "rehyat_config.json"
     cfg.setdefault("in_channels", 16)  # diffusers' WanTransformer3DModel default
-    cfg["rehyat"] = _read_json(rc) if rc.is_file() else None
+    cfg["rehyat"] = read_json_object(rc) if rc.is_file() else None
     return cfg
 
 
 def read_pipeline_config(folder) -> dict:
     """``rehyat_pipeline.json`` of a model folder (``{}`` when absent)."""
     p = Path(folder) / PIPELINE_CONFIG_NAME
-    return _read_json(p) if p.is_file() else {}
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``; ValueError naming the file when it is not one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(p) if p.is_file() else {}
 
 
 def default_scheduler():
@@ -78,7 +55,7 @@ def load_scheduler(folder):
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return default_scheduler()
-    cls = getattr(diffusers, json.loads(path.read_text()).get("_class_name", ""), None)
+    cls = getattr(diffusers, read_json_object(path).get("_class_name", ""), None)
     if cls is None:
         raise ValueError(f"unknown scheduler class in {path}")
     return cls.from_pretrained(folder / "scheduler")
@@ -95,7 +72,7 @@ def load_text_encoder_from_folder(folder, *, device="cpu"):
     if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
         import transformers
 
-        te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+        te_cfg = read_json_object(folder / "text_encoder" / "config.json")
         arch = (te_cfg.get("architectures") or ["AutoModel"])[0]
         te_cls = getattr(transformers, arch, transformers.AutoModel)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")

@@ -16,7 +16,6 @@ import torch
 
 from ..pipelines.folders import (  # noqa: F401  (re-exported: part of this module's API)
     PIPELINE_CONFIG_NAME,
-    _transformer_dir,
     load_scheduler,
     load_text_encoder_from_folder,
     read_pipeline_config,
@@ -60,7 +59,7 @@ def load_model_folder(folder, *, device="cpu", dtype: torch.dtype | None = None,
     folder = Path(folder)
     read_transformer_config(folder)
     cfg = read_pipeline_config(folder)
-    transformer = load_transformer(_transformer_dir(folder), torch_dtype=dtype, device=device)
+    transformer = load_transformer(folder, torch_dtype=dtype, device=device)
     tok = enc = v = None
     if text_encoder:
         tok, enc = load_text_encoder_from_folder(folder, device=device)
