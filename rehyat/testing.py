@@ -1,6 +1,6 @@
 """Tiny Wan components built in code, for tests, examples and CPU smoke runs (no download needed).
 
-Sizes follow ``shared/ENVIRONMENT.md``: the tiny transformer runs in about 0.04 s on a CPU.
+The tiny transformer runs in a few hundredths of a second on a CPU.
 """
 
 from __future__ import annotations

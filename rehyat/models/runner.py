@@ -5,7 +5,7 @@ output head) gives the same result on a slice of frames; only self-attention cou
 model it couples a chunk to earlier frames alone. So the runner calls the transformer itself on each chunk's
 latents, with the model's :class:`~rehyat.models.wan.RunContext` in recurrent mode: converted blocks carry their
 ReHyAt state (constant size), chunk-causal softmax blocks a K/V cache, and RoPE uses the chunk's absolute start
-frame. The result equals the parallel forward of the same causal model (SPEC section 5).
+frame. The result equals the parallel forward of the same causal model (design section 5).
 """
 
 from __future__ import annotations

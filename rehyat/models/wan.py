@@ -4,7 +4,7 @@ Conversion swaps the self-attention processor (``blocks[i].attn1``) of the chose
 :class:`ReHyAtAttnProcessor`, an ``nn.Module`` that owns the block's feature maps ``phi_q``, ``phi_k`` (so they sit
 in the transformer's ``state_dict`` under ``blocks.{i}.attn1.processor.*`` and train with it) and calls
 :func:`rehyat.ops.rehyat_attention`. The teacher's weights are not touched. Unconverted blocks keep the teacher's
-bidirectional softmax, or get a :class:`ChunkCausalAttnProcessor` (block-causal softmax, SPEC section 6) so that
+bidirectional softmax, or get a :class:`ChunkCausalAttnProcessor` (block-causal softmax, design section 6) so that
 the whole model is chunk-causal and can run as an RNN (:mod:`rehyat.models.runner`).
 
 The processors need the number of tokens per latent frame, which a diffusers processor does not receive; a forward
@@ -66,7 +66,7 @@ class ReHyAtConfig:
         block_settings: per-block overrides ``{block: {"chunk_frames": .., "overlap_frames": ..}}`` (the knapsack
             block selection picks these); keys are ints in memory, strings in JSON.
         causal: causal (True, recurrent) or bidirectional linear keys.
-        stabilizer: ``"lse"`` or ``"max"`` (SPEC section 3).
+        stabilizer: ``"lse"`` or ``"max"`` (design section 3).
         feature_map: ``"polynomial"`` or ``"hedgehog"``; ``feature_map_kwargs`` go to its constructor.
         feature_map_input: ``"rotated"`` (phi sees q, k after RoPE, as the teacher's attention does) or
             ``"unrotated"``.
@@ -310,7 +310,7 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
     Modes (from the shared :class:`RunContext`): parallel (:func:`rehyat.ops.rehyat_attention` over all frames),
     recurrent (:func:`rehyat.ops.rehyat_attention_step` per chunk, state in ``context.states[block_index]``), and
     distillation (returns the teacher's softmax output, records and optionally backpropagates the student's L1
-    error, SPEC section 7).
+    error, design section 7).
     """
 
     def __init__(
@@ -421,12 +421,12 @@ def convert_wan(
     softmax_blocks: str = "bidirectional",
     block_settings: dict | None = None,
 ):
-    """Convert a diffusers ``WanTransformer3DModel`` to ReHyAt, in place (SPEC sections 5 and 6).
+    """Convert a diffusers ``WanTransformer3DModel`` to ReHyAt, in place (design sections 5 and 6).
 
     Args:
         transformer: the teacher, a ``WanTransformer3DModel`` with temporal patch size 1 (Wan2.1's (1, 2, 2)).
         blocks: ``"all"`` or an iterable of block indices to convert.
-        chunk_frames, overlap_frames: T_c >= 1 and T_o >= 0, in latent frames (SPEC section 2).
+        chunk_frames, overlap_frames: T_c >= 1 and T_o >= 0, in latent frames (design section 2).
         causal: causal (recurrent) or bidirectional linear keys.
         stabilizer: ``"lse"`` (default) or ``"max"``.
         feature_map: ``"polynomial"`` (the paper's, default) or ``"hedgehog"``; ``feature_map_kwargs`` go to it.

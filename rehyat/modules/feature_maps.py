@@ -1,4 +1,4 @@
-"""Learned feature maps ``phi`` for the linear branch of ReHyAt attention (SPEC section 4).
+"""Learned feature maps ``phi`` for the linear branch of ReHyAt attention (design section 4).
 
 Both maps act per head with per-head weights stored as batched tensors (``[H, ...]``, one ``einsum`` for all heads,
 no Python loop over heads). Input ``x`` is ``[..., H, D]`` (e.g. ``[B, N, H, D]``, the diffusers layout); output is

@@ -11,7 +11,7 @@ STABILIZERS = ("lse", "max")
 
 
 def check_settings(*, frame_tokens: int, chunk_frames: int | None, overlap_frames: int, stabilizer: str) -> None:
-    """Validate the scalar settings of the hybrid operator (SPEC section 2 and 3)."""
+    """Validate the scalar settings of the hybrid operator (design section 2 and 3)."""
     if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
         raise ValueError(f"frame_tokens must be a positive int (tokens per latent frame), got {frame_tokens!r}")
     if chunk_frames is not None and (

@@ -1,7 +1,7 @@
 """ReHyAt hybrid attention: the parallel form, the dense reference and the chunk-wise recurrent form.
 
 Every other path in the library (the diffusers processor, the recurrent runner, distillation) calls the functions
-of this module; the hybrid math lives here alone. Notation follows ``shared/SPEC.md`` sections 2 to 5 and the
+of this module; the hybrid math lives here alone. Notation follows ``docs/design.md`` sections 2 to 5 and the
 paper (Ghafoorian and Habibian, "ReHyAt", arXiv 2601.04342):
 
 * tokens are frame-major: token ``j`` belongs to latent frame ``j // frame_tokens``;
@@ -50,7 +50,7 @@ __all__ = [
 # Chunk layout
 # ----------------------------------------------------------------------------------------------------------------
 def chunk_windows(num_frames: int, chunk_frames: int, overlap_frames: int) -> list[tuple[int, int, int]]:
-    """Frame ranges of every chunk, SPEC section 2.
+    """Frame ranges of every chunk, design section 2.
 
     Args:
         num_frames: T, number of latent frames (>= 1).
@@ -107,7 +107,7 @@ def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
 
 
 def _merge(o, mass, num_lin, den_lin):
-    """Joint normalisation of the two branches (SPEC section 3).
+    """Joint normalisation of the two branches (design section 3).
 
     o: softmax output ``[..., H, Dv]``; mass: softmax mass ``[..., H, 1]`` or ``None`` (= 1); num_lin:
     ``phi_q . S`` ``[..., H, Dv]``; den_lin: ``phi_q . z`` ``[..., H, 1]``, clamped at 0 (the guard).
@@ -306,7 +306,7 @@ def rehyat_attention_reference(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Recurrent form (SPEC section 5)
+# Recurrent form (design section 5)
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class RecurrentState:
@@ -360,7 +360,7 @@ def rehyat_attention_step(
     stabilizer: str = "lse",
     scale: float | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
-    """One chunk of the causal hybrid attention as an RNN step (SPEC section 5).
+    """One chunk of the causal hybrid attention as an RNN step (design section 5).
 
     The chunk's queries attend with softmax to the cached overlap frames plus the chunk itself, and linearly to
     the state ``(s, z)``; then every frame that leaves the softmax window (all but the last ``overlap_frames``

@@ -2,7 +2,7 @@
 
 Built on diffusers' components: the scheduler (Wan's default ``UniPCMultistepScheduler`` with flow sigmas), the
 causal ``AutoencoderKLWan`` and a transformers text encoder, all read from a model folder. Three modes give the same
-video for a fully causal model (SPEC section 5):
+video for a fully causal model (design section 5):
 
 * ``parallel``: every denoising step runs the transformer on all latent frames at once (the teacher's way);
 * ``recurrent``: every step runs the transformer chunk by chunk (:func:`rehyat.models.recurrent_forward`), so
@@ -419,7 +419,7 @@ class ReHyAtVideoPipeline:
         return latents
 
     def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress):
-        """Each chunk fully denoised before the next; per-step transformer states kept (SPEC section 5)."""
+        """Each chunk fully denoised before the next; per-step transformer states kept (design section 5)."""
         from tqdm.auto import tqdm
 
         B, C, F, H, W = shape

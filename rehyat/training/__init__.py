@@ -1,4 +1,4 @@
-"""Training: the two-stage ReHyAt conversion recipe (SPEC section 7) and training Wan transformers from scratch.
+"""Training: the two-stage ReHyAt conversion recipe (design section 7) and training Wan transformers from scratch.
 
 * Stage 1, attention distillation: :func:`distill` (``rehyat distill``), built on :class:`Distiller`,
   :func:`evaluate_blocks` and :class:`TeacherTrajectories`;

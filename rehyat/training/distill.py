@@ -1,4 +1,4 @@
-"""Stage 1, attention distillation (SPEC section 7): fit every converted block's feature maps to the teacher.
+"""Stage 1, attention distillation (design section 7): fit every converted block's feature maps to the teacher.
 
 The teacher is converted in place with :func:`rehyat.convert_wan` and run in the converted model's distillation
 mode (:class:`rehyat.models.RunContext` ``distill=True``): each converted block computes the teacher's q, k, v and

@@ -1,11 +1,11 @@
-"""Stage 2, fine-tuning (SPEC section 7), and training a Wan transformer from scratch: flow matching on latents.
+"""Stage 2, fine-tuning (design section 7), and training a Wan transformer from scratch: flow matching on latents.
 
 Flow matching as in Wan / diffusers' flow schedulers: for clean latents ``x_0``, noise ``eps`` and a noise level
 ``t`` in (0, 1), the model sees ``x_t = (1 - t) x_0 + t eps`` at timestep ``1000 t`` (what Wan's scheduler passes)
 and is trained to predict the velocity ``eps - x_0`` with a mean-squared error. Noise levels are drawn
 
 * ``"shifted"`` (default): ``u ~ U(0, 1)``, ``t = s u / (1 + (s - 1) u)`` with the flow shift ``s`` (3.0, Wan's
-  480p sampling shift, SPEC section 1): the same warping the sampler applies to its sigmas, so training sees the
+  480p sampling shift, design section 1): the same warping the sampler applies to its sigmas, so training sees the
   noise levels sampling visits (more weight on high noise);
 * ``"uniform"``: ``t ~ U(0, 1)``.
 

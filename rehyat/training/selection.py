@@ -1,4 +1,4 @@
-"""Block selection (Attention Surgery, SPEC section 6): which blocks to convert, and with which chunk settings.
+"""Block selection (Attention Surgery, design section 6): which blocks to convert, and with which chunk settings.
 
 * Ranking (``best:N``): distil every block briefly with one setting and convert the N blocks with the lowest error.
 * Budgeted choice (``auto``): per block, choose among candidate ``(chunk_frames, overlap_frames)`` settings and
@@ -59,7 +59,7 @@ def attention_flops(num_frames: int, frame_tokens: int, heads: int, head_dim: in
         setting: ``None`` for a softmax block, or ``(chunk_frames, overlap_frames)`` for a ReHyAt block.
         feature_map, feature_map_kwargs: the ReHyAt block's feature maps.
         softmax: a softmax block's attention (with ``setting=None``): ``"bidirectional"`` (the teacher) or
-            ``("chunk_causal", chunk_frames)`` (block-causal softmax, SPEC section 6).
+            ``("chunk_causal", chunk_frames)`` (block-causal softmax, design section 6).
     """
     from ..ops import chunk_windows
 

@@ -1,4 +1,4 @@
-"""Prompts and the teacher's own sampling trajectories: the inputs of distillation (SPEC section 7, "inputs: teacher
+"""Prompts and the teacher's own sampling trajectories: the inputs of distillation (design section 7, "inputs: teacher
 activations along the teacher's own sampling trajectories from prompts, no videos needed") and of the teacher-
 velocity loss without data.
 
