@@ -17,6 +17,11 @@ from .ops import (  # noqa: E402
     rehyat_attention_step,
 )
 
+__all__ = [
+    "RecurrentState", "chunk_windows", "rehyat_attention", "rehyat_attention_recurrent", "rehyat_attention_reference",
+    "rehyat_attention_step", "convert_wan", "load_transformer", "save_rehyat", "ReHyAtConfig", "recurrent_forward",
+]
+
 
 def __getattr__(name):
     # Model-level API lives behind a lazy import so that `import rehyat` stays fast.

@@ -26,6 +26,9 @@ COMMANDS = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rehyat", description="ReHyAt: recurrent hybrid attention for Wan video models")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"rehyat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         if only is not None and name != only:
