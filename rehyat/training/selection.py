@@ -334,8 +334,9 @@ def convert_model(
     _probe_conversion(conversion)
     cands = None
     if kind == "auto":
-        if budget is None or not budget > 0:
-            raise ValueError(f"--blocks auto needs --budget > 0 (a fraction of the teacher's attention FLOPs), got {budget}")
+        if budget is None or not 0 < budget < 1:
+            raise ValueError(f"--blocks auto needs 0 < --budget < 1 (a fraction of the teacher's attention FLOPs; "
+                             f"at 1 or more keeping every block softmax is optimal), got {budget}")
         cands = parse_candidates(candidates if candidates is not None else "3,1;5,1;2,0") \
             if not isinstance(candidates, list) else [tuple(c) for c in candidates]
     elif budget is not None or candidates is not None:

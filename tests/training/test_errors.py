@@ -108,6 +108,9 @@ def test_convert_and_prepare_data_errors(teacher, pixel_teacher, videos, prompts
     assert "candidates" in _run(["convert", "--model", str(teacher), "--blocks", "auto", "--budget", "0.5",
                                  "--candidates", "3;1", "--prompts", str(prompts), *out], capsys)
     assert "--blocks auto" in _run(["convert", "--model", str(teacher), "--budget", "0.5", *out], capsys)
+    # a budget of 1 or more is refused before any distillation (keeping every block softmax would be optimal)
+    assert "0 < --budget < 1" in _run(["convert", "--model", str(teacher), "--blocks", "auto", "--budget", "1.5",
+                                       "--prompts", str(prompts), *out], capsys)
     assert "short distillation" in _run(["convert", "--model", str(teacher), "--blocks", "best:1", *out], capsys)
     # prepare-data: captions missing from a table, a model without VAE whose channels do not match the pixels
     import torch
