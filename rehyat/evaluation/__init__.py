@@ -7,12 +7,11 @@ from .metrics import (
     plot_sweep,
     results_markdown,
     sweep_markdown,
-    time_memory_sweep,
     time_memory_sweep_isolated,
     video_similarity,
 )
 
 __all__ = [
     "PeakMemory", "attention_errors", "evaluate_models", "plot_sweep", "results_markdown", "sweep_markdown",
-    "time_memory_sweep", "time_memory_sweep_isolated", "video_similarity",
+    "time_memory_sweep_isolated", "video_similarity",
 ]

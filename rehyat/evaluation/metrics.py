@@ -20,7 +20,6 @@ __all__ = [
     "video_similarity",
     "attention_errors",
     "evaluate_models",
-    "time_memory_sweep",
     "time_memory_sweep_isolated",
     "results_markdown",
     "sweep_markdown",
@@ -147,7 +146,7 @@ def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths
     Returns:
         ``{"rows": [...], "attention": {...}}``: one row per (model, length) with the mean world checks, time per
         video, peak memory (on CUDA only: on the CPU a process's resident memory after earlier runs says nothing
-        about one run; use :func:`time_memory_sweep_isolated`) and, where both models ran, PSNR/SSIM of student
+        about one run; see :func:`time_memory_sweep_isolated`) and, where both models ran, PSNR/SSIM of student
         vs teacher.
     """
     from ..world import check_video, summarise
@@ -216,46 +215,6 @@ def results_markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-@torch.no_grad()
-def time_memory_sweep(pipes: dict, lengths: list[int], height: int, width: int, *, repeats: int = 1,
-                      max_seconds: float | None = None, progress=None) -> list[dict]:
-    """Time and peak memory of ONE denoising step (with CFG) against video length, per model.
-
-    ``pipes``: ``{label: (pipeline, mode)}``. A model whose previous length took longer than ``max_seconds`` is
-    not run at longer lengths (marked skipped). Returns rows ``{model, mode, frames, tokens, seconds, peak_mb}``.
-    """
-    rows = []
-    for label, (pipe, mode) in pipes.items():
-        skip = False
-        for frames in lengths:
-            x, t, emb, tokens = _step_inputs(pipe, frames, height, width)
-            if skip:
-                rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "skipped": True})
-                continue
-            times, peak = [], 0
-            try:
-                for _ in range(repeats):
-                    if progress:
-                        progress(f"{label}: {frames} frames")
-                    with PeakMemory(pipe.device) as mem:
-                        t0 = time.perf_counter()
-                        _one_step(pipe, mode, x, t, emb)
-                        if pipe.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
-                    peak = max(peak, mem.peak_bytes)
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # out of memory, or past a RoPE table
-                rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "skipped": True,
-                             "error": str(e).splitlines()[0][:120]})
-                skip = True
-                continue
-            sec = float(np.median(times))
-            rows.append({"model": label, "mode": mode, "frames": frames, "tokens": tokens, "seconds": sec,
-                         "peak_mb": peak / 2**20})
-            skip = max_seconds is not None and sec > max_seconds
-    return rows
-
-
 def _step_inputs(pipe, frames: int, height: int, width: int):
     """CFG-batched inputs of one denoising step: noise ``[2, C, F, H, W]``, timesteps ``[2]``, text ``[2, L, D]``."""
     from ..pipelines.video import initial_noise
@@ -299,12 +258,13 @@ def _sweep_child(task: dict) -> dict:
 
 def time_memory_sweep_isolated(models: dict, lengths: list[int], height: int, width: int, *, threads: int = 1,
                                max_seconds: float = 120.0, progress=None) -> list[dict]:
-    """CPU version of :func:`time_memory_sweep` with one fresh process per measurement (honest peak memory).
+    """Time and peak memory of one CFG denoising step against video length, one fresh process per measurement.
 
     ``models``: ``{label: (model folder, mode)}``. Each row runs in a child process that loads the folder, warms up
     on the shortest length, then times one CFG denoising step and reports its peak resident memory above the
     resident memory before the step (``/proc/self`` ``VmHWM``). After a row that took longer than
-    ``max_seconds / 2``, longer lengths of that model are skipped. Rows as :func:`time_memory_sweep`.
+    ``max_seconds / 2``, longer lengths of that model are skipped. Returns rows ``{model, mode, frames, tokens,
+    seconds, peak_mb}`` (``skipped`` and ``error`` for rows not run). CPU only (resident memory via ``/proc``).
     """
     from .isolation import isolated_context, run_isolated
 
@@ -332,7 +292,7 @@ def time_memory_sweep_isolated(models: dict, lengths: list[int], height: int, wi
 
 
 def sweep_markdown(rows: list[dict]) -> str:
-    """Markdown table of :func:`time_memory_sweep` rows."""
+    """Markdown table of :func:`time_memory_sweep_isolated` rows."""
     lines = ["| model | mode | frames | tokens | s / step | peak MB |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..modules import FEATURE_MAPS, make_feature_map
 from ..ops import RecurrentState, rehyat_attention, rehyat_attention_step
-from ..ops._checks import STABILIZERS, check_settings
+from ..ops._checks import check_settings
 
 __all__ = [
     "ReHyAtConfig",
@@ -640,5 +640,3 @@ def runner_chunk_frames(transformer) -> int:
         sizes.append(cfg.chunk_frames)
     return math.lcm(*sizes) if sizes else cfg.chunk_frames
 
-
-STABILIZERS = STABILIZERS  # re-exported for the CLI's choices

@@ -398,15 +398,11 @@ class ReHyAtVideoPipeline:
             latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
                                     guidance_scale, forward, progress)
             if decoder is not None:
-                emit(to_uint8_frames(self._decode_chunked(decoder, latents)))
+                emit(to_uint8_frames(decoder(latents.float())))
         if decoder is not None:
             decoder.close()
         video = np.concatenate(blocks, axis=0) if blocks else None
         return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
-
-    def _decode_chunked(self, decoder: StreamingDecoder, latents: torch.Tensor) -> torch.Tensor:
-        vae_dtype = torch.float32
-        return decoder(latents.to(vae_dtype))
 
     def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
         from tqdm.auto import tqdm
