@@ -14,11 +14,17 @@ VIDEOS=${VIDEOS:-12000}
 TEACHER_STEPS=${TEACHER_STEPS:-4000}
 DISTILL_STEPS=${DISTILL_STEPS:-400}
 FT_STEPS=${FT_STEPS:-1500}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-64}                  # global batch of the student fine-tuning
+TEACHER_BATCH=${TEACHER_BATCH:-$BATCH}
+TEACHER_LR=${TEACHER_LR:-5e-4}
+NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
 EVAL=${EVAL:-1}
 STAGES=${STAGES:-data,teacher,student,eval}
 mkdir -p "$WORK" "$OUT"
 cli() { $PY -m rehyat.cli "$@"; }
+# training commands: torchrun over NPROC GPUs (the global batch and the random draws do not depend on NPROC)
+train() { if [[ "$NPROC" -gt 1 ]]; then $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+              -m rehyat.cli "$@"; else cli "$@"; fi; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 if has data; then
@@ -27,8 +33,8 @@ if has data; then
 fi
 if has teacher; then
   # stage 0: the teacher, a small pixel-space WanTransformer3DModel trained from scratch with flow matching
-  cli finetune --config configs/world_teacher.json --components-from configs/world_components --data "$WORK/data" \
-      --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 200 \
+  train finetune --config configs/world_teacher.json --components-from configs/world_components --data "$WORK/data" \
+      --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr "$TEACHER_LR" --warmup-steps 200 \
       --lr-schedule cosine --min-lr-ratio 0.1 --text-dropout 0.1 --weight-decay 0.01 --no-progress --overwrite
 fi
 if has student; then
@@ -38,7 +44,7 @@ if has student; then
       --chunk-frames 4 --overlap-frames 1 --steps "$DISTILL_STEPS" --sampling-steps 20 --batch-size 16 \
       --lr 2e-3 --no-progress --overwrite
   # stage 2: flow-matching fine-tuning of the whole student on the world data plus the teacher-velocity loss
-  cli finetune --model "$WORK/distilled" --data "$WORK/data" --teacher "$WORK/teacher" --teacher-weight 1.0 \
+  train finetune --model "$WORK/distilled" --data "$WORK/data" --teacher "$WORK/teacher" --teacher-weight 1.0 \
       --out "$WORK/student" --steps "$FT_STEPS" --batch-size "$BATCH" --lr 1e-4 --warmup-steps 50 \
       --lr-schedule cosine --text-dropout 0.1 --no-progress --overwrite
 fi
