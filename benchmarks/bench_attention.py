@@ -189,11 +189,15 @@ class Ctx:
         self.compile_broken: dict = {}  # name of a compiled function -> error text of its first failure
         self.timer = Timer(self.device, args.budget, args.min_reps, args.max_reps, args.warmup)
         a = args
-        # Feature maps in the model's dtype, as convert_wan puts them; their outputs are float32.
+        # Feature maps in the model's dtype, as convert_wan puts them; with bfloat16 / float16 weights their outputs
+        # are in that dtype too (float32 weights: float32 outputs).
         self.phi_q = PolynomialFeatureMap(a.heads, a.dim, a.feature_dim).to(self.device, self.dtype).eval()
         self.phi_k = PolynomialFeatureMap(a.heads, a.dim, a.feature_dim).to(self.device, self.dtype).eval()
         for p in list(self.phi_q.parameters()) + list(self.phi_k.parameters()):
             p.requires_grad_(False)
+        with torch.no_grad():
+            probe = torch.zeros(1, a.heads, a.dim, device=self.device, dtype=self.dtype)
+            self.feature_dtype = str(self.phi_q(probe).dtype).replace("torch.", "")
         self.compiled = {}
         if a.compile:
             self.compiled = {
@@ -209,7 +213,8 @@ class Ctx:
 
 def make_inputs(ctx: Ctx, frames: int, frame_tokens: int, requires_grad: bool = True) -> dict:
     """One input set: q, k, v ``[B, N, H, D]`` (randn, like Wan's RMS-normed q, k), fq, fk = phi(q), phi(k)
-    (float32, non-negative), and a random output gradient ``go``. All leaves require grad when asked."""
+    (the feature maps' output dtype, non-negative), their float32 copies fq32, fk32 (for the float32-features row,
+    forward only) and a random output gradient ``go``. All leaves require grad when asked."""
     a = ctx.args
     N = frames * frame_tokens
     shape = (a.batch, N, a.heads, a.dim)
@@ -217,7 +222,7 @@ def make_inputs(ctx: Ctx, frames: int, frame_tokens: int, requires_grad: bool = 
     with torch.no_grad():
         fq, fk = ctx.phi_q(q), ctx.phi_k(k)
     go = torch.randn(shape, device=ctx.device, dtype=ctx.dtype)
-    s = {"q": q, "k": k, "v": v, "fq": fq, "fk": fk, "go": go}
+    s = {"q": q, "k": k, "v": v, "fq": fq, "fk": fk, "go": go, "fq32": fq.float(), "fk32": fk.float()}
     if requires_grad:
         for name in ("q", "k", "v", "fq", "fk"):
             s[name].requires_grad_(True)
@@ -487,6 +492,19 @@ def rows_rehyat(ctx: Ctx, frames: int, sets: list[dict]) -> dict:
             if kind == "fwd" and row["ms"] is not None:
                 fwd_ms[variant] = row["ms"]
 
+    if ctx.compiled and sets[0]["fq"].dtype != torch.float32:
+        # the same operator on float32 copies of the features: its linear products then run in float32 (no tensor
+        # cores); side by side with the rows above it measures what the 16-bit linear path gains
+        op = ctx.compiled["rehyat"]
+
+        def fwd32(i, op=op):
+            s = sets[i % len(sets)]
+            with torch.no_grad():
+                return op(*(s[n] for n in ("q", "k", "v", "fq32", "fk32")), **kw)
+
+        body = lambda: timed_compiled(ctx, "rehyat", "rehyat fwd f32 features", frames, fwd32)  # noqa: E731
+        run_row(ctx, frames, "ReHyAt rehyat_attention, compiled, float32 features", "fwd", body, flops, "fwd")
+
     # correctness at the benchmark size: compiled vs eager, recurrent vs parallel (all in the benchmark dtype)
     try:
         s = sets[0]
@@ -627,7 +645,7 @@ def markdown(ctx: Ctx, env: dict) -> tuple[str, str]:
     lines.append(dev)
     lines.append(f"- shapes: B={a.batch}, H={a.heads}, D={a.dim}, D'={a.feature_dim}, frame_tokens={a.frame_tokens}, "
                  f"chunk_frames={a.chunk_frames}, overlap_frames={a.overlap_frames}, {a.dtype}, causal, stabilizer lse; "
-                 f"fq, fk = PolynomialFeatureMap outputs (float32)")
+                 f"fq, fk = PolynomialFeatureMap outputs ({ctx.feature_dtype}; feature-map weights in {a.dtype})")
     timing = ("CUDA events, L2 flushed before each call" if ctx.device.type == "cuda" else "time.perf_counter")
     lines.append(f"- timing: median over repeats ({timing}), {a.sets} input sets rotated, {a.warmup} warm-up calls, "
                  f"about {a.budget} s per row (>= {a.min_reps}, <= {a.max_reps} repeats); compile: "

@@ -2,8 +2,11 @@
 
 Both maps act per head with per-head weights stored as batched tensors (``[H, ...]``, one ``einsum`` for all heads,
 no Python loop over heads). Input ``x`` is ``[..., H, D]`` (e.g. ``[B, N, H, D]``, the diffusers layout); output is
-``[..., H, D']`` in float32 (float64 when the weights or the input are float64), ready for
-:func:`rehyat.ops.rehyat_attention`, which accumulates in float32 anyway.
+``[..., H, D']`` in float32 for float32 weights (float64 when the weights or the input are float64) and in the
+weights' dtype for bfloat16 / float16 weights (a model cast to bfloat16 for inference: the positivity transform and
+the powers are still computed in float32, then rounded once). :func:`rehyat.ops.rehyat_attention` runs its linear
+products in bfloat16 on tensor cores when q and the features are both bfloat16, and sums across frames in float32
+either way.
 
 Positivity: every output entry is non-negative, so the kernel ``phi_q(q) . phi_k(k)`` is non-negative, the linear
 mass in the joint denominator is >= 0, and the denominator is >= the softmax mass (1 with the ``"lse"``
@@ -29,7 +32,13 @@ _POSITIVITY = {
 
 
 def _out_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Working dtype of the positivity transform and the powers: float64 if any input is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _result_dtype(compute: torch.dtype, work: torch.dtype) -> torch.dtype:
+    """Output dtype: 16-bit weights give a 16-bit output (rounded once at the end), otherwise the working dtype."""
+    return compute if compute in (torch.bfloat16, torch.float16) else work
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -63,7 +72,8 @@ class PolynomialFeatureMap(nn.Module):
     Parameters: ``w1 [H, D, hidden]``, ``b1 [H, hidden]``, ``w2 [H, hidden, D']``, ``b2 [H, D']``; at H = 12,
     D = 128: 1,185,792 (about 1.2M, the paper's count).
 
-    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input).
+    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, the weights'
+    dtype for bfloat16 / float16 weights).
 
     Raises:
         ValueError: on non-positive sizes, ``feature_dim`` not divisible by ``degree``, an unknown
@@ -114,7 +124,8 @@ class PolynomialFeatureMap(nn.Module):
         u = u.to(_out_dtype(u.dtype))
         g = _POSITIVITY[self.positivity]
         parts = u.chunk(self.degree, dim=-1)
-        return torch.cat([g(p) ** (i + 1) for i, p in enumerate(parts)], dim=-1)
+        phi = torch.cat([g(p) ** (i + 1) for i, p in enumerate(parts)], dim=-1)
+        return phi.to(_result_dtype(cdt, phi.dtype))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_dim={self.hidden_dim}, "
@@ -132,7 +143,8 @@ class HedgehogFeatureMap(nn.Module):
     Args:
         num_heads: H. head_dim: D. feature_dim: D', even, default ``2 * head_dim``.
 
-    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input).
+    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, the weights'
+    dtype for bfloat16 / float16 weights).
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None) -> None:
@@ -161,7 +173,8 @@ class HedgehogFeatureMap(nn.Module):
         u = torch.einsum("...hd,hdf->...hf", x.to(cdt), self.weight.to(cdt))
         u = u.to(_out_dtype(u.dtype))
         phi = torch.cat([u.softmax(dim=-1), (-u).softmax(dim=-1)], dim=-1)
-        return phi * self.log_scale.exp().to(phi.dtype)[:, None]
+        phi = phi * self.log_scale.exp().to(phi.dtype)[:, None]
+        return phi.to(_result_dtype(cdt, phi.dtype))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}"

@@ -86,12 +86,13 @@ def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
     """Softmax branch over one window per batch entry.
 
     q: ``[b, nq, H, D]``, k: ``[b, nk, H, D]``, v: ``[b, nk, H, Dv]``. Returns ``(o, mass)``: ``o`` the
-    normalised softmax output ``[b, nq, H, Dv]`` in ``acc`` and ``mass`` = ``sum_S exp(s_j - c)`` as
-    ``[b, nq, H, 1]`` in ``acc`` (``None`` for ``"lse"``, where it is exactly 1).
+    normalised softmax output ``[b, nq, H, Dv]`` (q's dtype for ``"lse"``, where SDPA computes it with float32
+    accumulation; ``acc`` for ``"max"``) and ``mass`` = ``sum_S exp(s_j - c)`` as ``[b, nq, H, 1]`` in ``acc``
+    (``None`` for ``"lse"``, where it is exactly 1).
     """
     if stabilizer == "lse":
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-        o = o.transpose(1, 2).to(acc)
+        o = o.transpose(1, 2)
         if q.device.type == "cpu":
             # The CPU flash kernel (pytorch/pytorch#141128) returns 0 for a query row holding NaN or Inf instead of
             # NaN: put the NaN back so a non-finite input is never silently dropped. The CUDA kernels propagate
@@ -106,89 +107,121 @@ def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
     return o, mass.transpose(1, 2)
 
 
-def _merge(o, mass, num_lin, den_lin):
-    """Joint normalisation of the two branches (design section 3).
+def _mm_dtype(q: torch.Tensor, fq: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """dtype of the linear branch's matrix products: the inputs' 16-bit dtype when q and the features are both
+    bfloat16 (or both float16), so the products run on tensor cores with float32 accumulation inside each product;
+    ``acc`` (float32 / float64) otherwise. Sums across frames (the state) are always kept in ``acc``."""
+    if q.dtype in (torch.bfloat16, torch.float16) and fq.dtype == q.dtype:
+        return q.dtype
+    return acc
+
+
+def _frame_sums(fk, v, frame_tokens: int, mm: torch.dtype, acc: torch.dtype):
+    """Per-frame sums of the linear branch: ``kv[f] = sum_{j in f} phi_k(k_j)^T v_j`` and ``ks[f] = sum phi_k(k_j)``.
+
+    fk: ``[B, n, H, D']``, v: ``[B, n, H, Dv]``, ``n`` a multiple of ``frame_tokens``. Each frame's product runs in
+    ``mm`` (one batched matrix product over frames and heads); returns ``kv [B, n/S, H, D', Dv]`` and
+    ``ks [B, n/S, H, D']`` in ``acc``. Per frame, so the parallel and the recurrent forms round identically.
+    """
+    B, n, H, Fd = fk.shape
+    T = n // frame_tokens
+    fkf = fk.view(B, T, frame_tokens, H, Fd)
+    vf = v.view(B, T, frame_tokens, H, v.shape[-1])
+    kv = torch.einsum("btshf,btshd->bthfd", fkf.to(mm), vf.to(mm)).to(acc)
+    ks = fkf.sum(dim=2, dtype=acc)
+    return kv, ks
+
+
+def _readout(fq, s, z, mm: torch.dtype):
+    """Linear read-out ``phi_q(q) . S`` and ``phi_q(q) . z`` in one matrix product (z rides along as a column of S).
+
+    fq: ``[B, G, n, H, D']`` (G chunks of n queries), s: ``[B, G, H, D', Dv]``, z: ``[B, G, H, D']`` (acc).
+    Returns ``(num [B, G, n, H, Dv], den [B, G, n, H, 1])`` in ``mm`` (the state is rounded to ``mm`` for the
+    product when ``mm`` is 16-bit).
+    """
+    Dv = s.shape[-1]
+    pad = (-(Dv + 1)) % 8  # keep the product's width a multiple of 8
+    s_aug = torch.cat([s, z.unsqueeze(-1), s.new_zeros(*z.shape, pad)], dim=-1).to(mm)
+    out = torch.einsum("bgnhf,bghfe->bgnhe", fq.to(mm), s_aug)
+    return out[..., :Dv], out[..., Dv : Dv + 1]
+
+
+def _merge(o, mass, num_lin, den_lin, acc: torch.dtype, out_dtype: torch.dtype):
+    """Joint normalisation of the two branches (design section 3), computed in ``acc``, returned in ``out_dtype``.
 
     o: softmax output ``[..., H, Dv]``; mass: softmax mass ``[..., H, 1]`` or ``None`` (= 1); num_lin:
     ``phi_q . S`` ``[..., H, Dv]``; den_lin: ``phi_q . z`` ``[..., H, 1]``, clamped at 0 (the guard).
     """
-    den_lin = den_lin.clamp(min=0)
+    o, num_lin = o.to(acc), num_lin.to(acc)
+    den_lin = den_lin.to(acc).clamp(min=0)
     if mass is None:
-        return (o + num_lin) / (1 + den_lin)
-    return (o * mass + num_lin) / (mass + den_lin)
+        return ((o + num_lin) / (1 + den_lin)).to(out_dtype)
+    return ((o * mass + num_lin) / (mass + den_lin)).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parallel form
 # ----------------------------------------------------------------------------------------------------------------
-def _softmax_all_chunks(q, k, v, windows, frame_tokens, stabilizer, scale, acc):
-    """Softmax branch for every chunk: chunks of equal window shape are folded into the batch of one SDPA call.
+def _chunk_runs(windows) -> list[tuple[int, int]]:
+    """Runs ``(c0, c1)`` of consecutive chunks with the same window shape (query and key frame counts).
 
-    Returns ``o`` ``[B, N, H, Dv]`` and ``mass`` ``[B, N, H, 1]`` (or ``None``), in ``acc``.
+    Each run is computed with one SDPA call (its chunks folded into the batch) and its queries, features and
+    outputs are views of consecutive tokens. (Equal shapes are always consecutive: only the windows clipped at
+    frame 0 and the last, shorter chunk differ from the regular shape.)
     """
+    shape = [(q1 - q0, q1 - w0) for w0, q0, q1 in windows]
+    runs, c0 = [], 0
+    for c in range(1, len(windows) + 1):
+        if c == len(windows) or shape[c] != shape[c0]:
+            runs.append((c0, c))
+            c0 = c
+    return runs
+
+
+def _fold(x: torch.Tensor, B: int, G: int, n: int) -> torch.Tensor:
+    """``[B, G*n, H, X]`` -> ``[B*G, n, H, X]`` (a view for a contiguous x with B == 1)."""
+    return x.reshape(B * G, n, *x.shape[2:])
+
+
+def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc):
+    """All chunks at once; see :func:`rehyat_attention`. Returns ``[B, N, H, Dv]`` in q's dtype."""
     B, N, H, D = q.shape
-    T = N // frame_tokens
-    qf = q.view(B, T, frame_tokens, H, D)
-    kf = k.view(B, T, frame_tokens, H, D)
-    vf = v.view(B, T, frame_tokens, H, v.shape[-1])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for c, (w0, q0, q1) in enumerate(windows):
-        groups.setdefault((q1 - q0, q1 - w0), []).append(c)
-    per_chunk_o: list = [None] * len(windows)
-    per_chunk_m: list = [None] * len(windows)
-    for (nq, nk), chunks in groups.items():
-        G = len(chunks)
-        q_idx = torch.tensor([[windows[c][1] + i for i in range(nq)] for c in chunks], device=q.device)
-        k_idx = torch.tensor([[windows[c][0] + i for i in range(nk)] for c in chunks], device=q.device)
-        qg = qf[:, q_idx].reshape(B * G, nq * frame_tokens, H, D)
-        kg = kf[:, k_idx].reshape(B * G, nk * frame_tokens, H, D)
-        vg = vf[:, k_idx].reshape(B * G, nk * frame_tokens, H, vf.shape[-1])
-        o, mass = _window_softmax(qg, kg, vg, stabilizer, scale, acc)
-        o = o.view(B, G, nq * frame_tokens, H, -1)
-        mass = None if mass is None else mass.view(B, G, nq * frame_tokens, H, 1)
-        for i, c in enumerate(chunks):
-            per_chunk_o[c] = o[:, i]
-            per_chunk_m[c] = None if mass is None else mass[:, i]
-    o = per_chunk_o[0] if len(windows) == 1 else torch.cat(per_chunk_o, dim=1)
-    if stabilizer == "lse":
-        return o, None
-    mass = per_chunk_m[0] if len(windows) == 1 else torch.cat(per_chunk_m, dim=1)
-    return o, mass
-
-
-def _linear_all_chunks(fq, fk, v, windows, frame_tokens, causal, acc):
-    """Linear branch for every chunk from per-frame sums and an exclusive cumulative sum over frames.
-
-    Returns ``num_lin`` ``[B, N, H, Dv]`` and ``den_lin`` ``[B, N, H, 1]`` in ``acc``.
-    """
-    B, N, H, Fd = fq.shape
-    T = N // frame_tokens
-    fqf = fq.to(acc).view(B, T, frame_tokens, H, Fd)
-    fkf = fk.to(acc).view(B, T, frame_tokens, H, Fd)
-    vf = v.to(acc).view(B, T, frame_tokens, H, v.shape[-1])
-    kv = torch.einsum("btshf,btshd->bthfd", fkf, vf)  # per-frame phi_k^T v   [B, T, H, D', Dv]
-    ks = fkf.sum(dim=2)  # per-frame phi_k sums                              [B, T, H, D']
-    # prefix[e] = sum of frames [0, e)  (exclusive cumulative sum, T + 1 entries)
+    S, Dv, Fd = frame_tokens, v.shape[-1], fq.shape[-1]
+    T = N // S
+    mm = _mm_dtype(q, fq, acc)
+    # linear branch: per-frame sums, then prefix[e] = sum of frames [0, e) (exclusive cumulative sum, T + 1 rows)
+    kv, ks = _frame_sums(fk, v, S, mm, acc)  # [B, T, H, D', Dv], [B, T, H, D']
     prefix_kv = F.pad(kv.cumsum(dim=1), (0, 0, 0, 0, 0, 0, 1, 0))
     prefix_k = F.pad(ks.cumsum(dim=1), (0, 0, 0, 0, 1, 0))
-    starts = []  # per frame: the window start of its chunk
-    ends = []  # per frame: the window end of its chunk
-    for w0, q0, q1 in windows:
-        starts += [w0] * (q1 - q0)
-        ends += [q1] * (q1 - q0)
-    starts = torch.tensor(starts, device=fq.device)
-    state_kv = prefix_kv[:, starts]  # [B, T, H, D', Dv]
-    state_k = prefix_k[:, starts]  # [B, T, H, D']
     if not causal:
         # suffix[e] = sum of frames [e, T), summed from the end so no cancellation occurs
         suffix_kv = F.pad(kv.flip(1).cumsum(dim=1).flip(1), (0, 0, 0, 0, 0, 0, 0, 1))
         suffix_k = F.pad(ks.flip(1).cumsum(dim=1).flip(1), (0, 0, 0, 0, 0, 1))
-        ends = torch.tensor(ends, device=fq.device)
-        state_kv = state_kv + suffix_kv[:, ends]
-        state_k = state_k + suffix_k[:, ends]
-    num_lin = torch.einsum("btshf,bthfd->btshd", fqf, state_kv).reshape(B, N, H, -1)
-    den_lin = torch.einsum("btshf,bthf->btsh", fqf, state_k).reshape(B, N, H, 1)
-    return num_lin, den_lin
+    kf = k.view(B, T, S, H, D)
+    vf = v.view(B, T, S, H, Dv)
+    outs = []
+    for c0, c1 in _chunk_runs(windows):
+        G = c1 - c0
+        w0, q0, q1 = windows[c0]
+        nq, nk = q1 - q0, q1 - w0
+        t0, t1 = q0 * S, windows[c1 - 1][2] * S  # the run's query tokens, consecutive
+        # softmax branch: the run's chunks folded into the batch of one SDPA call; windows overlap, so keys and
+        # values are gathered by frame
+        k_idx = torch.tensor([[windows[c][0] + i for i in range(nk)] for c in range(c0, c1)], device=q.device)
+        kg = kf[:, k_idx].reshape(B * G, nk * S, H, D)
+        vg = vf[:, k_idx].reshape(B * G, nk * S, H, Dv)
+        o, mass = _window_softmax(_fold(q[:, t0:t1], B, G, nq * S), kg, vg, stabilizer, scale, acc)
+        o = o.reshape(B, G, nq * S, H, Dv)
+        mass = None if mass is None else mass.reshape(B, G, nq * S, H, 1)
+        # linear branch: each chunk reads the sums of the frames before its window (and after it, bidirectional)
+        starts = torch.tensor([windows[c][0] for c in range(c0, c1)], device=q.device)
+        state_kv, state_k = prefix_kv[:, starts], prefix_k[:, starts]  # [B, G, H, D', Dv], [B, G, H, D']
+        if not causal:
+            ends = torch.tensor([windows[c][2] for c in range(c0, c1)], device=q.device)
+            state_kv, state_k = state_kv + suffix_kv[:, ends], state_k + suffix_k[:, ends]
+        num_lin, den_lin = _readout(fq[:, t0:t1].reshape(B, G, nq * S, H, Fd), state_kv, state_k, mm)
+        outs.append(_merge(o, mass, num_lin, den_lin, acc, q.dtype).reshape(B, G * nq * S, H, Dv))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def rehyat_attention(
@@ -242,9 +275,7 @@ def rehyat_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype, fq.dtype)
     windows = chunk_windows(T, chunk_frames, overlap_frames)
-    o, mass = _softmax_all_chunks(q, k, v, windows, frame_tokens, stabilizer, scale, acc)
-    num_lin, den_lin = _linear_all_chunks(fq, fk, v, windows, frame_tokens, causal, acc)
-    return _merge(o, mass, num_lin, den_lin).to(q.dtype)
+    return _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,19 +438,18 @@ def rehyat_attention_step(
     k_win = torch.cat([state.k, k], dim=1)
     v_win = torch.cat([state.v, v], dim=1)
     fk_win = torch.cat([state.fk, fk], dim=1)
+    mm = _mm_dtype(q, fq, acc)
     o, mass = _window_softmax(q, k_win, v_win, stabilizer, scale, acc)
-    fqa = fq.to(acc)
-    num_lin = torch.einsum("bnhf,bhfd->bnhd", fqa, state.s)
-    den_lin = torch.einsum("bnhf,bhf->bnh", fqa, state.z).unsqueeze(-1)
-    y = _merge(o, mass, num_lin, den_lin).to(q.dtype)
+    num_lin, den_lin = _readout(fq[:, None], state.s[:, None], state.z[:, None], mm)
+    y = _merge(o, mass, num_lin[:, 0], den_lin[:, 0], acc, q.dtype)
 
     frames_seen = state.frames_seen + n_frames
     keep = min(overlap_frames, frames_seen) * frame_tokens
     move = k_win.shape[1] - keep
-    fk_out, v_out = fk_win[:, :move].to(acc), v_win[:, :move].to(acc)
+    kv, ks = _frame_sums(fk_win[:, :move], v_win[:, :move], frame_tokens, mm, acc)
     new_state = RecurrentState(
-        s=state.s + torch.einsum("bnhf,bnhd->bhfd", fk_out, v_out),
-        z=state.z + fk_out.sum(dim=1),
+        s=state.s + kv.sum(dim=1),
+        z=state.z + ks.sum(dim=1),
         # clone: a slice would keep the whole window buffer (overlap + chunk) alive, not just the overlap frames
         k=k_win[:, move:].clone(),
         v=v_win[:, move:].clone(),

@@ -57,7 +57,9 @@ class TestShapesAndDtypes:
         [
             (torch.float32, torch.float32, torch.float32),
             (torch.bfloat16, torch.float32, torch.float32),
-            (torch.bfloat16, torch.bfloat16, torch.float32),
+            (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+            (torch.float32, torch.bfloat16, torch.bfloat16),
+            (torch.float16, torch.float16, torch.float16),
             (torch.float16, torch.float32, torch.float32),
             (torch.float64, torch.float32, torch.float64),
             (torch.float32, torch.float64, torch.float64),

@@ -638,7 +638,7 @@ def _no_compute(*args, **kwargs):
 @pytest.fixture
 def forbid_compute(monkeypatch):
     """Make every compute helper of the operator fail, so a ValueError proves the check ran first."""
-    for name in ("_window_softmax", "_softmax_all_chunks", "_linear_all_chunks", "hybrid_masks"):
+    for name in ("_window_softmax", "_parallel", "_frame_sums", "_readout", "hybrid_masks"):
         monkeypatch.setattr(hybrid, name, _no_compute)
 
 
