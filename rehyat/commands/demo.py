@@ -142,8 +142,9 @@ def run(args) -> int:
         f"- `{names['side'].name}`: teacher (left) and ReHyAt (right), {frames} frames, same prompt and noise", "",
         "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
         results_markdown(result), "",
-        "The shipped teacher is under-trained (see rehyat/assets/TRAINING.md): its samples get the background and "
-        "the colour right but not yet a coherent moving shape, and its student inherits that. What the demo shows "
+        "The shipped models are still under-trained (see rehyat/assets/TRAINING.md): the teacher's samples get the "
+        "background right and usually show a ragged blob of the prompted colour, but shape and motion direction are "
+        "at chance; the student scatters the colour over separate 6x6 patches. What the demo shows "
         "is the mechanics (streaming in constant memory, the student measured against its teacher, cost against length), not "
         "video quality.", "",
         "## Time and peak memory of one denoising step against video length", "",
