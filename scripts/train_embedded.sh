@@ -5,6 +5,7 @@
 #
 #   WORK=/tmp/w OUT=/tmp/out bash scripts/train_embedded.sh            # full run
 #   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 EVAL=0 ... # smoke run
+#   TEACHER_INIT=rehyat/assets/teacher STAGES=data,teacher ...       # continue training the shipped teacher
 set -euo pipefail
 WORK=${WORK:-/tmp/rehyat_embedded}
 OUT=${OUT:-$WORK/out}
@@ -18,6 +19,8 @@ BATCH=${BATCH:-64}                  # global batch of the student fine-tuning
 TEACHER_BATCH=${TEACHER_BATCH:-$BATCH}
 TEACHER_LR=${TEACHER_LR:-5e-4}
 NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
+TEACHER_INIT=${TEACHER_INIT:-}      # teacher folder to continue from (e.g. rehyat/assets/teacher); empty: from scratch
+TEACHER_WARMUP=${TEACHER_WARMUP:-200}
 EVAL=${EVAL:-1}
 STAGES=${STAGES:-data,teacher,student,eval}
 mkdir -p "$WORK" "$OUT"
@@ -33,8 +36,13 @@ if has data; then
 fi
 if has teacher; then
   # stage 0: the teacher, a small pixel-space WanTransformer3DModel trained from scratch with flow matching
-  train finetune --config configs/world_teacher.json --components-from configs/world_components --data "$WORK/data" \
-      --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr "$TEACHER_LR" --warmup-steps 200 \
+  # (TEACHER_INIT: more steps on an earlier teacher's weights, fresh optimizer and schedule, so a long run can be
+  # spread over several device sessions without carrying optimizer checkpoints)
+  if [[ -n "$TEACHER_INIT" ]]; then src=(--model "$TEACHER_INIT");
+  else src=(--config configs/world_teacher.json --components-from configs/world_components); fi
+  train finetune "${src[@]}" --data "$WORK/data" \
+      --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr "$TEACHER_LR" \
+      --warmup-steps "$TEACHER_WARMUP" \
       --lr-schedule cosine --min-lr-ratio 0.1 --text-dropout 0.1 --weight-decay 0.01 --no-progress --overwrite
 fi
 if has student; then
