@@ -21,6 +21,7 @@ TEACHER_LR=${TEACHER_LR:-5e-4}
 NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
 TEACHER_INIT=${TEACHER_INIT:-}      # teacher folder to continue from (e.g. rehyat/assets/teacher); empty: from scratch
 TEACHER_WARMUP=${TEACHER_WARMUP:-200}
+TEACHER_COMPILE=${TEACHER_COMPILE:-0}  # 1: torch.compile the teacher (runs on the CPU; its GPU speed is not measured)
 EVAL=${EVAL:-1}
 STAGES=${STAGES:-data,teacher,student,eval}
 mkdir -p "$WORK" "$OUT"
@@ -40,6 +41,7 @@ if has teacher; then
   # spread over several device sessions without carrying optimizer checkpoints)
   if [[ -n "$TEACHER_INIT" ]]; then src=(--model "$TEACHER_INIT");
   else src=(--config configs/world_teacher.json --components-from configs/world_components); fi
+  [[ "$TEACHER_COMPILE" == 1 ]] && src+=(--compile)
   train finetune "${src[@]}" --data "$WORK/data" \
       --out "$WORK/teacher" --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr "$TEACHER_LR" \
       --warmup-steps "$TEACHER_WARMUP" \
