@@ -244,7 +244,9 @@ def rehyat_attention(
     equal window shape folded into the batch, so any SDPA backend serves), linear attention over the earlier
     frames (or all frames outside the window) from per-frame sums ``phi_k^T v`` and an exclusive cumulative sum
     over frames, accumulated in float32 (float64 for float64 inputs), joint normalisation as in the module
-    docstring (paper Eq. 9-13). Backward goes through ordinary autograd.
+    docstring (paper Eq. 9-13). When q and the features are both bfloat16 (or float16), the linear branch's
+    matrix products (per-frame sums, read-out) run in that dtype on tensor cores with float32 accumulation inside
+    each product (``docs/design.md`` section 3, precision). Backward goes through ordinary autograd.
 
     Args:
         q, k: ``[B, N, H, D]`` (diffusers layout; RoPE already applied if the model uses it), frame-major tokens,
