@@ -54,4 +54,9 @@ def run(args) -> int:
         if sel is not None:
             print(selection_table(sel))
         print(f"wrote {out}")
+        from ._notes import recurrence_note
+
+        note = recurrence_note(out)
+        if note:
+            print(note)
     return 0

@@ -52,4 +52,9 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(res.report)
         print(f"wrote {res.out} (student model folder), {res.out / 'distill_report.json'}")
+        from ._notes import recurrence_note
+
+        note = recurrence_note(res.out)
+        if note:
+            print(note)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"
@@ -77,6 +79,9 @@ def _resolve(args):
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt must not be empty")
+        if args.videos_per_prompt != 1:
+            raise ValueError("--videos-per-prompt goes with --prompt-file (one video per prompt and seed); with "
+                             "--prompt, run once per --seed")
         if args.out.suffix.lower() != ".mp4":
             raise ValueError(f"--out must be an .mp4 file, got {args.out}")
         jobs.append((args.prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
@@ -133,6 +138,11 @@ def run(args) -> int:
 
         cfg = get_rehyat_config(pipe.transformer)
         mode = "streaming" if cfg is not None and cfg.is_recurrent else "parallel"
+        if cfg is not None and not cfg.is_recurrent:
+            why = ("its linear attention is bidirectional (converted with causal=False)" if not cfg.causal else
+                   "some blocks keep bidirectional softmax attention, whose cost grows quadratically with --frames "
+                   "(convert with --softmax-blocks chunk_causal for recurrent / streaming generation)")
+            print(f"note: --mode auto chose parallel: {why}", file=sys.stderr)
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:

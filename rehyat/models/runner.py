@@ -53,7 +53,8 @@ def check_recurrent(transformer) -> int:
         kept = sorted(set(range(len(transformer.blocks))) - set(cfg.blocks))
         raise ValueError(
             f"blocks {kept} keep bidirectional softmax attention, so the model is not causal: convert them too, or "
-            "convert with softmax_blocks='chunk_causal'"
+            "convert with softmax_blocks='chunk_causal' (rehyat distill / convert: --softmax-blocks chunk_causal); "
+            "as it is, the model generates in parallel mode only"
         )
     return runner_chunk_frames(transformer)
 

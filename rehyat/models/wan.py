@@ -588,7 +588,9 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
     Args:
         folder: a ``WanTransformer3DModel`` folder written by ``save_pretrained`` (or :func:`save_rehyat`), or a
             pipeline folder that holds one under ``transformer/``.
-        torch_dtype: cast weights to this dtype (default: as saved).
+        torch_dtype: dtype of the loaded weights. Default ``None`` follows diffusers' ``from_pretrained``: float32,
+            whatever dtype the folder was saved in; pass ``torch.bfloat16`` for a bfloat16 model (diffusers then
+            keeps the modules it keeps in float32 there, as for the teacher).
         device: move the model there (default: CPU).
 
     Raises:

@@ -205,6 +205,31 @@ class Selection:
         }
 
 
+def check_budget(budget: float, *, num_blocks: int, flops: dict, softmax_flops: int,
+                 teacher_flops_per_block: int) -> None:
+    """Raise ``ValueError`` when no choice can meet ``budget`` or when every block would stay softmax; needs only
+    FLOP counts, so :func:`convert_model` calls it before any distillation.
+
+    Args: as :func:`select_blocks_budget` (``flops`` ``{(tc, to): FLOPs of a converted block}``).
+    """
+    teacher = teacher_flops_per_block * num_blocks
+    cap = int(budget * teacher)
+    cheapest_conv = min(flops.values())
+    if num_blocks * min(softmax_flops, cheapest_conv) > cap:
+        if cheapest_conv >= softmax_flops:
+            raise ValueError(
+                f"--budget {budget}: at this geometry every candidate costs more attention FLOPs than a softmax block "
+                f"(the cheapest {cheapest_conv / softmax_flops:.2f}x), so converting cannot reduce the cost; use the "
+                "real video length (--frames), or candidates with smaller windows (--candidates)")
+        least = num_blocks * min(softmax_flops, cheapest_conv)
+        raise ValueError(f"--budget {budget} is below what any choice reaches: converting every block with its "
+                         f"cheapest candidate costs {least / teacher:.3f} of the teacher's attention FLOPs")
+    if num_blocks * softmax_flops <= cap:
+        raise ValueError(f"--budget {budget} keeps every block softmax (softmax everywhere costs "
+                         f"{num_blocks * softmax_flops / teacher:.3f} of the teacher's attention FLOPs): nothing to "
+                         "convert; lower --budget")
+
+
 def select_blocks_budget(errors: dict[tuple[int, int], dict[int, float]], *, num_blocks: int, flops: dict,
                          softmax_flops: int, teacher_flops_per_block: int, budget: float) -> Selection:
     """Choose per block among candidate settings and "keep softmax" under a FLOP budget (exact knapsack).
@@ -222,16 +247,13 @@ def select_blocks_budget(errors: dict[tuple[int, int], dict[int, float]], *, num
     cands = list(errors)
     teacher = teacher_flops_per_block * num_blocks
     cap = int(budget * teacher)
+    check_budget(budget, num_blocks=num_blocks, flops={c: flops[c] for c in cands}, softmax_flops=softmax_flops,
+                 teacher_flops_per_block=teacher_flops_per_block)
     errs, costs = [], []
     for b in range(num_blocks):
         errs.append([0.0] + [float(errors[c][b]) for c in cands])
         costs.append([softmax_flops] + [flops[c] for c in cands])
-    try:
-        choice, total, cost = solve_mckp(errs, costs, cap)
-    except ValueError:
-        least = sum(min(c) for c in costs)
-        raise ValueError(f"--budget {budget} is below what any choice reaches: converting every block with its "
-                         f"cheapest candidate costs {least / teacher:.3f} of the teacher's attention FLOPs") from None
+    choice, total, cost = solve_mckp(errs, costs, cap)
     out = []
     for b, o in enumerate(choice):
         options = {"softmax": {"rel_error": 0.0, "flops": softmax_flops}}
@@ -357,8 +379,6 @@ def convert_model(
         latent_shape = info.latent_shape
     else:
         latent_shape = latent_shape_for(model, *default_geometry(model, frames, height, width))
-    prepare_output_folder(out, overwrite=overwrite)
-
     _, F, H, W = latent_shape
     S = (H // tcfg["patch_size"][1]) * (W // tcfg["patch_size"][2])
     heads, hd = tcfg["num_attention_heads"], tcfg["attention_head_dim"]
@@ -366,6 +386,10 @@ def convert_model(
     teacher_block = attention_flops(F, S, heads, hd, None)
     softmax_cost = teacher_block if softmax_blocks == "bidirectional" else \
         attention_flops(F, S, heads, hd, None, softmax=("chunk_causal", chunk_frames))
+    if kind == "auto":  # FLOP counts alone decide whether the budget can be met: check before any distillation
+        check_budget(budget, num_blocks=nb, flops={c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands},
+                     softmax_flops=softmax_cost, teacher_flops_per_block=teacher_block)
+    prepare_output_folder(out, overwrite=overwrite)
 
     selection = None
     fm_state: dict = {}

@@ -113,3 +113,30 @@ def test_unreadable_model_config(tmp_path, capsys):
     (tmp_path / "m" / "transformer" / "config.json").write_text("{not json")
     assert gen(tmp_path / "m", tmp_path / "v.mp4", "--prompt", "a cat") == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_auto_mode_notes_a_partly_converted_model(tmp_path, capsys):
+    from rehyat.commands._notes import recurrence_note
+    from rehyat.models import convert_wan, load_transformer, save_rehyat
+
+    folder = tiny_pipeline_folder(tmp_path / "partial", converted=False)
+    assert recurrence_note(folder) is None  # a plain teacher: nothing to say
+    transformer = load_transformer(folder)
+    convert_wan(transformer, blocks=[0], chunk_frames=2, overlap_frames=1)
+    save_rehyat(transformer, folder / "transformer", overwrite=True)
+    note = recurrence_note(folder)
+    assert "blocks [1] keep bidirectional softmax" in note and "--softmax-blocks chunk_causal" in note
+    assert gen(folder, tmp_path / "v.mp4", "--prompt", "a red circle") == 0
+    captured = capsys.readouterr()
+    assert "mode parallel" in captured.out and "--mode auto chose parallel" in captured.err
+    # chunk-causal softmax blocks: the model streams, no note
+    transformer = load_transformer(tiny_pipeline_folder(tmp_path / "cc", converted=False))
+    convert_wan(transformer, blocks=[0], chunk_frames=2, overlap_frames=1, softmax_blocks="chunk_causal")
+    save_rehyat(transformer, tmp_path / "cc" / "transformer", overwrite=True)
+    assert recurrence_note(tmp_path / "cc") is None
+
+
+def test_videos_per_prompt_needs_a_prompt_file(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a red circle", "--videos-per-prompt", "3") == 2
+    assert "--videos-per-prompt goes with --prompt-file" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

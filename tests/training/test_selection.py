@@ -93,6 +93,9 @@ def test_convert_auto_budget_and_best_n(teacher, prompts, tmp_path, capsys):
     assert model.rehyat_config.blocks == rc["blocks"]
     # best:1 with the default setting
     assert main(args + ["--blocks", "best:1", "--chunk-frames", "2", "--out", str(tmp_path / "best")]) == 0
+    # the unconverted block stays bidirectional softmax: the command says the model cannot stream, and the fix
+    out = capsys.readouterr().out
+    assert "keep bidirectional softmax attention" in out and "--softmax-blocks chunk_causal" in out
     sel = json.loads((tmp_path / "best" / "selection.json").read_text())
     errs = {b["block"]: b["options"]["2,1"]["rel_error"] for b in sel["blocks"]}
     rc = json.loads((tmp_path / "best" / "transformer" / "rehyat_config.json").read_text())
@@ -109,6 +112,22 @@ def test_convert_auto_budget_and_best_n(teacher, prompts, tmp_path, capsys):
     assert main(["distill", "--model", str(tmp_path / "best"), "--prompts", str(prompts), "--blocks", "0",
                  "--out", str(tmp_path / "x")]) == 2
     assert "already converted" in capsys.readouterr().err
-    # too small a budget is refused with the least reachable fraction
+    # too small a budget is refused with the least reachable fraction, before any distillation or output folder
     assert main(args + ["--blocks", "auto", "--budget", "0.001", "--out", str(tmp_path / "none")]) == 2
     assert "cheapest candidate" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_check_budget():
+    from rehyat.training.selection import check_budget
+
+    kw = dict(num_blocks=4, softmax_flops=100, teacher_flops_per_block=100)
+    check_budget(0.5, flops={(3, 1): 40, (1, 0): 20}, **kw)  # reachable, and softmax everywhere is not
+    with pytest.raises(ValueError, match=r"cheapest candidate costs 0\.200"):
+        check_budget(0.1, flops={(3, 1): 40, (1, 0): 20}, **kw)
+    # converting costs more than softmax (short videos): said so, not a misleading "1.000"
+    with pytest.raises(ValueError, match=r"costs more attention FLOPs than a softmax block \(the cheapest 1\.50x\)"):
+        check_budget(0.5, flops={(3, 1): 150, (1, 0): 200}, **kw)
+    # chunk-causal softmax blocks may already fit the budget: nothing would be converted
+    with pytest.raises(ValueError, match="keeps every block softmax"):
+        check_budget(0.5, flops={(3, 1): 20}, num_blocks=4, softmax_flops=40, teacher_flops_per_block=100)
