@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-
 from pathlib import Path
 
 HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"
 
 
-def add_parser(sub) -> None:
-    import argparse
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless X is None or the help already states its default."""
 
-    p = sub.add_parser("generate", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help=HELP, description=HELP, formatter_class=_DefaultsFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded ReHyAt model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
