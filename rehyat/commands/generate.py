@@ -151,6 +151,9 @@ def run(args) -> int:
                    "some blocks keep bidirectional softmax attention, whose cost grows quadratically with --frames "
                    "(convert with --softmax-blocks chunk_causal for recurrent / streaming generation)")
             print(f"note: --mode auto chose parallel: {why}", file=sys.stderr)
+    print(f"{g['frames']} frames at {g['height']}x{g['width']}, {g['steps']} steps, guidance {g['guidance']:g}, "
+          f"mode {mode}, {dtype} on {device} (settings not given come from the model folder, else Wan2.1's)",
+          file=sys.stderr)
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:
