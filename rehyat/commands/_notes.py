@@ -13,13 +13,7 @@ def recurrence_note(folder) -> str | None:
     path = tdir / REHYAT_CONFIG_NAME
     if not path.exists():
         return None
-    cfg = ReHyAtConfig.from_dict(read_json_object(path))
-    if not cfg.causal:
-        return ("note: this model uses bidirectional linear attention (causal=False): it generates in parallel mode "
-                "only, not recurrent / streaming")
-    kept = sorted(set(range(int(config.get("num_layers", 0)))) - set(cfg.blocks))
-    if kept and cfg.softmax_blocks != "chunk_causal":
-        return (f"note: blocks {kept} keep bidirectional softmax attention, so this model generates in parallel mode "
-                "only (attention cost quadratic in the frames there); convert with --softmax-blocks chunk_causal "
-                "for recurrent / streaming generation")
-    return None
+    problem = ReHyAtConfig.from_dict(read_json_object(path)).recurrence_problem(int(config.get("num_layers", 0)))
+    if problem is None:
+        return None
+    return f"note: this model generates in parallel mode only, not recurrent / streaming: {problem}"

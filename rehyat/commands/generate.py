@@ -145,12 +145,10 @@ def run(args) -> int:
         from ..models.wan import get_rehyat_config
 
         cfg = get_rehyat_config(pipe.transformer)
-        mode = "streaming" if cfg is not None and cfg.is_recurrent else "parallel"
-        if cfg is not None and not cfg.is_recurrent:
-            why = ("its linear attention is bidirectional (converted with causal=False)" if not cfg.causal else
-                   "some blocks keep bidirectional softmax attention, whose cost grows quadratically with --frames "
-                   "(convert with --softmax-blocks chunk_causal for recurrent / streaming generation)")
-            print(f"note: --mode auto chose parallel: {why}", file=sys.stderr)
+        problem = None if cfg is None else cfg.recurrence_problem(len(pipe.transformer.blocks))
+        mode = "streaming" if cfg is not None and problem is None else "parallel"
+        if problem is not None:
+            print(f"note: --mode auto chose parallel, since the model cannot stream: {problem}", file=sys.stderr)
     print(f"{g['frames']} frames at {g['height']}x{g['width']}, {g['steps']} steps, guidance {g['guidance']:g}, "
           f"mode {mode}, {dtype} on {device} (settings not given come from the model folder, else Wan2.1's)",
           file=sys.stderr)

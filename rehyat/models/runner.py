@@ -47,15 +47,10 @@ def check_recurrent(transformer) -> int:
     cfg = get_rehyat_config(transformer)
     if cfg is None:
         raise ValueError("a plain Wan transformer is not causal and cannot run recurrently: convert it first")
-    if not cfg.causal:
-        raise ValueError("this ReHyAt model uses bidirectional linear attention (causal=False): it is not recurrent")
-    if not cfg.is_recurrent:
-        kept = sorted(set(range(len(transformer.blocks))) - set(cfg.blocks))
-        raise ValueError(
-            f"blocks {kept} keep bidirectional softmax attention, so the model is not causal: convert them too, or "
-            "convert with softmax_blocks='chunk_causal' (rehyat distill / convert: --softmax-blocks chunk_causal); "
-            "as it is, the model generates in parallel mode only"
-        )
+    problem = cfg.recurrence_problem(len(transformer.blocks))
+    if problem is not None:
+        raise ValueError(f"this ReHyAt model is not causal and cannot run recurrently: {problem}; as it is, it "
+                         "generates in parallel mode only")
     return runner_chunk_frames(transformer)
 
 

@@ -89,16 +89,19 @@ class ReHyAtConfig:
         s = self.block_settings.get(block, {})
         return s.get("chunk_frames", self.chunk_frames), s.get("overlap_frames", self.overlap_frames)
 
-    @property
-    def is_recurrent(self) -> bool:
-        """True when every block is chunk-causal, so the model can run chunk by chunk."""
-        return self.causal and (self.softmax_blocks == "chunk_causal" or self._all_converted)
-
-    _all_converted: bool = field(default=False, repr=False)  # set by convert_wan; not saved
+    def recurrence_problem(self, num_blocks: int) -> str | None:
+        """Why a transformer of ``num_blocks`` blocks converted this way cannot run chunk by chunk (recurrent and
+        streaming generation), or ``None`` when every block is chunk-causal and it can."""
+        if not self.causal:
+            return "it uses bidirectional linear attention (converted with causal=False)"
+        kept = [] if self.softmax_blocks == "chunk_causal" else sorted(set(range(num_blocks)) - set(self.blocks))
+        if kept:
+            return (f"blocks {kept} keep bidirectional softmax attention: convert them too, or convert with "
+                    "softmax_blocks='chunk_causal' (rehyat distill / convert: --softmax-blocks chunk_causal)")
+        return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("_all_converted")
         d["block_settings"] = {str(b): dict(s) for b, s in self.block_settings.items()}
         return d
 
@@ -480,7 +483,6 @@ def convert_wan(
         feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
         softmax_blocks=softmax_blocks,
     )
-    cfg._all_converted = len(blocks) == n_blocks
     # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
     ctx = RunContext()
     heads = transformer.config.num_attention_heads
