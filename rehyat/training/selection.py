@@ -387,8 +387,9 @@ def convert_model(
     softmax_cost = teacher_block if softmax_blocks == "bidirectional" else \
         attention_flops(F, S, heads, hd, None, softmax=("chunk_causal", chunk_frames))
     if kind == "auto":  # FLOP counts alone decide whether the budget can be met: check before any distillation
-        check_budget(budget, num_blocks=nb, flops={c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands},
-                     softmax_flops=softmax_cost, teacher_flops_per_block=teacher_block)
+        cand_flops = {c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands}
+        check_budget(budget, num_blocks=nb, flops=cand_flops, softmax_flops=softmax_cost,
+                     teacher_flops_per_block=teacher_block)
     prepare_output_folder(out, overwrite=overwrite)
 
     selection = None
@@ -426,13 +427,11 @@ def convert_model(
             selection = Selection(choices, sum(c.error for c in choices), sum(c.flops for c in choices),
                                   teacher_block * nb, None, f"best:{bval} (ranked after {rank_steps} steps)")
         else:
-            flops = {c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands}
-            selection = select_blocks_budget(errors, num_blocks=nb, flops=flops, softmax_flops=softmax_cost,
+            # (check_budget above guarantees at least one converted block)
+            selection = select_blocks_budget(errors, num_blocks=nb, flops=cand_flops, softmax_flops=softmax_cost,
                                              teacher_flops_per_block=teacher_block, budget=budget)
             selection.method = f"knapsack over {len(cands)} candidates + softmax, errors after {rank_steps} steps"
             chosen = sorted(selection.converted)
-            if not chosen:
-                raise ValueError(f"the budget {budget} keeps every block softmax: nothing to convert")
         # feature maps of the chosen setting's short distillation
         sel_settings = {b: s for b, s in ((c.block, c.setting) for c in selection.choices) if s is not None}
         for b, (tc, to) in sel_settings.items():
