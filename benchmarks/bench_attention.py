@@ -213,8 +213,8 @@ class Ctx:
 
 def make_inputs(ctx: Ctx, frames: int, frame_tokens: int, requires_grad: bool = True) -> dict:
     """One input set: q, k, v ``[B, N, H, D]`` (randn, like Wan's RMS-normed q, k), fq, fk = phi(q), phi(k)
-    (the feature maps' output dtype, non-negative), their float32 copies fq32, fk32 (for the float32-features row,
-    forward only) and a random output gradient ``go``. All leaves require grad when asked."""
+    (the feature maps' output dtype, non-negative) and a random output gradient ``go``. All leaves require grad
+    when asked."""
     a = ctx.args
     N = frames * frame_tokens
     shape = (a.batch, N, a.heads, a.dim)
@@ -222,7 +222,7 @@ def make_inputs(ctx: Ctx, frames: int, frame_tokens: int, requires_grad: bool = 
     with torch.no_grad():
         fq, fk = ctx.phi_q(q), ctx.phi_k(k)
     go = torch.randn(shape, device=ctx.device, dtype=ctx.dtype)
-    s = {"q": q, "k": k, "v": v, "fq": fq, "fk": fk, "go": go, "fq32": fq.float(), "fk32": fk.float()}
+    s = {"q": q, "k": k, "v": v, "fq": fq, "fk": fk, "go": go}
     if requires_grad:
         for name in ("q", "k", "v", "fq", "fk"):
             s[name].requires_grad_(True)
@@ -496,14 +496,16 @@ def rows_rehyat(ctx: Ctx, frames: int, sets: list[dict]) -> dict:
         # the same operator on float32 copies of the features: its linear products then run in float32 (no tensor
         # cores); side by side with the rows above it measures what the 16-bit linear path gains
         op = ctx.compiled["rehyat"]
+        f32 = [(s["fq"].detach().float(), s["fk"].detach().float()) for s in sets]  # for this row only
 
         def fwd32(i, op=op):
-            s = sets[i % len(sets)]
+            s, (fq32, fk32) = sets[i % len(sets)], f32[i % len(sets)]
             with torch.no_grad():
-                return op(*(s[n] for n in ("q", "k", "v", "fq32", "fk32")), **kw)
+                return op(s["q"], s["k"], s["v"], fq32, fk32, **kw)
 
         body = lambda: timed_compiled(ctx, "rehyat", "rehyat fwd f32 features", frames, fwd32)  # noqa: E731
         run_row(ctx, frames, "ReHyAt rehyat_attention, compiled, float32 features", "fwd", body, flops, "fwd")
+        del f32
 
     # correctness at the benchmark size: compiled vs eager, recurrent vs parallel (all in the benchmark dtype)
     try:
