@@ -183,6 +183,17 @@ def _fold(x: torch.Tensor, B: int, G: int, n: int) -> torch.Tensor:
     return x.reshape(B * G, n, *x.shape[2:])
 
 
+def _windows_view(x: torch.Tensor, first: int, size: int, step: int, count: int) -> torch.Tensor:
+    """``count`` windows of ``size`` frames, starting at frame ``first`` and ``step`` frames apart, as a view.
+
+    x: ``[B, T, S, H, X]`` (frames, tokens per frame, heads). Returns ``[B, count, size, S, H, X]``; windows overlap
+    when ``step < size``. A view (``Tensor.unfold``), so no key or value is copied and the backward sums the
+    overlapping gradients.
+    """
+    w = x[:, first:].unfold(1, size, step)[:, :count]  # [B, count, S, H, X, size]
+    return w.permute(0, 1, 5, 2, 3, 4)
+
+
 def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc):
     """All chunks at once; see :func:`rehyat_attention`. Returns ``[B, N, H, Dv]`` in q's dtype."""
     B, N, H, D = q.shape
@@ -205,11 +216,10 @@ def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale,
         w0, q0, q1 = windows[c0]
         nq, nk = q1 - q0, q1 - w0
         t0, t1 = q0 * S, windows[c1 - 1][2] * S  # the run's query tokens, consecutive
-        # softmax branch: the run's chunks folded into the batch of one SDPA call; windows overlap, so keys and
-        # values are gathered by frame
-        k_idx = torch.tensor([[windows[c][0] + i for i in range(nk)] for c in range(c0, c1)], device=q.device)
-        kg = kf[:, k_idx].reshape(B * G, nk * S, H, D)
-        vg = vf[:, k_idx].reshape(B * G, nk * S, H, Dv)
+        # softmax branch: the run's chunks folded into the batch of one SDPA call; the run's windows start
+        # `step` frames apart and overlap, so keys and values are strided views of the frames (no copy for B == 1)
+        step = windows[c0 + 1][0] - w0 if G > 1 else 1
+        kg, vg = (_windows_view(x, w0, nk, step, G).reshape(B * G, nk * S, H, x.shape[-1]) for x in (kf, vf))
         o, mass = _window_softmax(_fold(q[:, t0:t1], B, G, nq * S), kg, vg, stabilizer, scale, acc)
         o = o.reshape(B, G, nq * S, H, Dv)
         mass = None if mass is None else mass.reshape(B, G, nq * S, H, 1)

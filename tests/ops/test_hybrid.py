@@ -791,6 +791,25 @@ class TestChunkLayout:
         with pytest.raises(ValueError, match="overlap_frames"):
             chunk_windows(3, 1, -1)
 
+    @pytest.mark.parametrize("T, first, size, step, count", [(21, 2, 4, 3, 6), (7, 0, 5, 1, 3), (9, 1, 2, 3, 3),
+                                                              (4, 0, 4, 1, 1), (10, 3, 3, 3, 2)])
+    @pytest.mark.parametrize("B", [1, 2])
+    def test_windows_view_equals_gather(self, gen, T, first, size, step, count, B):
+        """The strided key/value windows of the parallel form equal an explicit gather by frame, are a view (for
+        B == 1: no copy), and their backward sums the gradients of overlapping windows like the gather's."""
+        x = torch.randn(B, T, 3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        idx = torch.tensor([[first + c * step + i for i in range(size)] for c in range(count)])
+        got, want = hybrid._windows_view(x, first, size, step, count), x[:, idx]
+        assert got.shape == want.shape == (B, count, size, 3, 2, 5)
+        assert torch.equal(got, want)
+        if B == 1:
+            flat = got.reshape(count, size * 3, 2, 5)
+            assert flat.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        (g_got,) = torch.autograd.grad(got, x, dy)
+        (g_want,) = torch.autograd.grad(want, x, dy)
+        assert torch.allclose(g_got, g_want, rtol=0, atol=1e-12)
+
     @pytest.mark.parametrize("T, S, Tc, To", [(7, 2, 3, 4), (5, 3, 1, 4), (6, 1, 2, 1), (4, 2, 1, 0), (3, 2, 5, 1)])
     @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
     def test_hybrid_masks_agree_with_chunk_windows(self, T, S, Tc, To, causal):
