@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
 # Train the project's embedded models with the project's own commands: world data -> teacher from scratch ->
-# convert + distil (stage 1) -> fine-tune (stage 2) -> evaluate. Run on one GPU (an H200 took the times in
-# rehyat/assets/TRAINING.md); every size is an environment variable so a CPU smoke run can shrink it.
+# convert + distil (stage 1) -> fine-tune (stage 2, two runs) -> evaluate. The defaults are the recipe of the shipped
+# models (rehyat/assets/TRAINING.md has the times on H200s); every size is an environment variable so a CPU smoke
+# run can shrink it.
 #
 #   WORK=/tmp/w OUT=/tmp/out bash scripts/train_embedded.sh            # full run
-#   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 EVAL=0 ... # smoke run
+#   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 FT2_STEPS=1 EVAL=0 ... # smoke run
 #   TEACHER_INIT=rehyat/assets/teacher STAGES=data,teacher ...       # continue training the shipped teacher
+#   TEACHER_DIR=rehyat/assets/teacher STAGES=data,student,eval ...     # a new student of the shipped teacher
 set -euo pipefail
 WORK=${WORK:-/tmp/rehyat_embedded}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python3}
 TABLE=${TABLE:-.devcarry/world_text_embeddings.safetensors}   # MiniLM embeddings of every world caption
-VIDEOS=${VIDEOS:-12000}
-TEACHER_STEPS=${TEACHER_STEPS:-4000}
-DISTILL_STEPS=${DISTILL_STEPS:-400}
-FT_STEPS=${FT_STEPS:-1500}
-BATCH=${BATCH:-64}                  # global batch of the student fine-tuning
-TEACHER_BATCH=${TEACHER_BATCH:-$BATCH}
-TEACHER_LR=${TEACHER_LR:-5e-4}
+VIDEOS=${VIDEOS:-16000}
+TEACHER_STEPS=${TEACHER_STEPS:-3000}
+DISTILL_STEPS=${DISTILL_STEPS:-1500}
+FT_STEPS=${FT_STEPS:-2000}
+BATCH=${BATCH:-128}                 # global batch of the student fine-tuning
+FT_LR=${FT_LR:-5e-4}                # peak learning rate of the student fine-tuning (cosine to 0, FT_WARMUP steps up)
+FT_WARMUP=${FT_WARMUP:-100}
+FT2_STEPS=${FT2_STEPS:-900}         # a second fine-tuning run from the first one's weights (0: none), fresh schedule
+FT2_BATCH=${FT2_BATCH:-256}
+FT2_LR=${FT2_LR:-3e-4}
+FT2_WARMUP=${FT2_WARMUP:-50}
+DISTILL_BATCH=${DISTILL_BATCH:-32}
+TEACHER_DIR=${TEACHER_DIR:-$WORK/teacher}  # the teacher the student stages start from (e.g. rehyat/assets/teacher)
+STUDENT_DIR=${STUDENT_DIR:-$WORK/student}  # where the fine-tuned student goes (and what eval reads)
+EVAL_DIR=${EVAL_DIR:-$WORK/eval}
+TEACHER_BATCH=${TEACHER_BATCH:-512}
+TEACHER_LR=${TEACHER_LR:-1e-3}
 NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
 TEACHER_INIT=${TEACHER_INIT:-}      # teacher folder to continue from (e.g. rehyat/assets/teacher); empty: from scratch
 TEACHER_WARMUP=${TEACHER_WARMUP:-200}
 TEACHER_COMPILE=${TEACHER_COMPILE:-0}  # 1: torch.compile the teacher (runs on the CPU; its GPU speed is not measured)
 EVAL=${EVAL:-1}
-STAGES=${STAGES:-data,teacher,student,eval}
+STAGES=${STAGES:-data,teacher,student,eval}  # "student" = distill,finetune
 mkdir -p "$WORK" "$OUT"
 cli() { $PY -m rehyat.cli "$@"; }
 # training commands: torchrun over NPROC GPUs (the global batch and the random draws do not depend on NPROC)
 train() { if [[ "$NPROC" -gt 1 ]]; then $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
               -m rehyat.cli "$@"; else cli "$@"; fi; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
+has student && STAGES="$STAGES,distill,finetune"
 
 if has data; then
   cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$VIDEOS" --frames 16 --height 48 \
@@ -47,25 +60,34 @@ if has teacher; then
       --warmup-steps "$TEACHER_WARMUP" \
       --lr-schedule cosine --min-lr-ratio 0.1 --text-dropout 0.1 --weight-decay 0.01 --no-progress --overwrite
 fi
-if has student; then
+if has distill; then
   # stage 1: convert every block (chunk 4 frames, overlap 1) and distil the feature maps along the teacher's
   # own sampling trajectories, teacher-forced
-  cli distill --teacher "$WORK/teacher" --data "$WORK/data" --out "$WORK/distilled" --blocks all \
-      --chunk-frames 4 --overlap-frames 1 --steps "$DISTILL_STEPS" --sampling-steps 20 --batch-size 16 \
+  cli distill --teacher "$TEACHER_DIR" --data "$WORK/data" --out "$WORK/distilled" --blocks all \
+      --chunk-frames 4 --overlap-frames 1 --steps "$DISTILL_STEPS" --sampling-steps 20 --batch-size "$DISTILL_BATCH" \
       --lr 2e-3 --no-progress --overwrite
+fi
+if has finetune; then
   # stage 2: flow-matching fine-tuning of the whole student on the world data plus the teacher-velocity loss
-  train finetune --model "$WORK/distilled" --data "$WORK/data" --teacher "$WORK/teacher" --teacher-weight 1.0 \
-      --out "$WORK/student" --steps "$FT_STEPS" --batch-size "$BATCH" --lr 1e-4 --warmup-steps 50 \
+  train finetune --model "$WORK/distilled" --data "$WORK/data" --teacher "$TEACHER_DIR" --teacher-weight 1.0 \
+      --out "$STUDENT_DIR" --steps "$FT_STEPS" --batch-size "$BATCH" --lr "$FT_LR" --warmup-steps "$FT_WARMUP" \
       --lr-schedule cosine --text-dropout 0.1 --no-progress --overwrite
+  if [[ "$FT2_STEPS" -gt 0 ]]; then
+    # the same loss again from the first run's weights, larger batch, lower peak learning rate
+    rm -rf "$STUDENT_DIR.stage1" && mv "$STUDENT_DIR" "$STUDENT_DIR.stage1"
+    train finetune --model "$STUDENT_DIR.stage1" --data "$WORK/data" --teacher "$TEACHER_DIR" --teacher-weight 1.0 \
+        --out "$STUDENT_DIR" --steps "$FT2_STEPS" --batch-size "$FT2_BATCH" --lr "$FT2_LR" \
+        --warmup-steps "$FT2_WARMUP" --lr-schedule cosine --text-dropout 0.1 --no-progress --overwrite
+  fi
 fi
 if has eval && [[ "$EVAL" == 1 ]]; then
-  cli eval --teacher "$WORK/teacher" --student "$WORK/student" --num-prompts "${EVAL_PROMPTS:-4}" \
-      --lengths "${EVAL_LENGTHS:-1,4,16}" --text-embeddings "$TABLE" --out "$WORK/eval" --overwrite
+  cli eval --teacher "$TEACHER_DIR" --student "$STUDENT_DIR" --num-prompts "${EVAL_PROMPTS:-4}" \
+      --lengths "${EVAL_LENGTHS:-1,4,16}" --text-embeddings "$TABLE" --out "$EVAL_DIR" --overwrite
 fi
 # what comes back: the two model folders (without optimizer checkpoints), logs and reports
 for m in teacher distilled student; do
   [[ -d "$WORK/$m" ]] || continue
   tar -C "$WORK" --exclude="$m/train/checkpoint*" -czf "$OUT/$m.tar.gz" "$m"
 done
-[[ -d "$WORK/eval" ]] && cp "$WORK/eval/eval.md" "$WORK/eval/eval.json" "$OUT/" || true
+[[ -d "$EVAL_DIR" ]] && cp "$EVAL_DIR/eval.md" "$EVAL_DIR/eval.json" "$OUT/" || true
 ls -la "$OUT"
