@@ -144,7 +144,8 @@ def run(args) -> int:
         results_markdown(result), "",
         "The shipped models are still under-trained (see rehyat/assets/TRAINING.md): the teacher's samples get the "
         "background right and usually show a ragged blob of the prompted colour, but shape and motion direction are "
-        "at chance; the student scatters the colour over separate 6x6 patches. What the demo shows "
+        "at chance; the student usually follows the teacher in its first chunk but often loses the object at a chunk "
+        "boundary (the colour fades to background, sometimes to come back in a later chunk). What the demo shows "
         "is the mechanics (streaming in constant memory, the student measured against its teacher, cost against length), not "
         "video quality.", "",
         "## Time and peak memory of one denoising step against video length", "",
