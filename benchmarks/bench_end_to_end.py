@@ -77,17 +77,6 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def compile_blocks(model) -> None:
-    """Regional compilation: every transformer block under ``torch.compile`` (one graph serves all blocks)."""
-    import torch._dynamo
-
-    for key in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, key):
-            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 64))
-    for block in model.blocks:
-        block.compile(dynamic=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,6 +285,8 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
 
 
 def compiled_rows(bench: Bench, variant: str, model, frames: list[int]) -> None:
+    from rehyat.models import compile_blocks
+
     log(f"{variant}: torch.compile of every block")
     try:
         compile_blocks(model)

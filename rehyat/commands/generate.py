@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--videos-per-prompt", type=int, default=1, help="with --prompt-file: seeds seed .. seed+n-1")
     p.add_argument("--mode", choices=["auto", "parallel", "recurrent", "streaming"], default="auto",
                    help="auto: streaming for a chunk-causal ReHyAt model, parallel otherwise (a plain Wan teacher)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every transformer block (with --mode parallel only; the first video "
+                        "compiles). On an H200 a converted Wan2.1-1.3B forward ran about 2x faster compiled")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
     p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -78,6 +81,9 @@ def _resolve(args):
     from ..io import check_output_file
     from ..pipelines.video import folder_latent_shape
 
+    if args.compile and args.mode != "parallel":
+        raise ValueError(f"--compile needs --mode parallel (got --mode {args.mode}): the chunk-by-chunk modes "
+                         "(recurrent, streaming, and auto for a ReHyAt model) would recompile for every chunk")
     model = args.model if args.model is not None else default_model("student")
     if not Path(model).is_dir():
         raise FileNotFoundError(f"--model: folder {model} does not exist")
@@ -140,6 +146,10 @@ def run(args) -> int:
     ]
     pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device,
                                                text_embeddings=args.text_embeddings)
+    if args.compile:
+        from ..models import compile_blocks
+
+        compile_blocks(pipe.transformer)
     mode = args.mode
     if mode == "auto":
         from ..models.wan import get_rehyat_config
@@ -150,7 +160,8 @@ def run(args) -> int:
         if problem is not None:
             print(f"note: --mode auto chose parallel, since the model cannot stream: {problem}", file=sys.stderr)
     print(f"{g['frames']} frames at {g['height']}x{g['width']}, {g['steps']} steps, guidance {g['guidance']:g}, "
-          f"mode {mode}, {dtype} on {device} (settings not given come from the model folder, else Wan2.1's)",
+          f"mode {mode}{' (compiled)' if args.compile else ''}, {dtype} on {device} (settings not given come from "
+          "the model folder, else Wan2.1's)",
           file=sys.stderr)
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)

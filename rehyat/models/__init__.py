@@ -1,5 +1,6 @@
 """Model integration: diffusers Wan processors, conversion, save/load (``wan``) and the recurrent runner."""
 
+from .compile import compile_blocks
 from .runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from .wan import (
     ChunkCausalAttnProcessor,
@@ -16,6 +17,6 @@ from .wan import (
 
 __all__ = [
     "ChunkCausalAttnProcessor", "ReHyAtAttnProcessor", "ReHyAtConfig", "RunContext", "TransformerState",
-    "check_recurrent", "convert_wan", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
+    "check_recurrent", "compile_blocks", "convert_wan", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
     "recurrent_forward", "runner_chunk_frames", "save_rehyat",
 ]

@@ -140,3 +140,21 @@ def test_videos_per_prompt_needs_a_prompt_file(model, tmp_path, capsys):
     assert gen(model, tmp_path / "v.mp4", "--prompt", "a red circle", "--videos-per-prompt", "3") == 2
     assert "--videos-per-prompt goes with --prompt-file" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_compile_gives_the_eager_video(model, tmp_path, capsys):
+    """--compile (regional torch.compile of the blocks, inductor on the CPU) writes the video eager mode writes."""
+    videos = {}
+    for extra in ((), ("--compile",)):
+        out = tmp_path / f"v{len(extra)}.mp4"
+        assert gen(model, out, "--prompt", "a blue square", "--mode", "parallel", "--seed", "5", *extra) == 0
+        videos[extra] = read_video(out).astype(int)
+    assert "(compiled)" in capsys.readouterr().err
+    assert abs(videos[()] - videos[("--compile",)]).mean() < 1.0
+
+
+@pytest.mark.parametrize("mode", ["auto", "streaming", "recurrent"])
+def test_compile_needs_parallel_mode(model, tmp_path, capsys, mode):
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--compile", "--mode", mode) == 2
+    assert "--compile needs --mode parallel" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
