@@ -9,7 +9,8 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     """Put every block of ``transformer.blocks`` under ``torch.compile`` (``nn.Module.compile``, in place).
 
     Regional compilation, as diffusers recommends for DiTs: the blocks share one code object, so one compiled graph
-    serves all of them (their weights are graph inputs) and compiling takes seconds, not minutes. Converted
+    serves all of them (their weights are graph inputs): the first forward of the 30/30 Wan2.1-1.3B conversion took
+    17-19 s on an H200, compilation included (benchmarks/results/h200_end_to_end_compiled_*.json). Converted
     (ReHyAt) and softmax blocks alike; the model's outputs are unchanged up to floating-point reassociation
     (bfloat16 end to end: relative difference ~1e-5 on an H200, BENCHMARKS.md section 1). Measured effect on an
     H200 at Wan2.1-1.3B geometry: one denoising forward of the 30/30 conversion 599 -> 301 ms at 81 frames and
