@@ -187,7 +187,8 @@ def _windows_view(x: torch.Tensor, first: int, size: int, step: int, count: int)
     """``count`` windows of ``size`` frames, starting at frame ``first`` and ``step`` frames apart, as a view.
 
     x: ``[B, T, S, H, X]`` (frames, tokens per frame, heads). Returns ``[B, count, size, S, H, X]``; windows overlap
-    when ``step < size``. A view (``Tensor.unfold``), so no key or value is copied and the backward sums the
+    when ``step < size``. A view (``Tensor.unfold``): no key or value is copied (folding it to
+    ``[B * count, size * S, H, X]`` stays a view for B == 1 and copies otherwise), and the backward sums the
     overlapping gradients.
     """
     w = x[:, first:].unfold(1, size, step)[:, :count]  # [B, count, S, H, X, size]
