@@ -36,6 +36,12 @@ TEACHER_WARMUP=${TEACHER_WARMUP:-200}
 TEACHER_COMPILE=${TEACHER_COMPILE:-0}  # 1: torch.compile the teacher (runs on the CPU; its GPU speed is not measured)
 EVAL=${EVAL:-1}
 STAGES=${STAGES:-data,teacher,student,eval}  # "student" = distill,finetune
+for stage in ${STAGES//,/ }; do
+  case "$stage" in data|teacher|student|distill|finetune|eval) ;;
+    *) echo "STAGES: unknown stage '$stage' (expected a comma-separated list of data, teacher, student," \
+            "distill, finetune, eval)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$WORK" "$OUT"
 cli() { $PY -m rehyat.cli "$@"; }
 # training commands: torchrun over NPROC GPUs (the global batch and the random draws do not depend on NPROC)

@@ -146,8 +146,8 @@ def run(args) -> int:
         "background right and usually show a ragged blob of the prompted colour, but shape and motion direction are "
         "at chance; the student usually follows the teacher in its first chunk but often loses the object at a chunk "
         "boundary (the colour fades to background, sometimes to come back in a later chunk). What the demo shows "
-        "is the mechanics (streaming in constant memory, the student measured against its teacher, cost against length), not "
-        "video quality.", "",
+        "is the mechanics (a long video streamed chunk by chunk, the student measured against its teacher, the cost "
+        "of a denoising step against length), not video quality.", "",
         "## Time and peak memory of one denoising step against video length", "",
         "Each point runs in a fresh process (loaded model, warmed up on the shortest length); peak memory is the "
         "growth of the resident set during the step.", "",

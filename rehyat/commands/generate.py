@@ -29,8 +29,12 @@ def add_parser(sub) -> None:
                           "the file names VBench's standard mode reads")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 for Wan (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 for Wan (default: the model's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 6 for the embedded model "
+                        "(default: the model's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 6 for the embedded model "
+                        "(default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 50 for Wan)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,6 +119,9 @@ def _resolve(args):
         if len(jobs) != 1:
             raise ValueError("--save-latents works with a single --prompt")
         check_output_file(args.save_latents, overwrite=args.overwrite, arg="--save-latents")
+        if Path(args.save_latents).resolve() == Path(jobs[0][2]).resolve():
+            raise ValueError(f"--save-latents must differ from --out (both are {args.out}): the latents would "
+                             "replace the video")
     defaults = {}
     cfg_file = Path(model) / "rehyat_pipeline.json"
     if cfg_file.exists():
@@ -129,6 +136,9 @@ def _resolve(args):
         raise ValueError(f"--guidance must be >= 0, got {geometry['guidance']}")
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    if args.mode in ("recurrent", "streaming") and not (Path(model) / "transformer" / "rehyat_config.json").exists():
+        raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
+                         "(not causal): use --mode parallel or auto, or convert it first")
     folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
     device = check_device(args.device)
     return Path(model), jobs, device, geometry

@@ -46,7 +46,8 @@ def check_recurrent(transformer) -> int:
     """
     cfg = get_rehyat_config(transformer)
     if cfg is None:
-        raise ValueError("a plain Wan transformer is not causal and cannot run recurrently: convert it first")
+        raise ValueError("a plain Wan transformer is not causal and cannot run recurrently (mode 'recurrent' or "
+                         "'streaming'): generate with mode 'parallel', or convert it first")
     problem = cfg.recurrence_problem(len(transformer.blocks))
     if problem is not None:
         raise ValueError(f"this ReHyAt model is not causal and cannot run recurrently: {problem}; as it is, it "

@@ -158,3 +158,17 @@ def test_compile_needs_parallel_mode(model, tmp_path, capsys, mode):
     assert gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--compile", "--mode", mode) == 2
     assert "--compile needs --mode parallel" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_save_latents_must_not_replace_the_video(model, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert gen(model, out, "--prompt", "a cat", "--save-latents", str(out)) == 2
+    assert "--save-latents must differ from --out" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_streaming_a_plain_teacher_is_refused_before_loading(tmp_path, capsys):
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    assert gen(teacher, tmp_path / "t.mp4", "--prompt", "a red circle", "--mode", "streaming") == 2
+    err = capsys.readouterr().err
+    assert "--mode streaming needs a converted ReHyAt model" in err and " frames at " not in err
