@@ -18,9 +18,12 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     2,115 -> 1,143 ms at 321 frames (BENCHMARKS.md section 4); eager, the hybrid's many small element-wise passes
     cost about as much as the attention it saves.
 
-    Compile for the parallel form (``mode="parallel"``): one graph per video length. The chunk-by-chunk forms
-    (recurrent, streaming) recompile for every chunk position, so after ``cache_size_limit`` chunks they fall back
-    to eager code with a warning; compiling them is not supported yet.
+    Parallel form (``mode="parallel"``): one graph per video length, the hybrid attention inside it. Chunk-by-chunk
+    forms (recurrent, streaming): the recurrent attention step of a converted block is left out of the graph
+    (``torch.compiler.disable`` on the processor's recurrent path, whose state changes every chunk and would
+    otherwise recompile the block for every chunk position), so each block compiles to a few graphs around it
+    that serve every chunk; only the rest of the block (projections, cross-attention, FFN, norms) is compiled
+    there. That mode's speed-up is not measured on a GPU yet.
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (converted or not), on its final device and dtype.

@@ -272,6 +272,10 @@ class _ChunkedProcessorBase(nn.Module):
             overlap_frames=min(self.overlap_frames, T), causal=self.causal, stabilizer=self.stabilizer,
         )
 
+    # Not traced by torch.compile (a graph break around it, a no-op in eager code): the chunk's state lives in the
+    # shared context's dict and its frame counters change every chunk, so tracing it would recompile the block for
+    # every chunk position (see rehyat.models.compile_blocks).
+    @torch.compiler.disable
     def _recurrent(self, q, k, v, q_unrot, k_unrot, S):
         ctx = self.context
         if not self.causal:
