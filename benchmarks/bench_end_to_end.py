@@ -23,8 +23,9 @@ One forward = ``transformer(latents [1, 16, T, 60, 104], timestep [500], text em
   state);
 * ReHyAt 15/30 parallel: every other block converted (blocks 0, 2, ..., 28; ``--half`` picks another half), the
   other 15 keep the teacher's full softmax attention;
-* with ``--compile``: the parallel rows again with every transformer block under ``torch.compile`` (regional
-  compilation; compile failures are reported in the row, not fatal), speed-up against the compiled teacher.
+* with ``--compile``: the parallel rows (and the 30/30 recurrent row) again with every transformer block under
+  ``torch.compile`` (regional compilation, ``rehyat.models.compile_blocks``; in the recurrent form the attention
+  step stays eager; compile failures are reported in the row, not fatal), speed-up against the compiled teacher.
 
 Timing: CUDA events around each forward, ``--warmup`` untimed forwards first (at least 2 for compiled rows; they
 include cuDNN plan building and compilation), median of ``--repeats`` (fewer when one forward exceeds ``--budget`` / repeats). Peak memory:
@@ -262,7 +263,7 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
         for name, blocks, seed in ((all_name, "all", args.seed + 3), (half_name, half, args.seed + 4)):
             torch.manual_seed(seed)
             model = convert_wan(copy.deepcopy(teacher), blocks=blocks, **conv)
-            compiled_rows(bench, name, model, frames)
+            compiled_rows(bench, name, model, frames, recurrent=blocks == "all")
             del model
             free_memory(device)
         compiled_rows(bench, "teacher", teacher, frames)
@@ -284,7 +285,9 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
     return meta, bench.rows, checks, verdicts(bench.rows, all_name, half_name, args.quick)
 
 
-def compiled_rows(bench: Bench, variant: str, model, frames: list[int]) -> None:
+def compiled_rows(bench: Bench, variant: str, model, frames: list[int], recurrent: bool = False) -> None:
+    """The compiled rows of one model: parallel form, and with ``recurrent`` the chunk-by-chunk form too (its
+    attention step stays eager: ``rehyat.models.compile_blocks``)."""
     from rehyat.models import compile_blocks
 
     log(f"{variant}: torch.compile of every block")
@@ -299,6 +302,8 @@ def compiled_rows(bench: Bench, variant: str, model, frames: list[int]) -> None:
         return
     for vf in frames:
         bench.row(variant, "parallel", True, model, vf)
+        if recurrent:
+            bench.row(variant, "recurrent", True, model, vf)
 
 
 def target_frames(frames: list[int], quick: bool) -> dict[int, int]:
