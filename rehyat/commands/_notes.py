@@ -1,11 +1,11 @@
-"""Notes the training commands print about the model folders they write."""
+"""What the commands can tell about a model folder from its configs alone (no weights loaded)."""
 
 from __future__ import annotations
 
 
-def recurrence_note(folder) -> str | None:
-    """One line saying why the ReHyAt model in ``folder`` cannot generate recurrently or in streaming mode, or
-    ``None`` when it can (or the folder holds no ReHyAt model). Reads configs only, no weights."""
+def folder_recurrence_problem(folder) -> str | None:
+    """Why the ReHyAt model in ``folder`` cannot generate chunk by chunk (recurrent / streaming), or ``None`` when it
+    can or the folder holds no ReHyAt model (see :meth:`ReHyAtConfig.recurrence_problem`). Reads configs only."""
     from ..io import read_json_object
     from ..models.wan import REHYAT_CONFIG_NAME, ReHyAtConfig, read_wan_config
 
@@ -13,7 +13,13 @@ def recurrence_note(folder) -> str | None:
     path = tdir / REHYAT_CONFIG_NAME
     if not path.exists():
         return None
-    problem = ReHyAtConfig.from_dict(read_json_object(path)).recurrence_problem(int(config.get("num_layers", 0)))
+    return ReHyAtConfig.from_dict(read_json_object(path)).recurrence_problem(int(config.get("num_layers", 0)))
+
+
+def recurrence_note(folder) -> str | None:
+    """One line saying why the ReHyAt model in ``folder`` cannot generate recurrently or in streaming mode, or
+    ``None`` when it can (or the folder holds no ReHyAt model). Reads configs only, no weights."""
+    problem = folder_recurrence_problem(folder)
     if problem is None:
         return None
     return f"note: this model generates in parallel mode only, not recurrent / streaming: {problem}"

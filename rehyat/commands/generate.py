@@ -134,9 +134,15 @@ def _resolve(args):
         raise ValueError(f"--guidance must be >= 0, got {geometry['guidance']}")
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
-    if args.mode in ("recurrent", "streaming") and not (Path(model) / "transformer" / "rehyat_config.json").exists():
-        raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
-                         "(not causal): use --mode parallel or auto, or convert it first")
+    if args.mode in ("recurrent", "streaming"):
+        from ._notes import folder_recurrence_problem
+
+        if not (Path(model) / "transformer" / "rehyat_config.json").exists():
+            raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
+                             "(not causal): use --mode parallel or auto, or convert it first")
+        problem = folder_recurrence_problem(model)
+        if problem is not None:
+            raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
     folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
     device = check_device(args.device)
     return Path(model), jobs, device, geometry
