@@ -22,8 +22,8 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     forms (recurrent, streaming): the recurrent attention step of a converted block is left out of the graph
     (``torch.compiler.disable`` on the processor's recurrent path, whose state changes every chunk and would
     otherwise recompile the block for every chunk position), so each block compiles to a few graphs around it
-    that serve every chunk; only the rest of the block (projections, cross-attention, FFN, norms) is compiled
-    there. That mode's speed-up is not measured on a GPU yet.
+    that serve every chunk; the step itself is compiled separately (``rehyat_attention_step(..., compiled=True)``,
+    whose graphs depend on the cached-token count, not on the chunk position: 2-3 graphs for a whole video).
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (converted or not), on its final device and dtype.
@@ -50,4 +50,7 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
             setattr(_dynamo.config, key, max(getattr(_dynamo.config, key), cache_size_limit))
     for block in blocks:
         block.compile(dynamic=dynamic)
+    ctx = getattr(transformer, "_rehyat_context", None)
+    if ctx is not None:  # a converted model: its recurrent attention step is compiled on its own (see above)
+        ctx.compile_step = True
     return transformer

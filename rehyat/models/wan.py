@@ -128,6 +128,8 @@ class RunContext:
         distill: when True, converted blocks return the teacher's softmax output (teacher forcing) and record the
             student's error in ``records``; with ``distill_backward`` they also backpropagate their L1 loss into
             their feature maps right away (one teacher forward trains every block).
+        compile_step: recurrent mode runs the attention step through ``torch.compile``
+            (``rehyat_attention_step(..., compiled=True)``); set by :func:`rehyat.models.compile_blocks`.
     """
 
     def __init__(self) -> None:
@@ -139,6 +141,7 @@ class RunContext:
         self.distill: bool = False
         self.distill_backward: bool = False
         self.records: dict[int, dict[str, float]] = {}
+        self.compile_step: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,6 +303,7 @@ class _ChunkedProcessorBase(nn.Module):
             y, state = rehyat_attention_step(
                 q[:, sl], k[:, sl], v[:, sl], fq[:, sl], fk[:, sl], state,
                 frame_tokens=S, overlap_frames=self.overlap_frames, stabilizer=self.stabilizer,
+                compiled=ctx.compile_step,
             )
             outs.append(y)
         ctx.states[self.block_index] = state

@@ -403,6 +403,7 @@ def rehyat_attention_step(
     overlap_frames: int,
     stabilizer: str = "lse",
     scale: float | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """One chunk of the causal hybrid attention as an RNN step (design section 5).
 
@@ -417,6 +418,10 @@ def rehyat_attention_step(
             ``state.frames_seen``).
         state: the state after the previous chunk, or ``None`` for the first chunk. Not modified.
         frame_tokens, overlap_frames, stabilizer, scale: as in :func:`rehyat_attention`.
+        compiled: run the step's tensor work through ``torch.compile`` (``dynamic=False``, compiled on first use,
+            one compiled function per process). Its graphs depend on the shapes and the cached-token count only,
+            not on the chunk's position: a whole sequence compiles to 2-3 graphs (first chunk, later chunks, a
+            shorter last chunk). Default False (eager).
 
     Returns:
         ``(y, new_state)``: ``y`` ``[B, n, H, Dv]`` in q's dtype, and the state after this chunk.
@@ -446,30 +451,61 @@ def rehyat_attention_step(
             "the state was made with other settings"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = state.s.dtype
+    frames_seen = state.frames_seen + n_frames
+    # Tokens that stay in the softmax window after this chunk. The core below sees only this count (it stops
+    # changing once overlap_frames frames have been seen), never the chunk's position, so a compiled core serves
+    # every chunk with a few graphs instead of recompiling for each position.
+    keep = min(overlap_frames, frames_seen) * frame_tokens
+    core = _compiled_step_core() if compiled else _step_core
+    y, s_new, z_new, k_keep, v_keep, fk_keep = core(
+        q, k, v, fq, fk, state.s, state.z, state.k, state.v, state.fk, keep, frame_tokens, stabilizer, scale
+    )
+    return y, RecurrentState(s=s_new, z=z_new, k=k_keep, v=v_keep, fk=fk_keep, frames_seen=frames_seen)
 
-    k_win = torch.cat([state.k, k], dim=1)
-    v_win = torch.cat([state.v, v], dim=1)
-    fk_win = torch.cat([state.fk, fk], dim=1)
+
+def _step_core(q, k, v, fq, fk, s, z, ck, cv, cfk, keep: int, frame_tokens: int, stabilizer: str, scale: float):
+    """Tensor part of :func:`rehyat_attention_step`: the chunk's output and the new state's tensors.
+
+    ``(s, z, ck, cv, cfk)`` is the old state (sums, cached overlap keys / values / feature-mapped keys); ``keep``
+    the tokens that stay cached after this chunk. Returns ``(y, s, z, k, v, fk)``.
+    """
+    acc = s.dtype
+    k_win = torch.cat([ck, k], dim=1)
+    v_win = torch.cat([cv, v], dim=1)
     mm = _mm_dtype(q, fq, acc)
     o, mass = _window_softmax(q, k_win, v_win, stabilizer, scale, acc)
-    num_lin, den_lin = _readout(fq[:, None], state.s[:, None], state.z[:, None], mm)
+    num_lin, den_lin = _readout(fq[:, None], s[:, None], z[:, None], mm)
     y = _merge(o, mass, num_lin[:, 0], den_lin[:, 0], acc, q.dtype)
 
-    frames_seen = state.frames_seen + n_frames
-    keep = min(overlap_frames, frames_seen) * frame_tokens
+    # Frames leaving the softmax window: the first `move` tokens of [cached overlap, chunk]. Their per-frame sums
+    # are taken from the cache and the chunk separately (no concatenated copy of the feature-mapped keys), then
+    # summed in frame order.
     move = k_win.shape[1] - keep
-    kv, ks = _frame_sums(fk_win[:, :move], v_win[:, :move], frame_tokens, mm, acc)
-    new_state = RecurrentState(
-        s=state.s + kv.sum(dim=1),
-        z=state.z + ks.sum(dim=1),
-        # clone: a slice would keep the whole window buffer (overlap + chunk) alive, not just the overlap frames
-        k=k_win[:, move:].clone(),
-        v=v_win[:, move:].clone(),
-        fk=fk_win[:, move:].clone(),
-        frames_seen=frames_seen,
-    )
-    return y, new_state
+    c = ck.shape[1]
+    m0, m1 = min(move, c), max(move - c, 0)
+    sums = [_frame_sums(f[:, :m], x[:, :m], frame_tokens, mm, acc) for f, x, m in ((cfk, cv, m0), (fk, v, m1)) if m > 0]
+    if sums:
+        kv, ks = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*sums))
+        s, z = s + kv.sum(dim=1), z + ks.sum(dim=1)
+    if m0 == c:  # every cached frame leaves: the new cache is the chunk's tail
+        fk_keep = fk[:, m1:].clone(memory_format=torch.contiguous_format)
+    else:  # overlap_frames > the chunk's frames: part of the old cache stays
+        fk_keep = torch.cat([cfk[:, m0:], fk], dim=1)
+    # clone: a slice would keep the whole window buffer (overlap + chunk) alive, not just the overlap frames; (s, z)
+    # are the old state's tensors when no frame leaves (nothing writes into a state in place)
+    dense = torch.contiguous_format  # standard strides, whatever the slice's (B = 1 keeps the window's batch stride)
+    return y, s, z, k_win[:, move:].clone(memory_format=dense), v_win[:, move:].clone(memory_format=dense), fk_keep
+
+
+_COMPILED_STEP_CORE = None
+
+
+def _compiled_step_core():
+    """``torch.compile(_step_core, dynamic=False)``, built on first use (one per process)."""
+    global _COMPILED_STEP_CORE
+    if _COMPILED_STEP_CORE is None:
+        _COMPILED_STEP_CORE = torch.compile(_step_core, dynamic=False)
+    return _COMPILED_STEP_CORE
 
 
 def rehyat_attention_recurrent(

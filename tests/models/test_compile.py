@@ -26,8 +26,10 @@ def test_compiled_converted_model_matches_eager():
 
 
 def test_compiled_recurrent_forward_matches_eager_without_per_chunk_recompiles():
-    """Chunk by chunk, the recurrent attention step stays out of the graph, so 8 chunks need a few graphs, not one
-    per chunk position (before: 64 graphs for 16 chunks, then eager fallback)."""
+    """Chunk by chunk, the recurrent attention step stays out of the block's graph and is compiled on its own with
+    graphs that do not depend on the chunk position, so 8 chunks need a few graphs, not one per chunk position
+    (before: 64 graphs for 16 chunks, then eager fallback): here the blocks' graphs plus 2 of the step (first
+    chunk, later chunks)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -41,7 +43,7 @@ def test_compiled_recurrent_forward_matches_eager_without_per_chunk_recompiles()
     want = recurrent_forward(model, x, t, e)
     got = recurrent_forward(compiled, x, t, e)
     assert (got - want).norm() / want.norm() < 1e-4
-    assert 1 <= counters["stats"]["unique_graphs"] <= 6
+    assert 1 <= counters["stats"]["unique_graphs"] <= 8
 
 
 def test_bad_input():
