@@ -13,7 +13,8 @@ branch, "lse" stabiliser. Rows, per frame count (see benchmarks/README.md for de
   ``sdpa_kernel(FLASH_ATTENTION)`` (``MATH`` too on the CPU), forward and forward+backward;
 * softmax windows alone: the chunk windows of ReHyAt, chunks folded into the batch, one SDPA call per window shape;
 * ``rehyat_attention`` eager and under ``torch.compile``, forward and forward+backward (grads of q, k, v, fq, fk);
-* the feature map ``PolynomialFeatureMap(H, D)`` forward, eager and compiled;
+* the feature map ``PolynomialFeatureMap(H, D)`` forward: the PyTorch reference eager and compiled, and the fused
+  Triton kernel (CUDA, 16-bit);
 * one recurrent step ``rehyat_attention_step`` on one chunk (state with the overlap cached, state update included),
   against the parallel form's time per chunk (its total / number of chunks);
 * the ReHyAt FLOP floor at 560 TFLOP/s.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -47,6 +49,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rehyat.modules import PolynomialFeatureMap  # noqa: E402
+from rehyat.ops.feature_map import (  # noqa: E402
+    fused_feature_map_supports,
+    fused_kernel_config,
+    polynomial_feature_map,
+    polynomial_feature_map_fused,
+)
 from rehyat.ops import (  # noqa: E402
     chunk_windows,
     rehyat_attention,
@@ -203,7 +211,9 @@ class Ctx:
             self.compiled = {
                 "rehyat": torch.compile(rehyat_attention, dynamic=False),
                 "phi": torch.compile(self.phi_q, dynamic=False),
-                "step": torch.compile(rehyat_attention_step, dynamic=False),
+                # the library's compiled step: its tensor work under torch.compile, graphs independent of the
+                # chunk position (rehyat_attention_step(..., compiled=True))
+                "step": functools.partial(rehyat_attention_step, compiled=True),
             }
 
     def op_kwargs(self):
@@ -526,21 +536,43 @@ def rows_rehyat(ctx: Ctx, frames: int, sets: list[dict]) -> dict:
 
 
 def rows_feature_map(ctx: Ctx, frames: int, sets: list[dict]) -> None:
-    """phi(q) forward alone, eager and compiled."""
+    """phi(q) forward alone: the PyTorch reference eager and compiled, and the fused Triton kernel (where it
+    applies); plus a check of both 16-bit paths against the float64 reference on the first input set."""
     flops = phi_flops(ctx, frames)
-    for variant in ("eager", "compiled"):
-        phi = ctx.phi_q if variant == "eager" else ctx.compiled.get("phi")
+    phi = ctx.phi_q
+    fused_ok = fused_feature_map_supports(sets[0]["q"].detach(), phi.w1, phi.w2, phi.degree)
+    variants = [("eager", False), ("compiled", False)] + ([("fused Triton", True)] if fused_ok else [])
+    for variant, fused in variants:
+        op = ctx.compiled.get("phi") if variant == "compiled" else phi
 
-        def fwd(i, phi=phi):
+        def fwd(i, op=op, fused=fused):
+            phi.fused = fused
             with torch.no_grad():
-                phi(sets[i % len(sets)]["q"])
+                op(sets[i % len(sets)]["q"])
 
-        if variant == "eager":
-            body = lambda: ctx.timer(fwd)  # noqa: E731
-        else:
+        if variant == "compiled":
             body = lambda: timed_compiled(ctx, "phi", "phi", frames, fwd)  # noqa: E731
+        else:
+            body = lambda: ctx.timer(fwd)  # noqa: E731
         name = f"feature map PolynomialFeatureMap({ctx.args.heads},{ctx.args.dim}) phi(q), {variant}"
         run_row(ctx, frames, name, "fwd", body, flops)
+        if fused and ctx.rows[-1]["status"] == "ok":
+            ctx.rows[-1]["note"] = f"tile {fused_kernel_config()}"
+    phi.fused = True
+    if fused_ok:
+        try:
+            q = sets[0]["q"].detach()[:, : 4 * ctx.args.frame_tokens]  # 4 frames: a float64 copy stays small
+            w = [p.detach() for p in (phi.w1, phi.b1, phi.w2, phi.b2)]
+            kw = dict(degree=phi.degree, positivity=phi.positivity)
+            with torch.no_grad():
+                ref = polynomial_feature_map(q.double(), *(p.double() for p in w), **kw)
+                errs = {name: rel_err(f(q, *w, **kw), ref)
+                        for name, f in (("fused", polynomial_feature_map_fused), ("torch", polynomial_feature_map))}
+            add_check(ctx, f"feature map fused Triton {ctx.args.dtype} vs float64 reference (4 frames; PyTorch "
+                      f"{ctx.args.dtype} path: {errs['torch']:.2e})", errs["fused"])
+            del ref
+        except Exception as e:  # report, do not abort the benchmark
+            add_check(ctx, f"feature map fused Triton vs float64 reference: {type(e).__name__}: {e}", float("inf"))
 
 
 def rows_recurrent(ctx: Ctx, frames: int, sets: list[dict], fwd_ms: dict) -> None:
@@ -586,6 +618,27 @@ def rows_recurrent(ctx: Ctx, frames: int, sets: list[dict], fwd_ms: dict) -> Non
 
         run_row(ctx, frames, f"recurrent step, 1 chunk ({Tc}x{S} queries), {variant}", "fwd", body, flops,
                 setup=prepare)
+
+    # Every chunk of the sequence through the compiled step, back to back, carrying the state (what the recurrent
+    # runner does): the host launches chunk c + 1 while the GPU runs chunk c, so per-call launch latency, which the
+    # single-step rows above expose, is hidden as it is in the parallel form. Reported per chunk.
+    C = num_chunks(ctx, frames)
+
+    def seq_body():
+        def fn(i):
+            s, state = sets[i % len(sets)], None
+            with torch.no_grad():
+                for c in range(C):
+                    _, state = ctx.compiled["step"](*(s[x][:, c * n:(c + 1) * n] for x in names), state, **step_kw)
+
+        res = timed_compiled(ctx, "step", "step", frames, fn)
+        if res.get("ms") is not None:
+            res["note"] = f"{res['note']}; {res['ms']:.2f} ms for {C} chunks / {C}"
+            res["ms"] = res["ms"] / C
+        return res
+
+    run_row(ctx, frames, f"recurrent steps, all {C} chunks back to back, compiled, per chunk", "fwd", seq_body,
+            rehyat_flops(ctx, frames) / C)
 
     for variant, ms in fwd_ms.items():
         c = num_chunks(ctx, frames)

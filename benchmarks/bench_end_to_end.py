@@ -278,7 +278,9 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
                     f"{bench.frame_tokens} tokens per latent frame",
         "forward": f"batch 1, timestep [500], text embeddings [1, {args.text_len}, {config['text_dim']}]",
         "conversion": f"chunk_frames={args.chunk_frames}, overlap_frames={args.overlap_frames}, causal, polynomial "
-                      f"feature maps (random, {fm_dtype}); {half_name} = blocks {half} ({args.half})",
+                      f"feature maps (random, {fm_dtype}; the fused Triton kernel where it applies: CUDA, 16-bit, no "
+                      f"grad; '(reference feature maps)' rows force the PyTorch reference); {half_name} = blocks "
+                      f"{half} ({args.half})",
         "sdpa": args.sdpa, "timing": f"CUDA events, {args.warmup} warm-up, median of {args.repeats}"
         if bench.cuda else f"perf_counter, {args.warmup} warm-up, median of {args.repeats}",
     }
@@ -304,6 +306,15 @@ def compiled_rows(bench: Bench, variant: str, model, frames: list[int], recurren
         bench.row(variant, "parallel", True, model, vf)
         if recurrent:
             bench.row(variant, "recurrent", True, model, vf)
+    if recurrent and bench.cuda:
+        # A/B of the feature maps, same model: the rows above take the fused Triton kernel where it applies
+        # (CUDA, 16-bit, no grad); this one forces the PyTorch reference (compiled with the rest of the block).
+        from rehyat.modules import set_fused_feature_maps
+
+        if set_fused_feature_maps(model, False):
+            for vf in frames:
+                bench.row(f"{variant} (reference feature maps)", "parallel", True, model, vf)
+            set_fused_feature_maps(model, True)
 
 
 def target_frames(frames: list[int], quick: bool) -> dict[int, int]:

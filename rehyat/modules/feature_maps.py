@@ -20,30 +20,14 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["PolynomialFeatureMap", "HedgehogFeatureMap", "make_feature_map", "FEATURE_MAPS"]
+from ..ops.feature_map import POSITIVITY as _POSITIVITY
+from ..ops.feature_map import compute_dtype as _compute_dtype
+from ..ops.feature_map import fused_feature_map_supports, polynomial_feature_map, polynomial_feature_map_fused
+from ..ops.feature_map import result_dtype as _result_dtype
+from ..ops.feature_map import work_dtype as _out_dtype
 
-_POSITIVITY = {
-    "softplus": F.softplus,
-    "exp": torch.exp,
-    "relu": F.relu,
-}
-
-
-def _out_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Working dtype of the positivity transform and the powers: float64 if any input is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def _result_dtype(compute: torch.dtype, work: torch.dtype) -> torch.dtype:
-    """Output dtype: 16-bit weights give a 16-bit output (rounded once at the end), otherwise the working dtype."""
-    return compute if compute in (torch.bfloat16, torch.float16) else work
-
-
-def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The weights' dtype, or float64 when the input or the weights are float64 (never downcast a float64 input)."""
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else w.dtype
+__all__ = ["PolynomialFeatureMap", "HedgehogFeatureMap", "make_feature_map", "set_fused_feature_maps", "FEATURE_MAPS"]
 
 
 def _check_input(x: torch.Tensor, num_heads: int, head_dim: int) -> None:
@@ -75,6 +59,12 @@ class PolynomialFeatureMap(nn.Module):
     Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, the weights'
     dtype for bfloat16 / float16 weights).
 
+    Paths: the math is :func:`rehyat.ops.feature_map.polynomial_feature_map` (plain PyTorch, autograd). For
+    inference on a CUDA device with the input and weights both bfloat16 (or float16) and power-of-two widths up
+    to 256 (Wan2.1: D = 128, D' = hidden = 256), ``forward`` runs the fused Triton kernel
+    :func:`rehyat.ops.feature_map.polynomial_feature_map_fused` instead (same function, one pass over memory);
+    set the attribute ``fused = False`` (or :func:`set_fused_feature_maps`) to force the reference.
+
     Raises:
         ValueError: on non-positive sizes, ``feature_dim`` not divisible by ``degree``, an unknown
             ``positivity``, or an input whose last two dims are not ``(H, D)``.
@@ -102,6 +92,7 @@ class PolynomialFeatureMap(nn.Module):
             raise ValueError(f"positivity must be one of {sorted(_POSITIVITY)}, got {positivity!r}")
         self.num_heads, self.head_dim, self.feature_dim = num_heads, head_dim, feature_dim
         self.hidden_dim, self.degree, self.positivity = hidden_dim, degree, positivity
+        self.fused = True
         self.w1 = nn.Parameter(torch.empty(num_heads, head_dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_heads, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_heads, hidden_dim, feature_dim))
@@ -117,15 +108,11 @@ class PolynomialFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.num_heads, self.head_dim)
-        cdt = _compute_dtype(x, self.w1)
-        w1, b1, w2, b2 = (p.to(cdt) for p in (self.w1, self.b1, self.w2, self.b2))
-        h = F.gelu(torch.einsum("...hd,hde->...he", x.to(cdt), w1) + b1)
-        u = torch.einsum("...he,hef->...hf", h, w2) + b2
-        u = u.to(_out_dtype(u.dtype))
-        g = _POSITIVITY[self.positivity]
-        parts = u.chunk(self.degree, dim=-1)
-        phi = torch.cat([g(p) ** (i + 1) for i, p in enumerate(parts)], dim=-1)
-        return phi.to(_result_dtype(cdt, phi.dtype))
+        args = (x, self.w1, self.b1, self.w2, self.b2)
+        kw = dict(degree=self.degree, positivity=self.positivity)
+        if self.fused and fused_feature_map_supports(x, self.w1, self.w2, self.degree):
+            return polynomial_feature_map_fused(*args, **kw)
+        return polynomial_feature_map(*args, **kw)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_dim={self.hidden_dim}, "
@@ -178,6 +165,20 @@ class HedgehogFeatureMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}"
+
+
+def set_fused_feature_maps(module: nn.Module, enabled: bool) -> int:
+    """Turn the fused Triton path of every :class:`PolynomialFeatureMap` inside ``module`` on or off.
+
+    The fused path is on by default and is only taken where it applies (CUDA, 16-bit, no gradient); turning it off
+    forces the reference everywhere (for A/B timing or debugging). Returns the number of feature maps changed.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, PolynomialFeatureMap):
+            m.fused = bool(enabled)
+            n += 1
+    return n
 
 
 FEATURE_MAPS = {"polynomial": PolynomialFeatureMap, "hedgehog": HedgehogFeatureMap}

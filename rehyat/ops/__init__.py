@@ -1,4 +1,7 @@
-"""Stateless ReHyAt operators: parallel form, dense reference, recurrent step (``rehyat.ops.hybrid``)."""
+"""Stateless ReHyAt operators: parallel form, dense reference, recurrent step (``rehyat.ops.hybrid``); the polynomial
+feature map, reference and fused Triton kernel (``rehyat.ops.feature_map``)."""
+
+from .feature_map import polynomial_feature_map, polynomial_feature_map_fused
 
 from .hybrid import (
     RecurrentState,
@@ -11,6 +14,8 @@ from .hybrid import (
 )
 
 __all__ = [
+    "polynomial_feature_map",
+    "polynomial_feature_map_fused",
     "RecurrentState",
     "chunk_windows",
     "hybrid_masks",
