@@ -540,7 +540,7 @@ def rows_feature_map(ctx: Ctx, frames: int, sets: list[dict]) -> None:
     applies); plus a check of both 16-bit paths against the float64 reference on the first input set."""
     flops = phi_flops(ctx, frames)
     phi = ctx.phi_q
-    fused_ok = fused_feature_map_supports(sets[0]["q"].detach(), phi.w1, phi.w2, phi.degree)
+    fused_ok = fused_feature_map_supports(sets[0]["q"].detach(), phi.w1, phi.b1, phi.w2, phi.b2, phi.degree)
     variants = [("eager", False), ("compiled", False)] + ([("fused Triton", True)] if fused_ok else [])
     for variant, fused in variants:
         op = ctx.compiled.get("phi") if variant == "compiled" else phi

@@ -23,7 +23,8 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     (``torch.compiler.disable`` on the processor's recurrent path, whose state changes every chunk and would
     otherwise recompile the block for every chunk position), so each block compiles to a few graphs around it
     that serve every chunk; the step itself is compiled separately (``rehyat_attention_step(..., compiled=True)``,
-    whose graphs depend on the cached-token count, not on the chunk position: 2-3 graphs for a whole video).
+    whose graphs depend on the cached-token count, not on the chunk position: 2-3 graphs for a whole video when
+    ``overlap_frames <= chunk_frames``, a few more while a longer overlap cache fills).
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (converted or not), on its final device and dtype.

@@ -60,8 +60,8 @@ class PolynomialFeatureMap(nn.Module):
     dtype for bfloat16 / float16 weights).
 
     Paths: the math is :func:`rehyat.ops.feature_map.polynomial_feature_map` (plain PyTorch, autograd). For
-    inference on a CUDA device with the input and weights both bfloat16 (or float16) and power-of-two widths up
-    to 256 (Wan2.1: D = 128, D' = hidden = 256), ``forward`` runs the fused Triton kernel
+    inference on a CUDA device with the input and weights both bfloat16 (or float16) and power-of-two widths
+    from 16 to 256 (Wan2.1: D = 128, D' = hidden = 256), ``forward`` runs the fused Triton kernel
     :func:`rehyat.ops.feature_map.polynomial_feature_map_fused` instead (same function, one pass over memory);
     set the attribute ``fused = False`` (or :func:`set_fused_feature_maps`) to force the reference.
 
@@ -110,7 +110,8 @@ class PolynomialFeatureMap(nn.Module):
         _check_input(x, self.num_heads, self.head_dim)
         args = (x, self.w1, self.b1, self.w2, self.b2)
         kw = dict(degree=self.degree, positivity=self.positivity)
-        if self.fused and fused_feature_map_supports(x, self.w1, self.w2, self.degree):
+        # getattr: a whole module pickled before the attribute existed loads without it
+        if getattr(self, "fused", True) and fused_feature_map_supports(*args, self.degree):
             return polynomial_feature_map_fused(*args, **kw)
         return polynomial_feature_map(*args, **kw)
 

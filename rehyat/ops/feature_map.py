@@ -120,21 +120,45 @@ def _pow2(n: int) -> bool:
     return n >= 16 and (n & (n - 1)) == 0
 
 
-def fused_feature_map_supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, degree: int) -> bool:
+def fused_feature_map_supports(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, degree: int
+) -> bool:
     """Whether :func:`polynomial_feature_map_fused` serves these inputs (otherwise use the reference).
 
-    Needs: a CUDA input; input and weights both bfloat16 or both float16; ``D``, ``hidden`` and ``D'`` powers of
-    two in [16, 256]; ``D'`` divisible by ``degree``; and no gradient wanted (grad mode off, or neither the input
-    nor the weights require grad).
+    Needs: a CUDA input; input and all four weights in one 16-bit dtype (bfloat16 or float16); ``D``, ``hidden``
+    and ``D'`` powers of two in [16, 256]; ``D'`` divisible by ``degree``; and no gradient wanted (grad mode off,
+    or neither the input nor any weight or bias requires grad).
     """
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w1.dtype == x.dtype == w2.dtype):
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if any(p.dtype != x.dtype for p in (w1, b1, w2, b2)):
         return False
     D, hidden, Fd = w1.shape[1], w1.shape[2], w2.shape[2]
     if not all(_pow2(n) and n <= _MAX_TILE_WIDTH for n in (D, hidden, Fd)) or Fd % degree:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+    if _grad_wanted(x, w1, b1, w2, b2):
         return False
     return fused_feature_map_available()
+
+
+def _grad_wanted(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _check_shapes(x, w1, b1, w2, b2) -> None:
+    """The weights must be ``[H, D, hidden]``, ``[H, hidden]``, ``[H, hidden, D']``, ``[H, D']`` for x ``[..., H, D]``."""
+    if w1.dim() != 3 or x.dim() < 2:
+        raise ValueError(f"x must be [..., H, D] and w1 [H, D, hidden]; got x {tuple(x.shape)}, w1 {tuple(w1.shape)}")
+    H, D, hidden = w1.shape
+    Fd = w2.shape[-1] if w2.dim() == 3 else -1
+    want = {"x": (H, D), "b1": (H, hidden), "w2": (H, hidden, Fd), "b2": (H, Fd)}
+    got = {"x": tuple(x.shape[-2:]), "b1": tuple(b1.shape), "w2": tuple(w2.shape), "b2": tuple(b2.shape)}
+    for name in want:
+        if got[name] != want[name]:
+            raise ValueError(
+                f"{name} has shape {got[name]}, expected {want[name]} for w1 of shape {tuple(w1.shape)} "
+                "(x [..., H, D], w1 [H, D, hidden], b1 [H, hidden], w2 [H, hidden, D'], b2 [H, D'])"
+            )
 
 
 @functools.lru_cache(maxsize=1)
@@ -264,16 +288,19 @@ def polynomial_feature_map_fused(
     per shape family autotunes the tile size (a few seconds).
 
     Raises:
-        ValueError: when :func:`fused_feature_map_supports` is False for these inputs (wrong device or dtype,
-            unsupported widths, a gradient wanted, or no Triton), or ``positivity`` is unknown.
+        ValueError: when the shapes do not fit together, when :func:`fused_feature_map_supports` is False for
+            these inputs (wrong device or dtype, unsupported widths, a gradient wanted, or no Triton), or when
+            ``positivity`` is unknown.
     """
     if positivity not in _POSITIVITY_CODE:
         raise ValueError(f"positivity must be one of {sorted(_POSITIVITY_CODE)}, got {positivity!r}")
-    if not fused_feature_map_supports(x, w1, w2, degree):
+    _check_shapes(x, w1, b1, w2, b2)
+    if not fused_feature_map_supports(x, w1, b1, w2, b2, degree):
         raise ValueError(
-            "polynomial_feature_map_fused needs a CUDA input and weights in the same 16-bit dtype, D, hidden and "
-            f"D' powers of two in [16, {_MAX_TILE_WIDTH}], D' divisible by degree, no gradient and Triton; got x "
-            f"{tuple(x.shape)} {x.dtype} on {x.device}, w1 {tuple(w1.shape)} {w1.dtype}, w2 {tuple(w2.shape)}, "
-            f"degree {degree}, grad wanted {torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)}"
+            "polynomial_feature_map_fused needs a CUDA input, the input and all weights in one 16-bit dtype, D, "
+            f"hidden and D' powers of two in [16, {_MAX_TILE_WIDTH}], D' divisible by degree, no gradient and "
+            f"Triton; got x {tuple(x.shape)} {x.dtype} on {x.device}, w1 {tuple(w1.shape)} {w1.dtype}, b1 "
+            f"{b1.dtype}, w2 {tuple(w2.shape)} {w2.dtype}, b2 {b2.dtype}, degree {degree}, gradient wanted "
+            f"{_grad_wanted(x, w1, b1, w2, b2)}"
         )
     return _fused_op(x, w1, b1, w2, b2, degree, positivity)

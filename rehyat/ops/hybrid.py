@@ -421,28 +421,45 @@ def rehyat_attention_step(
         compiled: run the step's tensor work through ``torch.compile`` (``dynamic=False``, compiled on first use,
             one compiled function per process). Its graphs depend on the shapes and the cached-token count only,
             not on the chunk's position: a whole sequence compiles to 2-3 graphs (first chunk, later chunks, a
-            shorter last chunk). Default False (eager).
+            shorter last chunk) when ``overlap_frames <= chunk_frames``, and to ``ceil(overlap_frames /
+            chunk_frames) + 1`` (+ 1) while the cache takes several chunks to fill; beyond ``torch._dynamo``'s
+            recompile limit (8 by default, raised by :func:`rehyat.models.compile_blocks`) it runs eagerly.
+            Default False (eager).
 
     Returns:
         ``(y, new_state)``: ``y`` ``[B, n, H, Dv]`` in q's dtype, and the state after this chunk.
 
     Raises:
-        ValueError: as :func:`rehyat_attention`, and when ``state`` does not match the inputs.
+        ValueError: as :func:`rehyat_attention`, and when ``state`` does not match the inputs (shape, dtype,
+            device of each tensor, the cached-token count, ``frames_seen``), before any work.
     """
     check_settings(frame_tokens=frame_tokens, chunk_frames=None, overlap_frames=overlap_frames, stabilizer=stabilizer)
     check_qkv(q, k, v, fq, fk)
     n_frames = check_frames(q.shape[1], frame_tokens)
     if state is None:
         state = RecurrentState.empty(q, v, fq)
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compiled must be True or False, got {compiled!r}")
     B, _, H, _ = q.shape
-    expected = (B, H, fq.shape[-1], v.shape[-1])
-    if tuple(state.s.shape) != expected or state.k.shape[2:] != k.shape[2:] or state.k.device != q.device:
-        raise ValueError(
-            f"state does not match the inputs: state.s has shape {tuple(state.s.shape)} on {state.s.device}, "
-            f"expected {expected} on {q.device}"
-        )
-    if state.k.dtype != k.dtype or state.fk.dtype != fk.dtype:
-        raise ValueError(f"state caches have dtypes ({state.k.dtype}, {state.fk.dtype}), expected ({k.dtype}, {fk.dtype})")
+    acc = _acc_dtype(q.dtype, fq.dtype)
+    expected = {
+        "s": ((B, H, fq.shape[-1], v.shape[-1]), acc), "z": ((B, H, fq.shape[-1]), acc),
+        "k": ((B, None, H, k.shape[-1]), k.dtype), "v": ((B, None, H, v.shape[-1]), v.dtype),
+        "fk": ((B, None, H, fk.shape[-1]), fk.dtype),
+    }
+    for name, (shape, dtype) in expected.items():
+        t = getattr(state, name)
+        got = tuple(t.shape)
+        if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)):
+            want = "[" + ", ".join("n" if e is None else str(e) for e in shape) + "]"
+            raise ValueError(f"state does not match the inputs: state.{name} has shape {list(got)}, expected {want}")
+        if t.dtype != dtype or t.device != q.device:
+            raise ValueError(
+                f"state does not match the inputs: state.{name} is {t.dtype} on {t.device}, expected {dtype} on "
+                f"{q.device}"
+            )
+    if not isinstance(state.frames_seen, int) or state.frames_seen < 0:
+        raise ValueError(f"state.frames_seen must be an int >= 0, got {state.frames_seen!r}")
     cached = min(overlap_frames, state.frames_seen) * frame_tokens
     if not state.k.shape[1] == state.v.shape[1] == state.fk.shape[1] == cached:
         raise ValueError(

@@ -74,12 +74,57 @@ class TestDispatch:
         m = m.to(dt)
         x = torch.randn(4, H, D, dtype=torch.float32 if case == "mixed dtypes" else dt)
         with torch.no_grad():
-            assert not fused_feature_map_supports(x, m.w1, m.w2, deg)
+            assert not fused_feature_map_supports(x, m.w1, m.b1, m.w2, m.b2, deg)
 
     def test_supports_false_when_gradient_wanted(self):
         m = PolynomialFeatureMap(2, 16).to(torch.bfloat16)
         x = torch.randn(4, 2, 16, dtype=torch.bfloat16)
-        assert not fused_feature_map_supports(x, m.w1, m.w2, 2)  # grad mode on, weights require grad
+        assert not fused_feature_map_supports(x, m.w1, m.b1, m.w2, m.b2, 2)  # grad mode on, weights require grad
+
+    def test_gradient_of_a_bias_alone_counts(self):
+        """Only the biases trainable (weights frozen, input without grad): a gradient is still wanted, so the
+        forward-only kernel must not be chosen (checked with a stand-in CUDA input: the device test is below)."""
+        from types import SimpleNamespace
+
+        from rehyat.ops import feature_map as fm
+
+        m = PolynomialFeatureMap(2, 16).to(torch.bfloat16)
+        m.w1.requires_grad_(False)
+        m.w2.requires_grad_(False)
+        x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, requires_grad=False)
+        saved = fm._AVAILABLE
+        fm._AVAILABLE = True
+        try:
+            assert not fused_feature_map_supports(x, m.w1, m.b1, m.w2, m.b2, 2)
+            with torch.no_grad():
+                assert fused_feature_map_supports(x, m.w1, m.b1, m.w2, m.b2, 2)
+        finally:
+            fm._AVAILABLE = saved
+
+    @pytest.mark.parametrize("bad", ["x heads", "x head dim", "b1", "w2", "b2"])
+    def test_fused_refuses_mismatched_shapes(self, bad):
+        m = PolynomialFeatureMap(2, 16).to(torch.bfloat16)
+        x = torch.randn(4, 2, 16, dtype=torch.bfloat16)
+        w1, b1, w2, b2 = weights(m)
+        if bad == "x heads":
+            x = torch.randn(4, 3, 16, dtype=torch.bfloat16)
+        elif bad == "x head dim":
+            x = torch.randn(4, 2, 8, dtype=torch.bfloat16)
+        elif bad == "b1":
+            b1 = b1[:, :-1]
+        elif bad == "w2":
+            w2 = w2[:, :-1]
+        elif bad == "b2":
+            b2 = b2[:1]
+        name = bad.split()[0]
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"^{name} has shape"):
+            polynomial_feature_map_fused(x, w1, b1, w2, b2, degree=2)
+
+    def test_module_pickled_before_the_fused_attribute_still_runs(self):
+        m = PolynomialFeatureMap(2, 16)
+        del m.fused  # as a module pickled by an earlier version
+        x = torch.randn(3, 2, 16)
+        torch.testing.assert_close(m(x), polynomial_feature_map(x, *weights(m), degree=2), rtol=0, atol=0)
 
     def test_fused_refuses_cpu_input_with_clear_error(self):
         m = PolynomialFeatureMap(2, 16).to(torch.bfloat16)
@@ -168,6 +213,11 @@ class TestFusedCUDA:
         assert y.grad_fn is not None
         y.float().sum().backward()
         assert m.w1.grad is not None
+        m.w1.requires_grad_(False)
+        m.w2.requires_grad_(False)
+        y = m(x)  # only the biases trainable: still the reference path (the kernel has no backward)
+        y.float().sum().backward()
+        assert m.b1.grad is not None and m.b2.grad is not None
 
     def test_under_torch_compile(self, gen):
         m = make_map(gen, 4, 32, 64, 2, "softplus").to("cuda", torch.bfloat16)

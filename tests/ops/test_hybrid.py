@@ -780,6 +780,49 @@ class TestArgumentChecks:
         with pytest.raises(ValueError, match=r"^state"):
             rehyat_attention_step(*x, state, **kw)
 
+    @pytest.mark.parametrize(
+        "edit, match",
+        [
+            ("v dtype", r"state\.v is torch\.float32"),
+            ("v last dim", r"state\.v has shape \[2, 2, 2, 2\], expected \[2, n, 2, 3\]"),
+            ("fk last dim", r"state\.fk has shape"),
+            ("k head dim", r"state\.k has shape \[2, 2, 2, 3\], expected \[2, n, 2, 4\]"),
+            ("cache batch", r"state\.k has shape \[1, 2, 2, 4\]"),
+            ("z shape", r"state\.z has shape"),
+            ("s dtype", r"state\.s is torch\.float32"),
+            ("frames_seen float", r"frames_seen must be an int >= 0"),
+            ("frames_seen negative", r"frames_seen must be an int >= 0"),
+        ],
+    )
+    def test_step_hand_edited_state_is_refused(self, gen, edit, match):
+        """A state built or edited by hand: every tensor's shape, dtype and device is checked, with a message
+        naming the tensor, before any work (not a PyTorch error from inside the step)."""
+        case = Case(B=2, T=4, S=2, H=2, D=4, F=5, Dv=3, Tc=1, To=1)
+        q, k, v, fq, fk = make_inputs(gen, case)
+        n = 2 * case.S
+        _, state = rehyat_attention_recurrent(*(t[:, :n] for t in (q, k, v, fq, fk)), **case.kw())
+        changes = {
+            "v dtype": dict(v=state.v.float()),
+            "v last dim": dict(v=state.v[..., :2]),
+            "fk last dim": dict(fk=state.fk[..., :2]),
+            "k head dim": dict(k=state.k[..., :3]),
+            "cache batch": dict(k=state.k[:1]),
+            "z shape": dict(z=state.z[..., :2]),
+            "s dtype": dict(s=state.s.float()),
+            "frames_seen float": dict(frames_seen=2.0),
+            "frames_seen negative": dict(frames_seen=-1),
+        }
+        state = dataclasses.replace(state, **changes[edit])
+        x = [t[:, n:] for t in (q, k, v, fq, fk)]
+        with pytest.raises(ValueError, match=match):
+            rehyat_attention_step(*x, state, frame_tokens=case.S, overlap_frames=case.To)
+
+    def test_step_compiled_must_be_bool(self, gen):
+        case = Case(B=1, T=2, S=2, H=1, D=4, F=4, Dv=4, Tc=1, To=1)
+        x = make_inputs(gen, case)
+        with pytest.raises(ValueError, match="compiled must be True or False"):
+            rehyat_attention_step(*x, None, frame_tokens=case.S, overlap_frames=case.To, compiled="no")
+
     def test_state_check_runs_before_compute(self, gen, forbid_compute):
         case = Case(B=1, T=2, S=2, H=1, D=4, F=4, Dv=4, Tc=1, To=1)
         q, k, v, fq, fk = make_inputs(gen, case)
