@@ -416,7 +416,9 @@ def rehyat_attention_step(
         q, k, v, fq, fk: one chunk, ``[B, n, H, D]`` / ``[B, n, H, Dv]`` / ``[B, n, H, D']``, ``n`` a multiple
             of ``frame_tokens``; RoPE, if any, applied at absolute positions (start frame
             ``state.frames_seen``).
-        state: the state after the previous chunk, or ``None`` for the first chunk. Not modified.
+        state: the state after the previous chunk, or ``None`` for the first chunk. Not modified (the new state
+            shares its ``s`` and ``z`` tensors with it while no frame has left the softmax window yet; nothing in
+            the library writes into a state in place).
         frame_tokens, overlap_frames, stabilizer, scale: as in :func:`rehyat_attention`.
         compiled: run the step's tensor work through ``torch.compile`` (``dynamic=False``, compiled on first use,
             one compiled function per process). Its graphs depend on the shapes and the cached-token count only,
