@@ -25,7 +25,8 @@ One forward = ``transformer(latents [1, 16, T, 60, 104], timestep [500], text em
   other 15 keep the teacher's full softmax attention;
 * with ``--compile``: the parallel rows (and the 30/30 recurrent row) again with every transformer block under
   ``torch.compile`` (regional compilation, ``rehyat.models.compile_blocks``; in the recurrent form the attention
-  step stays eager; compile failures are reported in the row, not fatal), speed-up against the compiled teacher.
+  step is compiled on its own, outside the blocks' graphs; compile failures are reported in the row, not fatal),
+  speed-up against the compiled teacher.
 
 Timing: CUDA events around each forward, ``--warmup`` untimed forwards first (at least 2 for compiled rows; they
 include cuDNN plan building and compilation), median of ``--repeats`` (fewer when one forward exceeds ``--budget`` / repeats). Peak memory:
@@ -289,7 +290,7 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
 
 def compiled_rows(bench: Bench, variant: str, model, frames: list[int], recurrent: bool = False) -> None:
     """The compiled rows of one model: parallel form, and with ``recurrent`` the chunk-by-chunk form too (its
-    attention step stays eager: ``rehyat.models.compile_blocks``)."""
+    attention step compiled on its own: ``rehyat.models.compile_blocks``)."""
     from rehyat.models import compile_blocks
 
     log(f"{variant}: torch.compile of every block")

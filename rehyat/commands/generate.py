@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (the first video compiles). Parallel mode: on an "
                         "H200 a converted Wan2.1-1.3B forward ran about 2x faster compiled. Recurrent/streaming: "
-                        "the attention step stays eager, the rest of each block is compiled (speed-up unmeasured)")
+                        "each block around the attention step, and the step on its own (an H200 forward chunk by "
+                        "chunk: 1.39x of the compiled teacher, against 1.01x with the step eager)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
     p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -152,7 +152,7 @@ def test_videos_per_prompt_needs_a_prompt_file(model, tmp_path, capsys):
 @pytest.mark.parametrize("mode", ["parallel", "streaming"])
 def test_compile_gives_the_eager_video(model, tmp_path, capsys, mode):
     """--compile (regional torch.compile of the blocks, inductor on the CPU) writes the video eager mode writes; in
-    streaming mode the recurrent attention step stays eager, the rest of each block is compiled."""
+    streaming mode the recurrent attention step is compiled on its own, outside the blocks' graphs."""
     videos = {}
     for extra in ((), ("--compile",)):
         out = tmp_path / f"v{len(extra)}.mp4"
