@@ -1,5 +1,5 @@
-"""benchmarks/ab_key_windows.py and profile_end_to_end.py are GPU-only: without CUDA they stop with a message that
-says so, before building anything."""
+"""benchmarks/ab_key_windows.py, ab_linear_branch.py, ab_cuda_graphs.py and profile_end_to_end.py are GPU-only:
+without CUDA they stop with a message that says so, before building anything."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
-@pytest.mark.parametrize("script", ["ab_key_windows.py", "profile_end_to_end.py"])
+@pytest.mark.parametrize("script", ["ab_key_windows.py", "ab_linear_branch.py", "ab_cuda_graphs.py", "profile_end_to_end.py"])
 def test_refuses_without_cuda(script):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script)], capture_output=True, text=True,
                        timeout=120, cwd=REPO)
