@@ -16,6 +16,7 @@ are checked against eager ``rehyat_attention`` (relative difference printed).
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -57,11 +58,14 @@ def inputs(T: int, dev: str, dt: torch.dtype) -> list:
     return [q, k, v, fq, fk]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("frames", nargs="?", default="21,84", help="comma-separated latent frame counts (default 21,84)")
+    args = p.parse_args(argv)
+    frames = [int(x) for x in args.frames.split(",") if x]
     if not torch.cuda.is_available():
         raise SystemExit("ab_cuda_graphs.py needs a CUDA device")
     t0 = time.time()
-    frames = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "21,84").split(",") if x]
     dev, dt = "cuda", torch.bfloat16
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")

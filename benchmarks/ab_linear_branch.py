@@ -19,6 +19,7 @@ correctness line: both forms against the float64 dense reference (7 frames x 390
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -74,11 +75,18 @@ def median_ms(fn, reps=30):
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
-def main() -> int:
-    quick = "--quick" in sys.argv[1:]
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, correctness line only (with TRITON_INTERPRET=1 "
+                   "on the CPU: needs triton installed, e.g. pip install triton==3.6.0)")
+    quick = p.parse_args(argv).quick
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not torch.cuda.is_available() and not (quick and interpreted):
         raise SystemExit("ab_linear_branch.py needs a CUDA device (or TRITON_INTERPRET=1 with --quick)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise SystemExit("ab_linear_branch.py needs triton (pip install triton==3.6.0 for the CPU interpreter)") from None
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     dev = "cpu" if quick and interpreted else "cuda"
     dt = torch.float16 if dev == "cpu" else torch.bfloat16  # the interpreter's tl.dot does not take bfloat16

@@ -427,6 +427,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for bench_end_to_end.json and bench_end_to_end.md")
     args = p.parse_args(argv)
     if args.device is None:
+        if not torch.cuda.is_available() and not args.quick:
+            raise SystemExit("bench_end_to_end.py: no CUDA device, and the default sizes (a Wan2.1-1.3B-geometry model at "
+                             "480x832) would take hours on the CPU: pass --quick for the CPU smoke test, or --device "
+                             "cpu to run them anyway")
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

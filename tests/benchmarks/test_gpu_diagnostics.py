@@ -20,3 +20,12 @@ def test_refuses_without_cuda(script):
                        timeout=120, cwd=REPO)
     assert r.returncode != 0
     assert f"{script} needs a CUDA device" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_end_to_end_refuses_full_size_on_cpu():
+    """Without a GPU and without --quick / --device cpu, bench_end_to_end.py stops instead of building a 1.4B model."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_end_to_end.py")], capture_output=True,
+                       text=True, timeout=120, cwd=REPO)
+    assert r.returncode != 0
+    assert "pass --quick" in r.stderr and "--device cpu" in r.stderr
