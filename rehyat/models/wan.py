@@ -553,19 +553,41 @@ def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) 
 
 
 def _state_dict_from_folder(folder: Path) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from ..io import read_json_object
+
+    def load(path: Path) -> dict:
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
     single = folder / "diffusion_pytorch_model.safetensors"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return load(single)
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
         sd = {}
-        for f in files:
-            sd.update(load_file(folder / f))
+        for f in sorted(set(weight_map.values())):
+            sd.update(load(folder / f))
         return sd
     raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+
+
+def _from_pretrained(folder: Path, torch_dtype):
+    """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights."""
+    from diffusers import WanTransformer3DModel
+
+    try:
+        return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+    except OSError as e:  # diffusers: "Unable to load weights from checkpoint file ...", "no file named ..."
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"cannot load the transformer weights in {folder}: {reason}") from None
 
 
 def read_wan_config(folder) -> tuple[Path, dict]:
@@ -605,16 +627,21 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
 
     Raises:
         FileNotFoundError: the folder or its ``config.json`` is missing.
-        ValueError: ``config.json`` is not a ``WanTransformer3DModel`` config, or the weights do not match.
+        ValueError: ``config.json`` is not a ``WanTransformer3DModel`` config, ``rehyat_config.json`` is malformed,
+            the weights file cannot be read, or the weights do not match (each naming the file or folder).
     """
-    from diffusers import WanTransformer3DModel
+    from ..io import read_json_object
 
     folder, config = read_wan_config(folder)
     rcfg_path = folder / REHYAT_CONFIG_NAME
     if not rcfg_path.exists():
-        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+        model = _from_pretrained(folder, torch_dtype)
         return model.to(device) if device is not None else model
-    rcfg = ReHyAtConfig.from_dict(json.loads(rcfg_path.read_text()))
+    try:
+        rcfg = ReHyAtConfig.from_dict(read_json_object(rcfg_path))
+    except (TypeError, AttributeError, ValueError) as e:
+        msg = str(e) if str(rcfg_path) in str(e) else f"{rcfg_path}: {e}"
+        raise ValueError(msg) from None
     # The teacher's weights load through diffusers (dtype handling, fp32-kept modules); the feature maps, which
     # diffusers does not know, are read from the same safetensors file afterwards.
     from diffusers.utils import logging as diffusers_logging
@@ -622,7 +649,7 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence "unexpected keys": they are the feature maps
     try:
-        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+        model = _from_pretrained(folder, torch_dtype)
     finally:
         diffusers_logging.set_verbosity(level)
     convert_wan(

@@ -349,11 +349,14 @@ class DatasetWriter:
         info: the :class:`DatasetInfo` (``num_samples`` is set by :meth:`close`).
         overwrite: allow a non-empty folder (its old ``dataset.json`` and ``metadata.jsonl`` are removed first).
 
-    ``add(latents [C, F, H, W], prompt_embeds [L, D], caption)`` checks the shapes against ``info``.
+    ``add(latents [C, F, H, W], prompt_embeds [L, D], caption)`` checks the shapes against ``info``; :meth:`abort`
+    deletes what the writer wrote (and the folder when it created it), so a failed run can be retried.
     """
 
     def __init__(self, folder, info: DatasetInfo, *, overwrite: bool = False) -> None:
         self.folder = prepare_output_folder(folder, overwrite=overwrite)
+        self.created = not self.folder.exists()
+        self.written: list[str] = []
         self.folder.mkdir(exist_ok=True)
         for name in (DATASET_CONFIG, METADATA_FILE):
             (self.folder / name).unlink(missing_ok=True)
@@ -367,6 +370,7 @@ class DatasetWriter:
         t = {"latents": latents.detach().to("cpu", _DTYPES[self.info.latents_dtype]).contiguous(),
              "prompt_embeds": prompt_embeds.detach().to("cpu", torch.float32).contiguous()}
         _check_sample(self.folder / name, t, self.info)
+        self.written.append(name)
         save_file(t, self.folder / name, metadata={"text": caption})
         self.rows.append({"file_name": name, "text": caption})
         return name
@@ -375,6 +379,7 @@ class DatasetWriter:
         """Store the negative-prompt embedding ``[L, D]`` (used for caption dropout and guidance)."""
         from safetensors.torch import save_file
 
+        self.written.append(NULL_EMBEDS_FILE)
         save_file({"prompt_embeds": prompt_embeds.detach().to("cpu", torch.float32).contiguous()},
                   self.folder / NULL_EMBEDS_FILE)
         self.info.null_embeds = NULL_EMBEDS_FILE
@@ -390,6 +395,13 @@ class DatasetWriter:
         tmp.write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
         os.replace(tmp, self.folder / DATASET_CONFIG)
         return self.info
+
+    def abort(self) -> None:
+        """Delete the files this writer wrote, and the folder if it created it (and it is empty then)."""
+        for name in self.written + [METADATA_FILE, DATASET_CONFIG + ".tmp"]:
+            (self.folder / name).unlink(missing_ok=True)
+        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,12 +617,13 @@ def prepare_dataset(
 
     Raises:
         FileNotFoundError / FileExistsError / ValueError: a missing folder or video, an existing ``out`` (unless
-            ``overwrite``), a caption missing from the table, a video of another size or too few frames, a
-            frame count or size the model cannot take, or a text encoder of the wrong width; all before any
-            encoding, except a video whose size ``metadata.jsonl`` does not state (found when it is read; the
-            unfinished folder then has no ``dataset.json``).
+            ``overwrite``), a bad ``batch_size`` / ``num_frames``, a caption missing from the table, a video of
+            another size or too few frames, a frame count or size the model cannot take, a text encoder of the
+            wrong width, or a file ffmpeg cannot decode (naming it); all before any encoding, except a video
+            whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
+            the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from ..world import read_video
+    from ..io import read_json_object
     from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
 
     model, videos = Path(model), Path(videos)
@@ -618,6 +631,10 @@ def prepare_dataset(
         raise FileNotFoundError(f"--model folder {model} does not exist")
     if not videos.is_dir():
         raise FileNotFoundError(f"--videos folder {videos} does not exist")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an int >= 1 (videos per VAE call), got {batch_size!r}")
+    if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
+        raise ValueError(f"--frames must be an int >= 1, got {num_frames!r}")
     prepare_output_folder(out, overwrite=overwrite)
     tcfg = read_transformer_config(model)
     pcfg = read_pipeline_config(model)
@@ -635,12 +652,12 @@ def prepare_dataset(
         if table.text_dim != tcfg["text_dim"]:
             raise ValueError(f"{text_embeddings} holds {table.text_dim}-dim embeddings, the model takes text_dim={tcfg['text_dim']}")
     has_vae = (model / "vae").is_dir()
-    first = read_video(videos / rows[0]["file_name"])
+    first = _read_video(videos / rows[0]["file_name"])
     F = num_frames if num_frames is not None else first.shape[0]
     H, W = first.shape[1:3]
     p_h = tcfg["patch_size"][1]
     if has_vae:
-        vcfg = json.loads((model / "vae" / "config.json").read_text())
+        vcfg = read_json_object(model / "vae" / "config.json")
         down = vcfg.get("temperal_downsample", [False, True, True])
         tf = vcfg.get("scale_factor_temporal", 2 ** sum(down))
         sf = vcfg.get("scale_factor_spatial", 2 ** len(down))
@@ -673,7 +690,10 @@ def prepare_dataset(
     if has_vae:
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
+        try:
+            vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
+        except OSError as e:  # e.g. a corrupt safetensors file
+            raise ValueError(f"cannot load the VAE in {model / 'vae'}: {(str(e).strip().splitlines() or [repr(e)])[0]}") from None
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
 
@@ -687,26 +707,43 @@ def prepare_dataset(
     from tqdm.auto import tqdm
 
     writer = DatasetWriter(out, info, overwrite=overwrite)
-    neg = pcfg.get("negative_prompt", "")
-    if table is None or neg in table:
-        writer.set_null_embeds(embed([neg])[0])
-    bar = tqdm(total=len(rows), desc="prepare-data", disable=not progress)
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i : i + batch_size]
-        clips = []
-        for r in batch:
-            frames = first if r is rows[0] else read_video(videos / r["file_name"])
-            if frames.shape[0] < F:
-                raise ValueError(f"{r['file_name']} has {frames.shape[0]} frames, fewer than {F}")
-            if frames.shape[1:3] != (H, W):
-                raise ValueError(f"{r['file_name']} is {frames.shape[2]}x{frames.shape[1]}, the first video is {W}x{H}")
-            clips.append(_video_tensor(frames[:F]))
-        x = torch.stack(clips).to(device)
-        if vae is not None:
-            x = (vae.encode(x).latent_dist.mode() - mean) / std
-        emb = embed([r["text"] for r in batch])
-        for j, r in enumerate(batch):
-            writer.add(x[j], emb[j], r["text"])
-        bar.update(len(batch))
-    bar.close()
-    return writer.close()
+    try:
+        neg = pcfg.get("negative_prompt", "")
+        if table is None or neg in table:
+            writer.set_null_embeds(embed([neg])[0])
+        bar = tqdm(total=len(rows), desc="prepare-data", disable=not progress)
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            clips = []
+            for r in batch:
+                frames = first if r is rows[0] else _read_video(videos / r["file_name"])
+                if frames.shape[0] < F:
+                    raise ValueError(f"{r['file_name']} has {frames.shape[0]} frames, fewer than {F}")
+                if frames.shape[1:3] != (H, W):
+                    raise ValueError(f"{r['file_name']} is {frames.shape[2]}x{frames.shape[1]}, the first video is {W}x{H}")
+                clips.append(_video_tensor(frames[:F]))
+            x = torch.stack(clips).to(device)
+            if vae is not None:
+                x = (vae.encode(x).latent_dist.mode() - mean) / std
+            emb = embed([r["text"] for r in batch])
+            for j, r in enumerate(batch):
+                writer.add(x[j], emb[j], r["text"])
+            bar.update(len(batch))
+        bar.close()
+        return writer.close()
+    except BaseException:
+        writer.abort()  # no half-written dataset left to block the retry
+        raise
+
+
+def _read_video(path: Path):
+    """:func:`rehyat.world.read_video`, raising ValueError naming the file when ffmpeg cannot decode it."""
+    from ..world import read_video
+
+    try:
+        return read_video(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError) as e:  # imageio: "Could not load meta information", "can not handle the given uri"
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"cannot read the video {path}: not a video file ffmpeg can decode ({reason})") from None

@@ -233,6 +233,9 @@ class DistillResult:
 
 def _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
                        feature_map_input, softmax_blocks) -> dict:
+    if feature_map_kwargs is not None and not isinstance(feature_map_kwargs, dict):
+        raise ValueError(f"--feature-map-kwargs must be a JSON object like '{{\"feature_dim\": 64}}', "
+                         f"got {feature_map_kwargs!r}")
     return dict(chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal, stabilizer=stabilizer,
                 feature_map=feature_map, feature_map_kwargs=dict(feature_map_kwargs or {}),
                 feature_map_input=feature_map_input, softmax_blocks=softmax_blocks)
@@ -411,7 +414,7 @@ def distill(
     conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
                                     feature_map_input, softmax_blocks)
     if converted_cfg is None:
-        _probe_conversion(conversion)  # bad settings fail here, before loading weights
+        _probe_conversion(conversion, tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
     prepare_run_folder(out, overwrite=overwrite, resume=resume)
     settings = run_config({
         "model": str(model.resolve()), "prompts": prompts and str(Path(prompts).resolve()),
@@ -434,12 +437,6 @@ def distill(
     torch.manual_seed(seed)
     pool = resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
                                device=env.device, text_dim=tcfg["text_dim"])
-    if env.is_main and not resume:
-        if overwrite:
-            clear_run_outputs(out)
-        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    env.barrier()
     traj_kw = dict(batch_size=batch_size, sampling_steps=sampling_steps, guidance_scale=guidance, env=env, dtype=dtype)
 
     # ---------------------------------------------------------------- which blocks
@@ -502,6 +499,13 @@ def distill(
         env.barrier()
 
     # ---------------------------------------------------------------- training
+    # --out is written only now, with everything loaded: a run that fails before leaves it as it was
+    if env.is_main and not resume:
+        if overwrite:
+            clear_run_outputs(out)
+        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
+        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    env.barrier()
     samples_per_step = batch_size * (2 if guidance > 1.0 else 1)
     log = RunLog(out / TRAIN_DIR / LOG_NAME, is_main=env.is_main, device=env.device, total_steps=steps,
                  start_step=start, samples_per_step=samples_per_step, log_every=log_every, desc="distill",
@@ -556,8 +560,13 @@ def distill(
                          report=report, steps=steps)
 
 
-def _probe_conversion(conversion: dict):
-    """Check conversion settings without a model (builds one feature map)."""
+def _probe_conversion(conversion: dict, head_dim: int = 8) -> None:
+    """Check conversion settings without a model: builds one feature map (one head of ``head_dim``, the model's
+    attention head size) from ``feature_map`` and ``feature_map_kwargs``.
+
+    Raises:
+        ValueError: a bad setting, naming its CLI argument (an unknown or bad ``--feature-map-kwargs`` key too).
+    """
     from ..modules import make_feature_map
     from ..ops._checks import check_settings
 
@@ -569,5 +578,8 @@ def _probe_conversion(conversion: dict):
         raise ValueError(f"feature_map_input must be one of {FEATURE_MAP_INPUTS}")
     if conversion["softmax_blocks"] not in SOFTMAX_BLOCKS:
         raise ValueError(f"--softmax-blocks must be one of {SOFTMAX_BLOCKS}")
-    return make_feature_map(conversion["feature_map"], 1, 8, **conversion["feature_map_kwargs"]) if not \
-        conversion["feature_map_kwargs"] else None
+    kw = conversion["feature_map_kwargs"]
+    try:
+        make_feature_map(conversion["feature_map"], 1, head_dim, **kw)
+    except (TypeError, ValueError) as e:  # TypeError: a keyword the feature map does not take
+        raise ValueError(f"--feature-map {conversion['feature_map']} --feature-map-kwargs {kw!r}: {e}") from None

@@ -67,6 +67,7 @@ __all__ = [
     "finetune",
     "FinetuneResult",
     "transformer_config",
+    "check_transformer_config",
 ]
 
 TIMESTEP_SAMPLING = ("shifted", "uniform")
@@ -116,30 +117,78 @@ def _global_draws(step: int, seed: int, B: int, shape, device, local: slice, sam
 # ----------------------------------------------------------------------------------------------------------------
 def transformer_config(config) -> dict:
     """A complete ``WanTransformer3DModel`` config from a dict or JSON file (keys starting with ``_`` ignored;
-    missing ones take the class defaults). Raises FileNotFoundError / ValueError for a missing file or an
-    unknown key."""
+    missing ones take the class defaults), checked by :func:`check_transformer_config`.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: not valid JSON, not a JSON object, an unknown key, or a
+            bad value (naming the file and the key).
+    """
     from diffusers import WanTransformer3DModel
 
+    source = "--config"
     if not isinstance(config, dict):
         path = Path(config)
+        source = f"--config {path}"
         if not path.is_file():
             raise FileNotFoundError(f"--config file {path} does not exist")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"--config {path} is not valid JSON: {e}") from None
+            raise ValueError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{source} must hold a JSON object of WanTransformer3DModel settings, got a "
+                             f"{type(config).__name__}")
     params = inspect.signature(WanTransformer3DModel.__init__).parameters
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     unknown = sorted(set(cfg) - set(params))
     if unknown:
-        raise ValueError(f"--config: unknown WanTransformer3DModel settings {unknown}")
+        raise ValueError(f"{source}: unknown WanTransformer3DModel settings {unknown}")
     full = {k: p.default for k, p in params.items() if k != "self"}
     full.update(cfg)
+    if full["out_channels"] is None:
+        full["out_channels"] = full["in_channels"]
+    check_transformer_config(full, source)
     full["patch_size"] = list(full["patch_size"])
-    full["out_channels"] = full.get("out_channels") or full["in_channels"]
-    if full["num_attention_heads"] * full["attention_head_dim"] <= 0:
-        raise ValueError("--config: num_attention_heads and attention_head_dim must be positive")
     return full
+
+
+_WAN_SIZES = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+              "freq_dim", "ffn_dim", "rope_max_seq_len")
+_WAN_OPTIONAL_SIZES = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+def check_transformer_config(cfg: dict, source: str = "--config") -> None:
+    """Check a complete ``WanTransformer3DModel`` config before anything is written: every size an int >= 1
+    (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len`` may be null), ``patch_size`` three of them, and
+    the model constructible (built on the meta device: no memory, no weights).
+
+    Raises:
+        ValueError: naming ``source`` (e.g. ``--config FILE``) and the key.
+    """
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    def size(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    params = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
+    for k in _WAN_SIZES + _WAN_OPTIONAL_SIZES:
+        v = cfg.get(k)
+        if not size(v) and not (v is None and k in _WAN_OPTIONAL_SIZES):
+            raise ValueError(f"{source}: {k} must be an int >= 1{' or null' if k in _WAN_OPTIONAL_SIZES else ''}, "
+                             f"got {v!r}")
+    ps = cfg.get("patch_size")
+    if not isinstance(ps, (list, tuple)) or len(ps) != 3 or not all(size(v) for v in ps):
+        raise ValueError(f"{source}: patch_size must be a list of 3 ints >= 1, got {ps!r}")
+    eps = cfg.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{source}: eps must be a number > 0, got {eps!r}")
+    try:
+        with torch.device("meta"):
+            WanTransformer3DModel(**{k: v for k, v in cfg.items() if k in params})
+    except Exception as e:  # e.g. diffusers' RoPE asserts an even split of attention_head_dim
+        raise ValueError(f"{source}: WanTransformer3DModel cannot be built from these settings "
+                         f"({e!r}); check attention_head_dim (must be even)") from None
 
 
 def add_lora(transformer, rank: int, alpha: float | None = None, targets=LORA_TARGETS) -> list[str]:
@@ -332,7 +381,9 @@ def finetune(
 
     Raises:
         ValueError / FileNotFoundError / FileExistsError, before any weights load: neither or both of ``model``
-            and ``config``; nothing to train on (no data and no teacher); a teacher of another architecture;
+            and ``config``; a ``config`` that is not a JSON object or has a bad value (see
+            :func:`check_transformer_config`); malformed JSON in the model folder; nothing to train on (no data
+            and no teacher); a teacher of another architecture;
             latents or text embeddings that do not fit the model (channels, text width, sizes not divisible by
             the patch); a dataset folder without ``dataset.json``; an empty prompt file; bad numbers; an existing
             ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's.
@@ -348,6 +399,8 @@ def finetune(
     if (model is None) == (config is None):
         raise ValueError("pass exactly one of --model (a model folder to fine-tune) and --config (a fresh model)")
     scfg = read_transformer_config(model) if model is not None else transformer_config(config)
+    if model is not None:
+        read_pipeline_config(model)  # a malformed rehyat_pipeline.json fails here, naming the file
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
                     ("--sampling-steps", sampling_steps)):
         if not isinstance(v, int) or v < 1:
@@ -447,12 +500,6 @@ def finetune(
             dataset.to(dev)
         elif dev.type == "cuda" and dataset.in_memory:
             dataset.latents, dataset.prompt_embeds = dataset.latents.pin_memory(), dataset.prompt_embeds.pin_memory()
-    if env.is_main and not resume:
-        if overwrite and out.is_dir():
-            clear_run_outputs(out)
-        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    env.barrier()
 
     if model is not None:
         student = load_model_folder(model, device=dev).transformer
@@ -601,6 +648,13 @@ def finetune(
         return rec
 
     # ---------------------------------------------------------------- training
+    # --out is written only now, with everything loaded: a run that fails before leaves it as it was
+    if env.is_main and not resume:
+        if overwrite and out.is_dir():
+            clear_run_outputs(out)
+        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
+        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    env.barrier()
     samples_per_step = batch_size * (2 if (traj is not None and guidance > 1.0) else 1)
     log = RunLog(out / TRAIN_DIR / LOG_NAME, is_main=env.is_main, device=dev, total_steps=steps, start_step=start,
                  samples_per_step=samples_per_step, log_every=log_every, desc="finetune", progress=progress)

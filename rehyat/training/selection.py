@@ -353,7 +353,7 @@ def convert_model(
     kind, bval = parse_blocks(blocks, nb, allow=("all", "list", "best", "auto"))
     conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
                                     feature_map_input, softmax_blocks)
-    _probe_conversion(conversion)
+    _probe_conversion(conversion, tcfg["attention_head_dim"])
     cands = None
     if kind == "auto":
         if budget is None or not 0 < budget < 1:
