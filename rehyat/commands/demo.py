@@ -32,10 +32,16 @@ def add_parser(sub) -> None:
     p.add_argument("--length", type=int, default=4, help="long video = this many times the training length")
     p.add_argument("--sweep", type=number_list(float), default=[1.0, 2.0, 4.0, 8.0],
                    help="video lengths for the time/memory plot, x training length")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out: the files a demo writes (rehyat_<N>x.mp4, "
+                        "side_by_side.mp4, time_memory.png, report.md, report.json) are deleted first; other files "
+                        "are left alone")
     p.set_defaults(run=run)
+
+# every file a demo writes into --out (what --overwrite deletes)
+OUTPUTS = r"rehyat_\d+x\.mp4|side_by_side\.mp4|time_memory\.png|report\.md|report\.json"
 
 
 def _hstack(a, b):
@@ -46,6 +52,9 @@ def _hstack(a, b):
 
 
 def run(args) -> int:
+    """Raises ``ValueError`` / ``FileExistsError`` naming the argument before anything is loaded or written: bad
+    ``--steps`` / ``--length`` / prompts, models that do not pair (:func:`~rehyat.commands.evaluate.check_pair`),
+    ``--out`` a file, or a file of the demo already there without ``--overwrite``."""
     import torch
 
     from ..assets import default_model
@@ -54,9 +63,11 @@ def run(args) -> int:
     from ..io import VideoWriter, check_output_file, write_video
     from ..pipelines import ReHyAtVideoPipeline
     from ..world import check_video, parse_caption, summarise
-    from .evaluate import scale_length
+    from ._checks import check_output_folder, check_steps
+    from .evaluate import check_pair, scale_length
 
     t_start = time.perf_counter()
+    check_steps(args.steps)
     teacher_dir = args.teacher or default_model("teacher")
     student_dir = args.student or default_model("student")
     for p in args.prompts:
@@ -64,23 +75,29 @@ def run(args) -> int:
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
     sweep = args.sweep
+    d, _ = check_pair(teacher_dir, student_dir, [1, args.length, *sweep], lengths_arg="--sweep")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stale = check_output_folder(out, overwrite=args.overwrite, command="demo", outputs=OUTPUTS,
+                                keep_others=True)
     names = {"long": out / f"rehyat_{args.length}x.mp4", "side": out / "side_by_side.mp4",
              "plot": out / "time_memory.png", "md": out / "report.md", "json": out / "report.json"}
-    for path in names.values():
-        check_output_file(path, overwrite=args.overwrite)
+    if out.is_dir() and not args.overwrite:
+        for path in names.values():
+            check_output_file(path, overwrite=False)
 
     torch.manual_seed(0)
     print(f"loading {teacher_dir} and {student_dir}", flush=True)
     teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir)
     student = ReHyAtVideoPipeline.from_pretrained(student_dir)
-    d = json.loads((Path(student_dir) / "rehyat_pipeline.json").read_text()).get("defaults", {})
     frames, height, width = d["frames"], d["height"], d["width"]
-    steps = args.steps or d.get("steps", 20)
-    guidance = d.get("guidance", 4.0)
+    steps = args.steps if args.steps is not None else d["steps"]
+    guidance = d["guidance"]
     gen = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, progress=True)
     prompt = args.prompts[0]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in stale:  # an earlier demo's files (--overwrite), so none is left beside the new ones
+        path.unlink()
 
     # 1. a long video, streamed to disk chunk by chunk
     long_frames = scale_length(frames, args.length, student.temporal_factor)

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
                         "H200 a converted Wan2.1-1.3B forward ran about 2x faster compiled. Recurrent/streaming: "
                         "each block around the attention step, and the step on its own (an H200 forward chunk by "
                         "chunk: 1.39x of the compiled teacher, against 1.01x with the step eager)")
-    p.add_argument("--out", type=Path, required=True, help="output .mp4 (a folder with --prompt-file)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .mp4 (a folder with --prompt-file, created if missing)")
     p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--text-embeddings", type=Path, default=None,
@@ -79,17 +80,47 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def _resolve(args):
-    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings)."""
-    import json
+def check_text_source(model, text_embeddings, arg: str = "--model") -> None:
+    """``ValueError`` when prompts cannot be encoded: ``model`` has no text encoder (``tokenizer/`` +
+    ``text_encoder/``, or ``"text_encoder": "minilm"`` in ``rehyat_pipeline.json``) and no ``--text-embeddings``
+    table is given."""
+    from ..io import read_json_object
 
+    if text_embeddings is not None:
+        return
+    model = Path(model)
+    named = (model / "rehyat_pipeline.json").exists() and read_json_object(
+        model / "rehyat_pipeline.json").get("text_encoder") == "minilm"  # as ReHyAtVideoPipeline.from_pretrained
+    if not named and not ((model / "tokenizer").is_dir() and (model / "text_encoder").is_dir()):
+        raise ValueError(f"{arg} {model} has no text encoder (no tokenizer/ and text_encoder/): pass "
+                         "--text-embeddings FILE, a caption-embedding table holding your prompts")
+
+
+def check_video_output(model, channels: int, arg: str = "--model") -> None:
+    """``ValueError`` when a model folder's output cannot be written as a video: no ``vae/`` to decode its latents
+    and a transformer whose channels are not pixels (1 or 3)."""
+    if channels not in (1, 3) and not (Path(model) / "vae").is_dir():
+        raise ValueError(f"{arg} {model} has no vae/ and its transformer makes {channels}-channel latents, not "
+                         "pixels: writing a video needs the VAE (add the model's vae/ folder)")
+
+
+def _resolve(args):
+    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings).
+
+    Raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` / ``IsADirectoryError`` naming the argument:
+    bad settings, existing outputs without ``--overwrite``, ``--out`` a file with ``--prompt-file``, a model folder
+    without a text encoder (and no ``--text-embeddings``) or without the VAE its latents need for a video.
+    """
     from ..assets import default_model
     from ..io import check_output_file
     from ..pipelines.video import folder_latent_shape
+    from ._checks import check_guidance, check_steps, model_defaults
 
     model = args.model if args.model is not None else default_model("student")
     if not Path(model).is_dir():
         raise FileNotFoundError(f"--model: folder {model} does not exist")
+    check_steps(args.steps)
+    check_guidance(args.guidance)
     if args.videos_per_prompt < 1:
         raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
     jobs = []  # (prompt, seed, out path)
@@ -108,12 +139,14 @@ def _resolve(args):
         prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt")
-        if not args.out.is_dir():
-            raise FileNotFoundError(f"--out must be an existing folder with --prompt-file, got {args.out}")
+        if args.out.exists() and not args.out.is_dir():
+            raise FileExistsError(f"--out {args.out} is a file, expected a folder with --prompt-file")
         for prompt in prompts:
             for i in range(args.videos_per_prompt):
                 path = args.out / vbench_name(prompt, i)
-                jobs.append((prompt, args.seed + i, check_output_file(path, overwrite=args.overwrite)))
+                if args.out.is_dir():  # else run() creates it
+                    check_output_file(path, overwrite=args.overwrite)
+                jobs.append((prompt, args.seed + i, path))
     if args.save_latents is not None:
         if len(jobs) != 1:
             raise ValueError("--save-latents works with a single --prompt")
@@ -121,18 +154,13 @@ def _resolve(args):
         if Path(args.save_latents).resolve() == Path(jobs[0][2]).resolve():
             raise ValueError(f"--save-latents must differ from --out (both are {args.out}): the latents would "
                              "replace the video")
-    defaults = {}
-    cfg_file = Path(model) / "rehyat_pipeline.json"
-    if cfg_file.exists():
-        defaults = json.loads(cfg_file.read_text()).get("defaults", {})
+    defaults = model_defaults(model)
     pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
     geometry = dict(frames=pick(args.frames, "frames", 81), height=pick(args.height, "height", 480),
                     width=pick(args.width, "width", 832), steps=pick(args.steps, "steps", 50),
                     guidance=pick(args.guidance, "guidance", 5.0))
-    if geometry["steps"] < 1:
-        raise ValueError(f"--steps must be >= 1, got {geometry['steps']}")
-    if geometry["guidance"] < 0:
-        raise ValueError(f"--guidance must be >= 0, got {geometry['guidance']}")
+    check_steps(geometry["steps"])
+    check_guidance(geometry["guidance"])
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
     if args.mode in ("recurrent", "streaming"):
@@ -144,7 +172,9 @@ def _resolve(args):
         problem = folder_recurrence_problem(model)
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
-    folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    check_video_output(model, shape[1])
+    check_text_source(model, args.text_embeddings)
     device = check_device(args.device)
     return Path(model), jobs, device, geometry
 
@@ -178,6 +208,8 @@ def run(args) -> int:
           f"mode {mode}{' (compiled)' if args.compile else ''}, {dtype} on {device} (settings not given come from "
           "the model folder, else Wan2.1's)",
           file=sys.stderr)
+    if args.prompt_file is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     for prompt, seed, out in jobs:
         writer = VideoWriter(out, fps=pipe.fps)
         try:
@@ -188,7 +220,9 @@ def run(args) -> int:
             writer.abort()
             raise
         writer.close()
-        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {mode})")
+        if mode != "streaming" and not sys.stderr.isatty():
+            print(file=sys.stderr, flush=True)  # the closed denoising bar ends its line with "\r", not a newline
+        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {mode})", flush=True)
         if args.save_latents is not None:
             torch.save(res.latents, args.save_latents)
             print(f"wrote {args.save_latents}")

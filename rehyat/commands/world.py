@@ -26,12 +26,21 @@ def add_parser(sub) -> None:
     src.add_argument("--text-embeddings", type=Path, help="with --format dataset: caption-embedding table")
     src.add_argument("--model", type=Path, help="with --format dataset: model folder whose text encoder to use")
     e.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPU cores)")
-    e.add_argument("--overwrite", action="store_true")
-    e.set_defaults(run=run_export)
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out: its files (NNNNNN.mp4, NNNNNN.safetensors, "
+                        "metadata.jsonl, dataset.json, null_embeds.safetensors) are deleted first; refused if --out "
+                        "holds any other file")
+    # "command" names the action in error messages ("rehyat world export: error: ..."); argparse copies a
+    # subparser's defaults over the parent's, so it replaces the "world" the top-level parser set
+    e.set_defaults(run=run_export, command="world export")
     c = wsub.add_parser("captions", help="write every caption the world can produce, one per line")
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(run=run_captions)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.set_defaults(run=run_captions, command="world captions")
+
+
+# every file `rehyat world export` writes into --out, in either --format (what --overwrite deletes)
+EXPORT_OUTPUTS = r"\d{6}\.(mp4|safetensors)|metadata\.jsonl|dataset\.json|null_embeds\.safetensors"
 
 
 def all_captions() -> list[str]:
@@ -111,22 +120,43 @@ class _Serial:
         return map(fn, jobs)
 
 
+def _prepare_out(out: Path, stale: list[Path]) -> None:
+    """Create ``--out`` and delete an earlier export's files (``--overwrite``), once every check has passed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        path.unlink()
+
+
 def run_export(args) -> int:
-    for name in ("num_videos", "frames", "height", "width", "fps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """Raises ``ValueError`` / ``FileExistsError`` naming the argument before anything is written: bad sizes or
+    counts, a text source that does not fit ``--format``, ``--out`` a file, a non-empty ``--out`` without
+    ``--overwrite``, or (with it) an ``--out`` holding files an export does not write."""
+    from ._checks import check_output_folder
+
+    for name, low in (("num_videos", 1), ("frames", 1), ("height", 8), ("width", 8), ("fps", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.format == "videos" and (args.height % 2 or args.width % 2):
+        raise ValueError(f"--height and --width must be even for --format videos, got {args.height}x{args.width}")
+    out = Path(args.out)
+    stale = check_output_folder(out, overwrite=args.overwrite, command="world export", outputs=EXPORT_OUTPUTS)
+    if not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace an earlier export "
+                              "there, or choose another --out")
     if args.format == "videos":
         if args.text_embeddings or args.model:
             raise ValueError("--text-embeddings and --model go with --format dataset")
         from ..world import export_video_dataset
 
-        export_video_dataset(args.out, args.num_videos, args.frames, args.height, args.width, args.seed,
+        _prepare_out(out, stale)
+        export_video_dataset(out, args.num_videos, args.frames, args.height, args.width, args.seed,
                              fps=args.fps, overwrite=args.overwrite)
-        print(f"wrote {args.num_videos} videos and metadata.jsonl to {args.out}")
+        print(f"wrote {args.num_videos} videos and metadata.jsonl to {out}")
         return 0
-    from ..training.data import TextEmbeddingTable, prepare_output_folder
+    from ..training.data import TextEmbeddingTable
 
-    prepare_output_folder(args.out, overwrite=args.overwrite)
     if args.text_embeddings is not None:
         table = TextEmbeddingTable.load(args.text_embeddings)
         missing = table.missing(all_captions())
@@ -146,7 +176,8 @@ def run_export(args) -> int:
         null, te_name = embed([pipe.negative_prompt])[0], None
     else:
         raise ValueError("--format dataset needs --text-embeddings FILE or --model DIR for the captions' embeddings")
-    info = export_pixel_dataset(args.out, num_videos=args.num_videos, frames=args.frames, height=args.height,
+    _prepare_out(out, stale)
+    info = export_pixel_dataset(out, num_videos=args.num_videos, frames=args.frames, height=args.height,
                                 width=args.width, seed=args.seed, fps=args.fps, embed=embed, text_dim=D,
                                 max_sequence_length=L, null_embeds=null, text_encoder=te_name,
                                 overwrite=args.overwrite, workers=args.workers)

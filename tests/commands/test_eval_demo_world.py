@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -82,3 +83,97 @@ def test_world_dataset_export_with_model_text_encoder(models, tmp_path):
     ds = load_dataset(out)
     assert ds.info.latent_space == "pixel" and ds.info.latent_shape == (3, 4, 16, 16)
     assert ds.info.text_dim == 64 and ds.info.num_samples == 3
+
+
+@pytest.mark.parametrize("command, args, match", [
+    *[(c, ["--steps", n], f"--steps must be an int >= 1, got {n}") for c in ("eval", "demo") for n in ("0", "-1")],
+    ("eval", ["--guidance", "-2"], "--guidance must be a number >= 0"),  # demo has no --guidance
+])
+def test_eval_demo_check_steps_and_guidance_first(models, tmp_path, capsys, command, args, match):
+    teacher, student = models
+    out = tmp_path / "new" / "out"
+    assert main([command, "--teacher", str(teacher), "--student", str(student), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rehyat {command}: error: {match}")
+    assert not (tmp_path / "new").exists()  # no folder left behind
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_eval_demo_out_is_a_file(models, tmp_path, capsys, command):
+    teacher, student = models
+    out = tmp_path / "afile"
+    out.write_text("user data")
+    assert main([command, "--teacher", str(teacher), "--student", str(student), "--out", str(out),
+                 "--steps", "1"]) == 2
+    assert f"--out: {out} is a file, expected a folder" in capsys.readouterr().err
+    assert out.read_text() == "user data"
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_eval_demo_refuse_a_teacher_of_another_geometry(models, tmp_path, capsys, command):
+    _, student = models  # 8 frames of 32x32; the embedded teacher: 16 frames of 48x48, sizes a multiple of 6
+    out = tmp_path / "out"
+    assert main([command, "--student", str(student), "--out", str(out), "--steps", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "--teacher" in captured.err and "--student" in captured.err and "different default sizes" in captured.err
+    assert "loading" not in captured.out and not out.exists()  # refused before the models load
+    # a student without default sizes is generated at Wan's 480x832, which the embedded teacher cannot make
+    bare = tmp_path / "bare"
+    shutil.copytree(student, bare)
+    cfg = json.loads((bare / "rehyat_pipeline.json").read_text())
+    del cfg["defaults"]
+    (bare / "rehyat_pipeline.json").write_text(json.dumps(cfg))
+    assert main([command, "--student", str(bare), "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "cannot make the student's" in err and "multiple of 6" in err
+    assert not out.exists()
+
+
+def test_demo_overwrite_removes_an_earlier_demo_only(models, tmp_path):
+    teacher, student = models
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "rehyat_4x.mp4").write_bytes(b"an earlier demo's video")
+    (out / "report.md").write_text("an earlier report")
+    (out / "notes.txt").write_text("the user's")
+    assert main(["demo", "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--length", "1",
+                 "--sweep", "1", "--steps", "1", "--prompts", "a red circle moving right on a grey background",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "rehyat_1x.mp4", "report.json", "report.md",
+                                                    "side_by_side.mp4", "time_memory.png"]
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
+def test_world_errors_name_the_action_and_cli_flags(tmp_path, capsys):
+    out = tmp_path / "videos"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["world", "export", "--out", str(out), "--num-videos", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rehyat world export: error: --out") and "--overwrite" in err and "overwrite=True" not in err
+    # --overwrite never deletes a file an export does not write
+    assert main(["world", "export", "--out", str(out), "--num-videos", "1", "--overwrite"]) == 2
+    assert "keep.txt" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["world", "captions", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("rehyat world captions: error: --out")
+    afile = tmp_path / "afile"
+    afile.write_text("user data")
+    assert main(["world", "export", "--out", str(afile), "--num-videos", "1"]) == 2
+    assert "is a file, expected a folder" in capsys.readouterr().err and afile.read_text() == "user data"
+
+
+def test_world_export_overwrite_leaves_no_stale_files(models, tmp_path):
+    teacher, _ = models
+    small = ["--frames", "2", "--height", "16", "--width", "16"]
+    out = tmp_path / "new" / "videos"  # parents are created
+    assert main(["world", "export", "--out", str(out), "--num-videos", "3", *small]) == 0
+    assert main(["world", "export", "--out", str(out), "--num-videos", "1", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.mp4", "metadata.jsonl"]
+    data = tmp_path / "data"
+    dataset = ["world", "export", "--format", "dataset", "--model", str(teacher), "--out", str(data), "--workers",
+               "1", *small]
+    assert main([*dataset, "--num-videos", "3"]) == 0
+    assert main([*dataset, "--num-videos", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["000000.safetensors", "dataset.json", "metadata.jsonl",
+                                                     "null_embeds.safetensors"]

@@ -68,6 +68,8 @@ def test_prompt_file_vbench_names(model, tmp_path):
         (["--prompt", "a cat", "--frames", "0"], "frames must be an int >= 1"),
         (["--prompt", "a cat", "--height", "0"], "height"),
         (["--prompt", "a cat", "--guidance", "-1"], "guidance"),
+        (["--prompt", "a cat", "--guidance", "nan"], "--guidance must be a number >= 0"),
+        (["--prompt", "a cat", "--steps", "-2"], "--steps must be an int >= 1"),
         (["--prompt", "a cat", "--device", "tpu"], "--device"),
     ],
 )
@@ -168,3 +170,58 @@ def test_save_latents_must_not_replace_the_video(model, tmp_path, capsys):
     assert "--save-latents must differ from --out" in capsys.readouterr().err
     assert not out.exists()
 
+
+
+def test_latents_without_vae_are_refused_before_generating(tmp_path, capsys):
+    import shutil
+
+    folder = tiny_pipeline_folder(tmp_path / "novae", vae=True)  # 16 latent channels
+    shutil.rmtree(folder / "vae")
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red circle", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rehyat generate: error: --model" in err and "16-channel latents" in err and "vae/" in err
+    assert " frames at " not in err  # refused before the model loads
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_no_text_encoder_points_to_text_embeddings(tmp_path, capsys):
+    import shutil
+
+    folder = tiny_pipeline_folder(tmp_path / "notext", vae=False)
+    shutil.rmtree(folder / "tokenizer")
+    shutil.rmtree(folder / "text_encoder")
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red circle", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no text encoder" in err and "--text-embeddings" in err and "prompt_embeds" not in err
+    assert " frames at " not in err and not out.exists()
+
+
+def test_prompt_file_creates_out_folder(model, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\n")
+    outdir = tmp_path / "new" / "videos"
+    assert gen(model, outdir, "--prompt-file", str(pf)) == 0
+    assert [p.name for p in outdir.iterdir()] == ["a red circle-0.mp4"]
+    afile = tmp_path / "afile"
+    afile.write_text("user data")
+    assert gen(model, afile, "--prompt-file", str(pf)) == 2
+    assert "--out" in capsys.readouterr().err and afile.read_text() == "user data"
+
+
+def test_bad_settings_leave_no_prompt_file_folder(model, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\n")
+    outdir = tmp_path / "videos"
+    assert gen(model, outdir, "--prompt-file", str(pf), "--steps", "-1") == 2
+    assert "--steps must be an int >= 1" in capsys.readouterr().err
+    assert not outdir.exists()
+
+
+def test_wrote_line_follows_the_progress_bar(model, tmp_path, capsys):
+    """Parallel mode's denoising bar ends with a carriage return: in a log (not a terminal) a newline follows it, so
+    the "wrote" line does not share its line."""
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a red circle", "--mode", "parallel") == 0
+    captured = capsys.readouterr()
+    assert captured.err.endswith("\n") and captured.out.startswith("wrote ")
