@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -18,20 +17,6 @@ def check_guidance(guidance) -> None:
     """``--guidance``: ``None`` (the model's default) or a finite number >= 0; ``ValueError`` naming it otherwise."""
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"--guidance must be a number >= 0, got {guidance!r}")
-
-
-def model_defaults(folder) -> dict:
-    """The ``defaults`` of a model folder's ``rehyat_pipeline.json`` (``{}`` without one)."""
-    from ..io import read_json_object
-
-    cfg = Path(folder) / "rehyat_pipeline.json"
-    return read_json_object(cfg).get("defaults", {}) if cfg.exists() else {}
-
-
-def temporal_factor(folder) -> int:
-    """The VAE's temporal compression of a model folder, from its configs (1 without ``vae/``: pixel space)."""
-    cfg = Path(folder) / "vae" / "config.json"
-    return int(json.loads(cfg.read_text()).get("scale_factor_temporal", 4)) if cfg.exists() else 1
 
 
 def check_output_folder(out, *, overwrite: bool, command: str, outputs: str | None = None, keep_others: bool = False,

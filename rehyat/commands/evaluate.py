@@ -67,8 +67,8 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
     is not a checkpoint, has no text encoder, cannot decode video, has other default sizes than the other model, or
     cannot make the student's videos (or makes other latents); naming ``lengths_arg`` for a video under one frame.
     """
-    from ..pipelines.video import folder_latent_shape
-    from ._checks import model_defaults, temporal_factor
+    from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.video import folder_latent_shape, folder_vae_factors
     from .generate import check_text_source, check_video_output
 
     folders = {"--teacher": Path(teacher_dir), "--student": Path(student_dir)}
@@ -76,14 +76,14 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
         if not (d / "transformer" / "config.json").exists():
             raise ValueError(f"{name} {d} is not a Wan or ReHyAt checkpoint (no transformer/config.json)")
         check_text_source(d, text_embeddings, arg=name)
-    dt, ds = model_defaults(teacher_dir), model_defaults(student_dir)
+    dt, ds = (read_pipeline_config(f).get("defaults", {}) for f in (teacher_dir, student_dir))
     differ = [f"{k} {dt[k]} vs {ds[k]}" for k in ("frames", "height", "width")
               if k in dt and k in ds and dt[k] != ds[k]]
     if differ:
         raise ValueError(f"--teacher {teacher_dir} and --student {student_dir} have different default sizes "
                          f"({', '.join(differ)}): pass the student's own teacher")
     d = {"frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, **ds}
-    lengths = [scale_length(d["frames"], m, temporal_factor(student_dir)) for m in multiples]
+    lengths = [scale_length(d["frames"], m, folder_vae_factors(student_dir)[0]) for m in multiples]
     short = [f"{m:g}" for m, n in zip(multiples, lengths) if n < 1]
     if short:
         raise ValueError(f"{lengths_arg} {','.join(short)} gives a video shorter than one frame")

@@ -84,13 +84,12 @@ def check_text_source(model, text_embeddings, arg: str = "--model") -> None:
     """``ValueError`` when prompts cannot be encoded: ``model`` has no text encoder (``tokenizer/`` +
     ``text_encoder/``, or ``"text_encoder": "minilm"`` in ``rehyat_pipeline.json``) and no ``--text-embeddings``
     table is given."""
-    from ..io import read_json_object
+    from ..pipelines.folders import read_pipeline_config
 
     if text_embeddings is not None:
         return
     model = Path(model)
-    named = (model / "rehyat_pipeline.json").exists() and read_json_object(
-        model / "rehyat_pipeline.json").get("text_encoder") == "minilm"  # as ReHyAtVideoPipeline.from_pretrained
+    named = read_pipeline_config(model).get("text_encoder") == "minilm"  # as ReHyAtVideoPipeline.from_pretrained
     if not named and not ((model / "tokenizer").is_dir() and (model / "text_encoder").is_dir()):
         raise ValueError(f"{arg} {model} has no text encoder (no tokenizer/ and text_encoder/): pass "
                          "--text-embeddings FILE, a caption-embedding table holding your prompts")
@@ -114,7 +113,8 @@ def _resolve(args):
     from ..assets import default_model
     from ..io import check_output_file
     from ..pipelines.video import folder_latent_shape
-    from ._checks import check_guidance, check_steps, model_defaults
+    from ..pipelines.folders import read_pipeline_config
+    from ._checks import check_guidance, check_steps
 
     model = args.model if args.model is not None else default_model("student")
     if not Path(model).is_dir():
@@ -154,7 +154,7 @@ def _resolve(args):
         if Path(args.save_latents).resolve() == Path(jobs[0][2]).resolve():
             raise ValueError(f"--save-latents must differ from --out (both are {args.out}): the latents would "
                              "replace the video")
-    defaults = model_defaults(model)
+    defaults = read_pipeline_config(model).get("defaults", {})
     pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
     geometry = dict(frames=pick(args.frames, "frames", 81), height=pick(args.height, "height", 480),
                     width=pick(args.width, "width", 832), steps=pick(args.steps, "steps", 50),

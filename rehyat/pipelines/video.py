@@ -75,15 +75,20 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
     return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
+def folder_vae_factors(folder) -> tuple[int, int]:
+    """``(temporal, spatial)`` compression of a model folder's VAE, from ``vae/config.json`` alone (Wan's 4 and 8
+    where the config omits them); ``(1, 1)`` without ``vae/`` (pixel space)."""
+    cfg = Path(folder) / "vae" / "config.json"
+    if not cfg.exists():
+        return 1, 1
+    vcfg = json.loads(cfg.read_text())
+    return vcfg.get("scale_factor_temporal", 4), vcfg.get("scale_factor_spatial", 8)
+
+
 def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
     """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded)."""
-    folder = Path(folder)
     tcfg = read_transformer_config(folder)
-    temporal = spatial = 1
-    if (folder / "vae" / "config.json").exists():
-        vcfg = json.loads((folder / "vae" / "config.json").read_text())
-        temporal = vcfg.get("scale_factor_temporal", 4)
-        spatial = vcfg.get("scale_factor_spatial", 8)
+    temporal, spatial = folder_vae_factors(folder)
     return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
 
 
