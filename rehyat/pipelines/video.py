@@ -76,13 +76,17 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
 
 
 def folder_vae_factors(folder) -> tuple[int, int]:
-    """``(temporal, spatial)`` compression of a model folder's VAE, from ``vae/config.json`` alone (Wan's 4 and 8
-    where the config omits them); ``(1, 1)`` without ``vae/`` (pixel space)."""
+    """``(temporal, spatial)`` compression of a model folder's VAE, from ``vae/config.json`` alone; where the config
+    omits them, derived from ``temperal_downsample`` as ``AutoencoderKLWan`` does (Wan's default: 4 and 8).
+    ``(1, 1)`` without ``vae/config.json`` (pixel space). Raises ``ValueError`` naming the file for malformed JSON."""
+    from ..io import read_json_object
+
     cfg = Path(folder) / "vae" / "config.json"
-    if not cfg.exists():
+    if not cfg.is_file():
         return 1, 1
-    vcfg = json.loads(cfg.read_text())
-    return vcfg.get("scale_factor_temporal", 4), vcfg.get("scale_factor_spatial", 8)
+    vcfg = read_json_object(cfg)
+    down = vcfg.get("temperal_downsample", [False, True, True])
+    return vcfg.get("scale_factor_temporal", 2 ** sum(down)), vcfg.get("scale_factor_spatial", 2 ** len(down))
 
 
 def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:

@@ -95,16 +95,12 @@ def latent_shape_for(model, frames: int, height: int, width: int) -> tuple[int, 
         ValueError: a frame count the VAE cannot take (``4k+1`` for Wan's) or a size that is not a multiple of VAE
             stride x patch size.
     """
-    from ..io import read_json_object
+    from ..pipelines.video import folder_vae_factors
     from .components import read_transformer_config
 
     model = Path(model)
     tcfg = read_transformer_config(model)
-    tf = sf = 1
-    if (model / "vae" / "config.json").is_file():
-        v = read_json_object(model / "vae" / "config.json")
-        down = v.get("temperal_downsample", [False, True, True])
-        tf, sf = v.get("scale_factor_temporal", 2 ** sum(down)), v.get("scale_factor_spatial", 2 ** len(down))
+    tf, sf = folder_vae_factors(model)
     mult = sf * tcfg["patch_size"][1]
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % tf != 0:
         raise ValueError(f"--frames must be {tf}k+1 for this model's VAE, got {frames!r}")
