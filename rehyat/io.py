@@ -34,6 +34,12 @@ def read_json_object(path) -> dict:
     return data
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type name when it has none), to quote a library's
+    verbose error (diffusers, imageio) inside a shorter one."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def partial_path(path: Path) -> Path:
     """Temporary sibling of ``path`` used while it is being written (same suffix, so codecs are inferred)."""
     return path.with_name(f".{path.stem}.partial{path.suffix}")

@@ -583,11 +583,12 @@ def _from_pretrained(folder: Path, torch_dtype):
     """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights."""
     from diffusers import WanTransformer3DModel
 
+    from ..io import first_line
+
     try:
         return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
     except OSError as e:  # diffusers: "Unable to load weights from checkpoint file ...", "no file named ..."
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"cannot load the transformer weights in {folder}: {reason}") from None
+        raise ValueError(f"cannot load the transformer weights in {folder}: {first_line(e)}") from None
 
 
 def read_wan_config(folder) -> tuple[Path, dict]:

@@ -623,7 +623,8 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from ..io import read_json_object
+    from ..io import first_line, read_json_object
+    from ..pipelines.video import folder_vae_factors
     from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
 
     model, videos = Path(model), Path(videos)
@@ -658,9 +659,7 @@ def prepare_dataset(
     p_h = tcfg["patch_size"][1]
     if has_vae:
         vcfg = read_json_object(model / "vae" / "config.json")
-        down = vcfg.get("temperal_downsample", [False, True, True])
-        tf = vcfg.get("scale_factor_temporal", 2 ** sum(down))
-        sf = vcfg.get("scale_factor_spatial", 2 ** len(down))
+        tf, sf = folder_vae_factors(model)
         if (F - 1) % tf != 0:
             raise ValueError(f"the model's VAE needs {tf}k+1 frames, got {F}; pass --frames")
         C = vcfg.get("z_dim", 16)
@@ -693,7 +692,7 @@ def prepare_dataset(
         try:
             vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
         except OSError as e:  # e.g. a corrupt safetensors file
-            raise ValueError(f"cannot load the VAE in {model / 'vae'}: {(str(e).strip().splitlines() or [repr(e)])[0]}") from None
+            raise ValueError(f"cannot load the VAE in {model / 'vae'}: {first_line(e)}") from None
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
 
@@ -738,6 +737,7 @@ def prepare_dataset(
 
 def _read_video(path: Path):
     """:func:`rehyat.world.read_video`, raising ValueError naming the file when ffmpeg cannot decode it."""
+    from ..io import first_line
     from ..world import read_video
 
     try:
@@ -745,5 +745,4 @@ def _read_video(path: Path):
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError) as e:  # imageio: "Could not load meta information", "can not handle the given uri"
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"cannot read the video {path}: not a video file ffmpeg can decode ({reason})") from None
+        raise ValueError(f"cannot read the video {path}: not a video file ffmpeg can decode ({first_line(e)})") from None
