@@ -8,6 +8,7 @@
 #   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 FT2_STEPS=1 EVAL=0 ... # smoke run
 #   TEACHER_INIT=rehyat/assets/teacher STAGES=data,teacher ...       # continue training the shipped teacher
 #   TEACHER_DIR=rehyat/assets/teacher STAGES=data,student,eval ...     # a new student of the shipped teacher
+#   STUDENT_DIR=/tmp/w/student STAGES=long ...    # only the long-clip stage, from the student in STUDENT_DIR
 set -euo pipefail
 WORK=${WORK:-/tmp/rehyat_embedded}
 OUT=${OUT:-$WORK/out}
@@ -28,6 +29,12 @@ DISTILL_BATCH=${DISTILL_BATCH:-32}
 TEACHER_DIR=${TEACHER_DIR:-$WORK/teacher}  # the teacher the student stages start from (e.g. rehyat/assets/teacher)
 STUDENT_DIR=${STUDENT_DIR:-$WORK/student}  # where the fine-tuned student goes (and what eval reads)
 EVAL_DIR=${EVAL_DIR:-$WORK/eval}
+LONG_FRAMES=${LONG_FRAMES:-64}      # stage 3: clip length of the long-clip fine-tuning (4x the teacher's 16 frames)
+LONG_VIDEOS=${LONG_VIDEOS:-6000}
+LONG_STEPS=${LONG_STEPS:-1800}      # 0: no long-clip stage
+LONG_BATCH=${LONG_BATCH:-64}
+LONG_LR=${LONG_LR:-3e-4}
+LONG_WARMUP=${LONG_WARMUP:-50}
 TEACHER_BATCH=${TEACHER_BATCH:-512}
 TEACHER_LR=${TEACHER_LR:-1e-3}
 NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
@@ -35,11 +42,11 @@ TEACHER_INIT=${TEACHER_INIT:-}      # teacher folder to continue from (e.g. rehy
 TEACHER_WARMUP=${TEACHER_WARMUP:-200}
 TEACHER_COMPILE=${TEACHER_COMPILE:-0}  # 1: torch.compile the teacher (runs on the CPU; its GPU speed is not measured)
 EVAL=${EVAL:-1}
-STAGES=${STAGES:-data,teacher,student,eval}  # "student" = distill,finetune
+STAGES=${STAGES:-data,teacher,student,eval}  # "student" = distill,finetune,long
 for stage in ${STAGES//,/ }; do
-  case "$stage" in data|teacher|student|distill|finetune|eval) ;;
+  case "$stage" in data|teacher|student|distill|finetune|long|eval) ;;
     *) echo "STAGES: unknown stage '$stage' (expected a comma-separated list of data, teacher, student," \
-            "distill, finetune, eval)" >&2; exit 2 ;;
+            "distill, finetune, long, eval)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$WORK" "$OUT"
@@ -48,7 +55,7 @@ cli() { $PY -m rehyat.cli "$@"; }
 train() { if [[ "$NPROC" -gt 1 ]]; then $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
               -m rehyat.cli "$@"; else cli "$@"; fi; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
-has student && STAGES="$STAGES,distill,finetune"
+has student && STAGES="$STAGES,distill,finetune,long"
 
 if has data; then
   cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$VIDEOS" --frames 16 --height 48 \
@@ -85,6 +92,17 @@ if has finetune; then
         --out "$STUDENT_DIR" --steps "$FT2_STEPS" --batch-size "$FT2_BATCH" --lr "$FT2_LR" \
         --warmup-steps "$FT2_WARMUP" --lr-schedule cosine --text-dropout 0.1 --no-progress --overwrite
   fi
+fi
+if has long && [[ "$LONG_STEPS" -gt 0 ]]; then
+  # stage 3: the student fine-tuned on world clips LONG_FRAMES long (the world has ground truth at any length),
+  # flow matching only: the teacher was trained on 16 frames and fails beyond them; ReHyAt's cost is linear in
+  # the length, so these clips cost about LONG_FRAMES/16 times a 16-frame one
+  cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$LONG_VIDEOS" --frames "$LONG_FRAMES" \
+      --height 48 --width 48 --seed 1 --out "$WORK/data_long" --overwrite
+  rm -rf "$STUDENT_DIR.stage2" && mv "$STUDENT_DIR" "$STUDENT_DIR.stage2"
+  train finetune --model "$STUDENT_DIR.stage2" --data "$WORK/data_long" --out "$STUDENT_DIR" --steps "$LONG_STEPS" \
+      --batch-size "$LONG_BATCH" --lr "$LONG_LR" --warmup-steps "$LONG_WARMUP" --lr-schedule cosine \
+      --text-dropout 0.1 --no-progress --overwrite
 fi
 if has eval && [[ "$EVAL" == 1 ]]; then
   cli eval --teacher "$TEACHER_DIR" --student "$STUDENT_DIR" --num-prompts "${EVAL_PROMPTS:-4}" \
