@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Train the project's embedded models with the project's own commands: world data -> teacher from scratch ->
-# convert + distil (stage 1) -> fine-tune (stage 2, two runs) -> evaluate. The defaults are the recipe of the shipped
-# models (rehyat/assets/TRAINING.md has the times on H200s); every size is an environment variable so a CPU smoke
-# run can shrink it.
+# convert + distil (stage 1) -> fine-tune on 16-frame clips (stage 2, two runs) -> fine-tune on longer clips
+# (stage 3) -> evaluate. The defaults are the recipe of the shipped models, except that their stage 3 had a first
+# run (1,000 x 32 on 3,000 clips) before this one (rehyat/assets/TRAINING.md has the commands and the times on
+# H200s); every size is an environment variable so a CPU smoke run can shrink it.
 #
 #   WORK=/tmp/w OUT=/tmp/out bash scripts/train_embedded.sh            # full run
-#   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 FT2_STEPS=1 EVAL=0 ... # smoke run
+#   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 FT2_STEPS=1 LONG_VIDEOS=8 LONG_STEPS=1 EVAL=0 ... # smoke run
 #   TEACHER_INIT=rehyat/assets/teacher STAGES=data,teacher ...       # continue training the shipped teacher
 #   TEACHER_DIR=rehyat/assets/teacher STAGES=data,student,eval ...     # a new student of the shipped teacher
-#   STUDENT_DIR=/tmp/w/student STAGES=long ...    # only the long-clip stage, from the student in STUDENT_DIR
+#   LONG_INIT=path/to/student STAGES=long ...    # only stage 3, from that student (left as it is) into STUDENT_DIR
 set -euo pipefail
 WORK=${WORK:-/tmp/rehyat_embedded}
 OUT=${OUT:-$WORK/out}
@@ -35,6 +36,7 @@ LONG_STEPS=${LONG_STEPS:-1800}      # 0: no long-clip stage
 LONG_BATCH=${LONG_BATCH:-64}
 LONG_LR=${LONG_LR:-3e-4}
 LONG_WARMUP=${LONG_WARMUP:-50}
+LONG_INIT=${LONG_INIT:-}            # stage 3 without stage 2 in the same run: the student to start from
 TEACHER_BATCH=${TEACHER_BATCH:-512}
 TEACHER_LR=${TEACHER_LR:-1e-3}
 NPROC=${NPROC:-1}                   # GPUs for the teacher and the fine-tuning (torchrun data parallelism)
@@ -49,13 +51,30 @@ for stage in ${STAGES//,/ }; do
             "distill, finetune, long, eval)" >&2; exit 2 ;;
   esac
 done
+for v in VIDEOS TEACHER_STEPS DISTILL_STEPS FT_STEPS BATCH FT_WARMUP FT2_STEPS FT2_BATCH FT2_WARMUP DISTILL_BATCH \
+         TEACHER_BATCH NPROC TEACHER_WARMUP LONG_FRAMES LONG_VIDEOS LONG_STEPS LONG_BATCH LONG_WARMUP; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "$v: expected a whole number >= 0, got '${!v}'" >&2; exit 2; }
+done
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+has student && STAGES="$STAGES,distill,finetune,long"
+if has long && [[ "$LONG_STEPS" -gt 0 ]]; then
+  # stage 3 starts from LONG_INIT, or else from the student stage 2 writes into STUDENT_DIR in this same run
+  if [[ -n "$LONG_INIT" ]]; then
+    [[ -f "$LONG_INIT/transformer/config.json" ]] || {
+      echo "LONG_INIT: '$LONG_INIT' is not a model folder (no transformer/config.json)" >&2; exit 2; }
+    [[ "$(realpath -m "$LONG_INIT")" != "$(realpath -m "$STUDENT_DIR")" ]] || {
+      echo "LONG_INIT and STUDENT_DIR are the same folder ('$STUDENT_DIR'); stage 3 writes STUDENT_DIR" >&2; exit 2; }
+  elif ! has finetune; then
+    echo "STAGES has 'long' without 'finetune': set LONG_INIT to the student stage 3 starts from" >&2; exit 2
+  fi
+elif has long; then
+  echo "LONG_STEPS is 0: no long-clip stage" >&2
+fi
 mkdir -p "$WORK" "$OUT"
 cli() { $PY -m rehyat.cli "$@"; }
 # training commands: torchrun over NPROC GPUs (the global batch and the random draws do not depend on NPROC)
 train() { if [[ "$NPROC" -gt 1 ]]; then $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
               -m rehyat.cli "$@"; else cli "$@"; fi; }
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-has student && STAGES="$STAGES,distill,finetune,long"
 
 if has data; then
   cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$VIDEOS" --frames 16 --height 48 \
@@ -99,8 +118,12 @@ if has long && [[ "$LONG_STEPS" -gt 0 ]]; then
   # the length, so these clips cost about LONG_FRAMES/16 times a 16-frame one
   cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$LONG_VIDEOS" --frames "$LONG_FRAMES" \
       --height 48 --width 48 --seed 1 --out "$WORK/data_long" --overwrite
-  rm -rf "$STUDENT_DIR.stage2" && mv "$STUDENT_DIR" "$STUDENT_DIR.stage2"
-  train finetune --model "$STUDENT_DIR.stage2" --data "$WORK/data_long" --out "$STUDENT_DIR" --steps "$LONG_STEPS" \
+  src=$LONG_INIT
+  if [[ -z "$src" ]]; then  # the student stage 2 wrote in this run: kept as STUDENT_DIR.stage2
+    src=$STUDENT_DIR.stage2
+    rm -rf "$src" && mv "$STUDENT_DIR" "$src"
+  fi
+  train finetune --model "$src" --data "$WORK/data_long" --out "$STUDENT_DIR" --steps "$LONG_STEPS" \
       --batch-size "$LONG_BATCH" --lr "$LONG_LR" --warmup-steps "$LONG_WARMUP" --lr-schedule cosine \
       --text-dropout 0.1 --no-progress --overwrite
 fi
@@ -109,9 +132,12 @@ if has eval && [[ "$EVAL" == 1 ]]; then
       --lengths "${EVAL_LENGTHS:-1,4,16}" --text-embeddings "$TABLE" --out "$EVAL_DIR" --overwrite
 fi
 # what comes back: the two model folders (without optimizer checkpoints), logs and reports
-for m in teacher distilled student; do
+for m in teacher distilled; do
   [[ -d "$WORK/$m" ]] || continue
   tar -C "$WORK" --exclude="$m/train/checkpoint*" -czf "$OUT/$m.tar.gz" "$m"
 done
+if [[ -d "$STUDENT_DIR" ]]; then
+  tar -C "$(dirname "$STUDENT_DIR")" --exclude="train/checkpoint*" -czf "$OUT/student.tar.gz" "$(basename "$STUDENT_DIR")"
+fi
 [[ -d "$EVAL_DIR" ]] && cp "$EVAL_DIR/eval.md" "$EVAL_DIR/eval.json" "$OUT/" || true
 ls -la "$OUT"
