@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from rehyat.cli import main
+from rehyat.commands.demo import EMBEDDED_NOTE
 from rehyat.testing import tiny_pipeline_folder
 from rehyat.world import read_video
 
@@ -55,6 +56,7 @@ def test_demo_writes_everything(models, tmp_path):
     assert (out / "time_memory.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| rehyat | 16 | streaming |" in report and "| ReHyAt (recurrent) | recurrent | 16 |" in report
+    assert EMBEDDED_NOTE not in report  # that note is about the embedded models only
     # a second run refuses to overwrite the first one's files unless asked
     assert main(["demo", "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--steps", "1"]) == 2
 
