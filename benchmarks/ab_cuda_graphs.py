@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import rehyat.ops.hybrid as hybrid  # noqa: E402
+from wan_bench_common import timed_call  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from rehyat.ops import rehyat_attention, rehyat_attention_step  # noqa: E402
 
 H, D, FD, S, TC, TO = 12, 128, 256, 1560, 3, 1
@@ -42,12 +43,7 @@ def timed_rounds(fns: dict, flush: torch.Tensor, rounds: int = 5, reps: int = 15
             times = []
             for _ in range(reps):
                 flush.zero_()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
+                times.append(timed_call(fn, cuda=True)[0])
             res[n].append(statistics.median(times) / per)
     return res
 

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import rehyat.ops.hybrid as hybrid  # noqa: E402
+from wan_bench_common import timed_call  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from rehyat.ops import rehyat_attention  # noqa: E402
 
 S, H, D, FD = 1560, 12, 128, 256
@@ -38,15 +39,7 @@ def copied_windows(*args):
 def median_ms(fn, reps: int = 30) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(timed_call(fn, cuda=True)[0] for _ in range(reps))
 
 
 def main() -> int:

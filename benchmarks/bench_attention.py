@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rehyat.modules import PolynomialFeatureMap  # noqa: E402
+from wan_bench_common import timed_call  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from rehyat.ops.feature_map import (  # noqa: E402
     fused_feature_map_supports,
     fused_kernel_config,
@@ -99,15 +100,7 @@ class Timer:
         """One timed call in ms."""
         if self.cuda:
             self.flush_buf.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t = time.perf_counter()
-        fn(i)
-        return (time.perf_counter() - t) * 1e3
+        return timed_call(lambda: fn(i), self.cuda)[0]
 
     def __call__(self, fn) -> dict:
         for i in range(self.warmup):

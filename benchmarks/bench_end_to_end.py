@@ -53,13 +53,12 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
 from wan_bench_common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
     WAN_1_3B, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames, log, probe_sdpa,
-    sdpa_context, short,
+    sdpa_context, short, timed_call,
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -108,16 +107,7 @@ class Bench:
         return lambda: model(x, t, e, return_dict=False)[0]
 
     def _time_once(self, fn) -> tuple[float, torch.Tensor]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end), out
-        t = time.perf_counter()
-        out = fn()
-        return (time.perf_counter() - t) * 1e3, out
+        return timed_call(fn, self.cuda)
 
     def row(self, variant: str, form: str, compiled: bool, model, video_frames: int, keep_output: bool = False):
         args, device = self.args, self.device

@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark scripts that build a Wan2.1-geometry transformer (bench_memory, bench_end_to_end).
+"""Helpers shared by the benchmark scripts: those that build a Wan2.1-geometry transformer (bench_memory,
+bench_end_to_end) and, for :func:`timed_call`, the operator benchmarks and A/B scripts.
 
-Not part of the library: logging with elapsed time, device description, SDPA backend preference, and building a
-randomly initialised ``WanTransformer3DModel`` directly on the GPU.
+Not part of the library: logging with elapsed time, device description, SDPA backend preference, building a
+randomly initialised ``WanTransformer3DModel`` directly on the GPU, and timing one call.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ def gib(n: float) -> float:
 def short(exc: BaseException, n: int = 140) -> str:
     text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def timed_call(fn, cuda: bool):
+    """Time one call of ``fn()``: returns ``(milliseconds, fn's return value)``.
+
+    ``cuda``: a pair of CUDA events recorded around the call, the host waiting on the end event (work queued before
+    the call is not counted, work the call queues is); otherwise ``time.perf_counter`` around the call.
+    """
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), out
+    t = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t) * 1e3, out
 
 
 def latent_frames(video_frames: int) -> int:
