@@ -75,18 +75,21 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
     return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
+def vae_factors(vae_config: dict) -> tuple[int, int]:
+    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` from its config dict; where the config omits
+    them, derived from ``temperal_downsample`` as ``AutoencoderKLWan`` does (Wan's default: 4 and 8)."""
+    down = vae_config.get("temperal_downsample", [False, True, True])
+    return (vae_config.get("scale_factor_temporal", 2 ** sum(down)),
+            vae_config.get("scale_factor_spatial", 2 ** len(down)))
+
+
 def folder_vae_factors(folder) -> tuple[int, int]:
-    """``(temporal, spatial)`` compression of a model folder's VAE, from ``vae/config.json`` alone; where the config
-    omits them, derived from ``temperal_downsample`` as ``AutoencoderKLWan`` does (Wan's default: 4 and 8).
-    ``(1, 1)`` without ``vae/config.json`` (pixel space). Raises ``ValueError`` naming the file for malformed JSON."""
+    """:func:`vae_factors` of a model folder's ``vae/config.json``; ``(1, 1)`` without that file (pixel space).
+    Raises ``ValueError`` naming the file for malformed JSON."""
     from ..io import read_json_object
 
     cfg = Path(folder) / "vae" / "config.json"
-    if not cfg.is_file():
-        return 1, 1
-    vcfg = read_json_object(cfg)
-    down = vcfg.get("temperal_downsample", [False, True, True])
-    return vcfg.get("scale_factor_temporal", 2 ** sum(down)), vcfg.get("scale_factor_spatial", 2 ** len(down))
+    return vae_factors(read_json_object(cfg)) if cfg.is_file() else (1, 1)
 
 
 def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:

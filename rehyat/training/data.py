@@ -624,7 +624,7 @@ def prepare_dataset(
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
     from ..io import first_line, read_json_object
-    from ..pipelines.video import folder_vae_factors
+    from ..pipelines.video import vae_factors
     from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
 
     model, videos = Path(model), Path(videos)
@@ -659,7 +659,7 @@ def prepare_dataset(
     p_h = tcfg["patch_size"][1]
     if has_vae:
         vcfg = read_json_object(model / "vae" / "config.json")
-        tf, sf = folder_vae_factors(model)
+        tf, sf = vae_factors(vcfg)
         if (F - 1) % tf != 0:
             raise ValueError(f"the model's VAE needs {tf}k+1 frames, got {F}; pass --frames")
         C = vcfg.get("z_dim", 16)
