@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
     e.add_argument("--out", type=Path, required=True, help="output folder (created)")
     e.add_argument("--num-videos", type=int, required=True)
     e.add_argument("--frames", type=int, default=16)
-    e.add_argument("--height", type=int, default=48)
-    e.add_argument("--width", type=int, default=48)
+    e.add_argument("--height", type=int, default=40)
+    e.add_argument("--width", type=int, default=40)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--fps", type=int, default=8)
     e.add_argument("--format", choices=["videos", "dataset"], default="videos",

@@ -195,7 +195,7 @@ def check_video(
             Defaults 0.01 and 0.35 (scenes cover about 0.03 to 0.13).
         max_jump: largest plausible centroid step between consecutive frames,
             as a fraction of the shorter side (scaled by the gap when frames in
-            between lack the object). Default 0.1 (scenes move at most 2 px/frame).
+            between lack the object). Default 0.1 (scenes move at most 2.5 px/frame).
         min_speed: mean speed (pixels/frame) below which no direction is
             reported. Default 0.1.
         margin: pixels around the object's blob excluded, with every pixel of

@@ -47,8 +47,11 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 #: Minimum RGB Euclidean distance between object and background colours.
 MIN_CONTRAST = 140.0
 
-DEFAULT_SPEED_RANGE = (1.0, 2.0)
-DEFAULT_SIZE_RANGE = (0.25, 0.4)
+#: Default object speed (pixels per frame) and size (fraction of the shorter side). At the embedded models' 40x40
+#: frames and 4x4 patches the object spans 3.5-4.5 patches and moves 0.5-0.6 patch per frame: shape and motion are
+#: not sub-patch detail (rehyat/assets/TRAINING.md, "the world").
+DEFAULT_SPEED_RANGE = (2.0, 2.5)
+DEFAULT_SIZE_RANGE = (0.35, 0.45)
 #: Largest allowed object size (fraction of the shorter frame side). Above half the
 #: side, the wrapped copies of the object would overlap.
 MAX_SIZE = 0.45
@@ -155,9 +158,9 @@ def sample_scene(
         shapes, colours, backgrounds, directions: optional subsets of
             :data:`SHAPES`, :data:`PALETTE`, :data:`PALETTE`, :data:`DIRECTIONS` to
             draw from (default: all).
-        speed_range: ``(low, high)`` pixels per frame, uniform. Default (1.0, 2.0).
+        speed_range: ``(low, high)`` pixels per frame, uniform. Default (2.0, 2.5).
         size_range: ``(low, high)`` fraction of the shorter side, uniform.
-            Default (0.25, 0.4).
+            Default (0.35, 0.45).
 
     Returns:
         A :class:`Scene`. ``speed`` is rounded to 2 decimals, ``size``, ``x0`` and

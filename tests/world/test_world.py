@@ -54,7 +54,7 @@ def test_sampled_scenes_are_valid_and_cover_the_vocabulary():
     for s in scenes:
         assert s.colour != s.background
         assert colour_distance(s.colour, s.background) >= MIN_CONTRAST
-        assert 1.0 <= s.speed <= 2.0 and 0.25 <= s.size <= 0.4
+        assert 2.0 <= s.speed <= 2.5 and 0.35 <= s.size <= 0.45
         assert 0 <= s.x0 < 1 and 0 <= s.y0 < 1
 
 
