@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     g.add_argument("--rank-steps", type=int, default=20, help="short-distillation steps that rank blocks for best:N")
     g.add_argument("--eval-trajectories", type=int, default=1,
                    help="held-out trajectories measured before and after (default 1; 0 skips)")
+    g.add_argument("--mass-every", type=int, default=50,
+                   help="steps between measurements of the linear branch's share of the attention mass in the log "
+                        "(default 50; 0: none)")
     add_run_args(p, checkpoint_every=100, log_every=1)
     p.set_defaults(run=run)
 
@@ -44,7 +47,8 @@ def run(args) -> int:
         sampling_steps=args.sampling_steps, guidance=args.guidance, steps=args.steps, lr=args.lr,
         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size,
         rank_steps=args.rank_steps, eval_trajectories=args.eval_trajectories, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=args.device,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, mass_every=args.mass_every,
+        device=args.device,
         precision=args.precision, overwrite=args.overwrite, resume=args.resume, progress=args.progress,
     )
     import os

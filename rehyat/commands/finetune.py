@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     t.add_argument("--text-dropout", type=float, default=0.0,
                    help="probability of the null text embedding (for classifier-free guidance)")
     t.add_argument("--init-seed", type=int, default=None, help="--config: weight initialisation seed (default --seed)")
+    t.add_argument("--chunk-causal", type=int, default=None, metavar="FRAMES",
+                   help="--config: train the fresh model block-causal with chunks of FRAMES latent frames (it streams; "
+                        "a ReHyAt student with the same chunk can then match it); default: bidirectional")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
     t.add_argument("--deterministic", action="store_true",
@@ -69,7 +72,7 @@ def run(args) -> int:
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
         max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         timestep_sampling=args.timestep_sampling, flow_shift=args.flow_shift, text_dropout=args.text_dropout,
-        seed=args.seed, init_seed=args.init_seed, precision=args.precision,
+        seed=args.seed, init_seed=args.init_seed, chunk_causal=args.chunk_causal, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, deterministic=args.deterministic,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, eval_batches=args.eval_batches, data_device=args.data_device, device=args.device,

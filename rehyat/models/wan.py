@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..modules import FEATURE_MAPS, make_feature_map
 from ..ops import RecurrentState, rehyat_attention, rehyat_attention_step
+from ..ops.mass import attention_mass
 from ..ops._checks import check_settings
 
 __all__ = [
@@ -49,6 +50,7 @@ REHYAT_CONFIG_NAME = "rehyat_config.json"
 UNBOUNDED = sys.maxsize  # overlap of a chunk-causal softmax block: every earlier frame stays in the window
 SOFTMAX_BLOCKS = ("bidirectional", "chunk_causal")
 FEATURE_MAP_INPUTS = ("rotated", "unrotated")
+TEACHER_ATTENTION = ("bidirectional", "chunk_causal")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,6 +73,12 @@ class ReHyAtConfig:
         feature_map_input: ``"rotated"`` (phi sees q, k after RoPE, as the teacher's attention does) or
             ``"unrotated"``.
         softmax_blocks: unconverted blocks stay ``"bidirectional"`` (the teacher) or become ``"chunk_causal"``.
+        teacher_attention: the attention of the model that was converted: ``"bidirectional"`` (a softmax DiT such
+            as Wan2.1) or ``"chunk_causal"`` (a block-causal model, e.g. the embedded teacher, converted further by
+            :func:`convert_wan`); distillation fits each converted block to that attention.
+        linear_scale: each converted block has a learned per-head scale of its linear branch
+            (``processor.linear_log_scale [H]``, design section 4); a folder whose ``rehyat_config.json`` does not
+            name this key was written before it existed and has none (read as False).
     """
 
     blocks: list[int]
@@ -83,6 +91,8 @@ class ReHyAtConfig:
     feature_map_kwargs: dict = field(default_factory=dict)
     feature_map_input: str = "rotated"
     softmax_blocks: str = "bidirectional"
+    teacher_attention: str = "bidirectional"
+    linear_scale: bool = True
 
     def settings_for(self, block: int) -> tuple[int, int]:
         """``(chunk_frames, overlap_frames)`` of a converted block."""
@@ -109,6 +119,7 @@ class ReHyAtConfig:
     def from_dict(cls, d: dict) -> "ReHyAtConfig":
         d = dict(d)
         d["block_settings"] = {int(b): dict(s) for b, s in d.get("block_settings", {}).items()}
+        d.setdefault("linear_scale", False)  # written before the learned linear scale existed
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = set(d) - known
         if unknown:
@@ -130,6 +141,12 @@ class RunContext:
             their feature maps right away (one teacher forward trains every block).
         compile_step: recurrent mode runs the attention step through ``torch.compile``
             (``rehyat_attention_step(..., compiled=True)``); set by :func:`rehyat.models.compile_blocks`.
+        teacher_chunk_frames: the chunk of a block-causal teacher (``ReHyAtConfig.teacher_attention ==
+            "chunk_causal"``), ``None`` for a bidirectional one: what distillation mode returns as the teacher's
+            attention (:func:`teacher_attention_output`).
+        measure_mass: in distillation mode, converted blocks also record where their joint normaliser's mass goes
+            (:func:`rehyat.ops.attention_mass`: ``linear_share``, ``teacher_share``, ``teacher_mass`` and the
+            sampled queries' ``masses`` ``{"linear", "teacher_linear": [B, n, H] CPU tensors}`` in ``records``).
     """
 
     def __init__(self) -> None:
@@ -142,6 +159,8 @@ class RunContext:
         self.distill_backward: bool = False
         self.records: dict[int, dict[str, float]] = {}
         self.compile_step: bool = False
+        self.measure_mass: bool = False
+        self.teacher_chunk_frames: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,9 +242,15 @@ def _out(attn, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](y))
 
 
-def _softmax_reference_output(q, k, v):
-    """Full bidirectional softmax attention ``[B, N, H, D]`` through SDPA (what the teacher's processor computes)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+def teacher_attention_output(q, k, v, frame_tokens: int, teacher_chunk_frames: int | None):
+    """The teacher's self-attention output ``[B, N, H, D]`` on ``q, k, v [B, N, H, D]``: full bidirectional softmax
+    through SDPA (what diffusers' ``WanAttnProcessor`` computes) for ``teacher_chunk_frames=None``, else
+    block-causal softmax with chunks of that many frames (what :class:`ChunkCausalAttnProcessor` computes)."""
+    if teacher_chunk_frames is None:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    empty = q.new_zeros(*q.shape[:3], 0, dtype=torch.float32)
+    return rehyat_attention(q, k, v, empty, empty, frame_tokens=frame_tokens, chunk_frames=teacher_chunk_frames,
+                            overlap_frames=q.shape[1] // frame_tokens)
 
 
 class _ChunkedProcessorBase(nn.Module):
@@ -268,7 +293,9 @@ class _ChunkedProcessorBase(nn.Module):
         return _out(attn, y, q)
 
     def _parallel(self, q, k, v, q_unrot, k_unrot, S):
-        fq, fk = self.features(q, k, q_unrot, k_unrot)
+        return self._hybrid(q, k, v, *self.features(q, k, q_unrot, k_unrot), S)
+
+    def _hybrid(self, q, k, v, fq, fk, S):
         T = q.shape[1] // S
         return rehyat_attention(
             q, k, v, fq, fk, frame_tokens=S, chunk_frames=self.chunk_frames,
@@ -322,6 +349,11 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
     recurrent (:func:`rehyat.ops.rehyat_attention_step` per chunk, state in ``context.states[block_index]``), and
     distillation (returns the teacher's softmax output, records and optionally backpropagates the student's L1
     error, design section 7).
+
+    With ``linear_scale=True`` (default) the processor also owns ``linear_log_scale [H]`` (float, init 0): the
+    linear branch of head ``h`` is multiplied by ``exp(linear_log_scale[h])`` (folded into ``phi_k``, so every
+    path computes the same thing), design section 4. Distillation first calibrates it so the linear branch takes
+    the share of the normaliser that softmax gives the same keys, then trains it with the feature maps.
     """
 
     def __init__(
@@ -338,17 +370,30 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         feature_map_kwargs: dict,
         feature_map_input: str,
         context: RunContext,
+        linear_scale: bool = True,
     ) -> None:
         super().__init__(block_index, chunk_frames, overlap_frames, stabilizer, context)
         self.causal = causal
         self.feature_map_input = feature_map_input
         self.feature_map_q = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
         self.feature_map_k = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
+        self.linear_log_scale = nn.Parameter(torch.zeros(num_heads)) if linear_scale else None
 
     def features(self, q, k, q_unrot, k_unrot):
+        """``(phi_q(q), exp(linear_log_scale) * phi_k(k))``, each ``[B, N, H, D']``."""
         if self.feature_map_input == "unrotated":
             q, k = q_unrot, k_unrot
-        return self.feature_map_q(q), self.feature_map_k(k)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        if self.linear_log_scale is not None:
+            fk = fk * self.linear_log_scale.exp().to(fk.dtype)[:, None]
+        return fq, fk
+
+    def attention_mass(self, q, k, fq, fk, S) -> dict:
+        """:func:`rehyat.ops.attention_mass` of this block's settings on ``q, k [B, N, H, D]`` and features."""
+        T = q.shape[1] // S
+        return attention_mass(q, k, fq, fk, frame_tokens=S, chunk_frames=self.chunk_frames,
+                              overlap_frames=min(self.overlap_frames, T), causal=self.causal,
+                              stabilizer=self.stabilizer)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         if not self.context.distill:
@@ -360,17 +405,40 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         S = self._frame_tokens()
         with torch.no_grad():
             q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
-            teacher = _softmax_reference_output(q, k, v)
+            teacher = teacher_attention_output(q, k, v, S, self.context.teacher_chunk_frames)
         with torch.enable_grad():
-            student = self._parallel(q, k, v, q_unrot, k_unrot, S)
+            fq, fk = self.features(q, k, q_unrot, k_unrot)
+            student = self._hybrid(q, k, v, fq, fk, S)
             loss = (student.float() - teacher.float()).abs().mean()
             if self.context.distill_backward and loss.requires_grad:
                 loss.backward()
         with torch.no_grad():
             diff = (student.detach().float() - teacher.float()).flatten(1).norm(dim=1)
             rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
-        self.context.records[self.block_index] = {"l1": float(loss.detach()), "rel_error": float(rel)}
+        record = {"l1": float(loss.detach()), "rel_error": float(rel)}
+        if self.context.measure_mass:
+            mass = self.attention_mass(q, k, fq.detach(), fk.detach(), S)
+            record.update(mass_summary(mass, self.context.teacher_chunk_frames is not None), masses={k: mass[k].cpu() for k in ("linear", "teacher_linear")})
+        self.context.records[self.block_index] = record
         return _out(attn, teacher, q)
+
+
+def mass_summary(mass: dict, causal_teacher: bool = False) -> dict:
+    """Means over the sampled queries of :func:`rehyat.ops.attention_mass`'s output (NaN when there are none).
+
+    Returns ``linear_share`` (the hybrid's linear branch: ``linear / (window + linear)``), ``teacher_share``
+    (softmax over the same keys: ``teacher_linear / (window + teacher_linear)``) and ``teacher_mass`` (the
+    teacher's own attention on the linear keys: a bidirectional teacher also attends to the keys in neither set,
+    a block-causal one (``causal_teacher``) attends to exactly the hybrid's keys, so there it is ``teacher_share``).
+    """
+    win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
+    rest = 0 if causal_teacher else mass["teacher_rest"]
+    mean = lambda x: float(x.mean()) if x.numel() else float("nan")  # noqa: E731
+    return {
+        "linear_share": mean(lin / (win + lin)),
+        "teacher_share": mean(t_lin / (win + t_lin)),
+        "teacher_mass": mean(t_lin / (win + t_lin + rest)),
+    }
 
 
 class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
@@ -391,10 +459,11 @@ class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         if self.context.distill:
-            # Distillation runs the teacher's forward: an unconverted block answers as the teacher's bidirectional
-            # softmax, so the activations every converted block sees are the teacher's.
+            # Distillation runs the teacher's forward: an unconverted block answers as the teacher's attention
+            # (bidirectional softmax, or its own block-causal one), so every converted block sees the teacher's
+            # activations.
             q, k, v, _, _ = _project_qkv(attn, hidden_states, rotary_emb)
-            return _out(attn, _softmax_reference_output(q, k, v), q)
+            return _out(attn, teacher_attention_output(q, k, v, self._frame_tokens(), self.context.teacher_chunk_frames), q)
         return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
 
 
@@ -431,6 +500,8 @@ def convert_wan(
     feature_map_input: str = "rotated",
     softmax_blocks: str = "bidirectional",
     block_settings: dict | None = None,
+    linear_scale: bool = True,
+    teacher_attention: str | None = None,
 ):
     """Convert a diffusers ``WanTransformer3DModel`` to ReHyAt, in place (design sections 5 and 6).
 
@@ -445,19 +516,31 @@ def convert_wan(
         softmax_blocks: unconverted blocks stay ``"bidirectional"`` or become ``"chunk_causal"`` (needed to run a
             partly converted model recurrently).
         block_settings: optional per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides.
+        linear_scale: give every converted block a learned per-head scale of its linear branch (default True;
+            initialised to 1, calibrated by distillation, design section 4).
+        teacher_attention: what the converted blocks are distilled against: ``None`` (default) takes it from the
+            model (``"chunk_causal"`` for a block-causal model, else ``"bidirectional"``); ``"chunk_causal"`` on a
+            plain model says its weights were trained block-causal (a saved student of such a teacher, reloaded).
 
     Returns:
         The same transformer, with converted processors (feature maps in the transformer's dtype and device),
         the :class:`AbsoluteRotaryPosEmbed`, the frame-size pre-hook and ``transformer.rehyat_config``.
 
     Raises:
-        ValueError: an already converted model, a model that is not a Wan transformer, a block index out of range,
-            or a bad setting, before anything is changed.
+        ValueError: an already converted model (other than a block-causal one with no converted block, which is
+            converted further as a causal teacher: ``softmax_blocks="chunk_causal"`` with its ``chunk_frames``,
+            ``teacher_attention`` ``"chunk_causal"``), a model that is not a Wan transformer, a block index out of
+            range, or a bad setting, before anything is changed.
     """
     if not _is_wan_transformer(transformer):
         raise ValueError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
-    if getattr(transformer, "rehyat_config", None) is not None:
-        raise ValueError("transformer is already converted to ReHyAt")
+    teacher_chunk = _teacher_chunk_frames(transformer, softmax_blocks, chunk_frames)
+    if teacher_attention not in (None, *TEACHER_ATTENTION):
+        raise ValueError(f"teacher_attention must be one of {TEACHER_ATTENTION} or None, got {teacher_attention!r}")
+    if teacher_attention == "bidirectional" and teacher_chunk is not None:
+        raise ValueError("teacher_attention='bidirectional' for a block-causal model")
+    if teacher_attention == "chunk_causal":
+        teacher_chunk = chunk_frames
     n_blocks = len(transformer.blocks)
     if isinstance(blocks, str):
         if blocks != "all":
@@ -489,10 +572,12 @@ def convert_wan(
         blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, block_settings=block_settings,
         causal=causal, stabilizer=stabilizer, feature_map=feature_map,
         feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
-        softmax_blocks=softmax_blocks,
+        softmax_blocks=softmax_blocks, linear_scale=bool(linear_scale),
+        teacher_attention="bidirectional" if teacher_chunk is None else "chunk_causal",
     )
     # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
     ctx = RunContext()
+    ctx.teacher_chunk_frames = teacher_chunk
     heads = transformer.config.num_attention_heads
     head_dim = transformer.config.attention_head_dim
     param = transformer.blocks[0].attn1.to_q.weight  # feature maps take the attention weights' dtype/device
@@ -503,7 +588,7 @@ def convert_wan(
             processors[b] = ReHyAtAttnProcessor(
                 b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=causal, stabilizer=stabilizer,
                 feature_map=feature_map, feature_map_kwargs=cfg.feature_map_kwargs,
-                feature_map_input=feature_map_input, context=ctx,
+                feature_map_input=feature_map_input, context=ctx, linear_scale=cfg.linear_scale,
             ).to(device=param.device, dtype=param.dtype)
         except TypeError as e:  # an unknown keyword in feature_map_kwargs
             raise ValueError(f"feature_map_kwargs {cfg.feature_map_kwargs} do not fit feature_map {feature_map!r}: {e}") from None
@@ -513,11 +598,28 @@ def convert_wan(
                 processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=chunk_frames, context=ctx)
     for b, p in processors.items():
         transformer.blocks[b].attn1.set_processor(p)
+    if getattr(transformer, "_rehyat_hook", None) is not None:  # a block-causal model's hook (and context)
+        transformer._rehyat_hook.remove()
     transformer.rope = AbsoluteRotaryPosEmbed(head_dim, transformer.config.patch_size, ctx)
     transformer._rehyat_context = ctx
     transformer.rehyat_config = cfg
     transformer._rehyat_hook = transformer.register_forward_pre_hook(_frame_tokens_hook, with_kwargs=True)
     return transformer
+
+
+def _teacher_chunk_frames(transformer, softmax_blocks: str, chunk_frames: int) -> int | None:
+    """``None`` for a plain (bidirectional) teacher; the chunk of a block-causal model with no converted block (its
+    blocks may be converted further, keeping that chunk). ValueError for any other converted model."""
+    cfg = get_rehyat_config(transformer)
+    if cfg is None:
+        return None
+    if cfg.blocks or cfg.softmax_blocks != "chunk_causal":
+        raise ValueError("transformer is already converted to ReHyAt")
+    if softmax_blocks != "chunk_causal" or chunk_frames != cfg.chunk_frames:
+        raise ValueError(f"transformer is block-causal with chunk_frames {cfg.chunk_frames}: convert it with "
+                         f"softmax_blocks='chunk_causal' and chunk_frames={cfg.chunk_frames} (got {softmax_blocks!r}, "
+                         f"{chunk_frames})")
+    return cfg.chunk_frames
 
 
 def get_rehyat_config(transformer) -> ReHyAtConfig | None:
@@ -657,7 +759,8 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
         model, blocks=rcfg.blocks, chunk_frames=rcfg.chunk_frames, overlap_frames=rcfg.overlap_frames,
         causal=rcfg.causal, stabilizer=rcfg.stabilizer, feature_map=rcfg.feature_map,
         feature_map_kwargs=rcfg.feature_map_kwargs, feature_map_input=rcfg.feature_map_input,
-        softmax_blocks=rcfg.softmax_blocks, block_settings=rcfg.block_settings,
+        softmax_blocks=rcfg.softmax_blocks, block_settings=rcfg.block_settings, linear_scale=rcfg.linear_scale,
+        teacher_attention=rcfg.teacher_attention,
     )
     expected = {k for k in model.state_dict() if ".attn1.processor." in k}
     saved = {k: v for k, v in _state_dict_from_folder(folder).items() if ".attn1.processor." in k}

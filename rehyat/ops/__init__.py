@@ -3,6 +3,7 @@ feature map, reference and fused Triton kernel (``rehyat.ops.feature_map``)."""
 
 from .feature_map import polynomial_feature_map, polynomial_feature_map_fused
 
+from .mass import attention_mass, log_scale_for_mass
 from .hybrid import (
     RecurrentState,
     chunk_windows,
@@ -14,6 +15,8 @@ from .hybrid import (
 )
 
 __all__ = [
+    "attention_mass",
+    "log_scale_for_mass",
     "polynomial_feature_map",
     "polynomial_feature_map_fused",
     "RecurrentState",

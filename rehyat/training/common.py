@@ -165,8 +165,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def feature_map_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
-    """``(name, parameter)`` of every converted block's feature maps (``...attn1.processor.feature_map_{q,k}.*``)."""
-    return [(n, p) for n, p in transformer.named_parameters() if ".processor.feature_map_" in n]
+    """``(name, parameter)`` of what conversion added to every converted block: its processor's feature maps
+    (``...attn1.processor.feature_map_{q,k}.*``) and linear scale (``...attn1.processor.linear_log_scale``)."""
+    return [(n, p) for n, p in transformer.named_parameters() if ".attn1.processor." in n]
 
 
 def default_geometry(model, frames, height, width) -> tuple[int, int, int]:

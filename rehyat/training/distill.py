@@ -50,6 +50,7 @@ from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resol
 __all__ = ["Distiller", "evaluate_blocks", "prepare_for_distillation", "distill", "DistillResult", "error_table"]
 
 EVAL_SEED_OFFSET = 7_777_777  # evaluation trajectories use seed + this: other noise than training
+CALIBRATION_SEED_OFFSET = 3_333_333  # the linear-scale calibration's trajectory: other noise than both
 
 
 def prepare_for_distillation(transformer, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
@@ -70,21 +71,83 @@ def prepare_for_distillation(transformer, dtype: torch.dtype = torch.float32) ->
     params = []
     for block in transformer.blocks:
         proc = block.attn1.processor
-        for name in ("feature_map_q", "feature_map_k"):
-            fm = getattr(proc, name, None)
-            if fm is not None:
-                fm.float().requires_grad_(True)
-                params += list(fm.parameters())
+        if isinstance(proc, torch.nn.Module) and any(True for _ in proc.parameters()):
+            proc.float().requires_grad_(True)
+            params += list(proc.parameters())
     return params
 
 
-def _records_tensor(records: dict, blocks: list[int], device) -> torch.Tensor:
-    return torch.tensor([[records[b]["l1"], records[b]["rel_error"]] for b in blocks], dtype=torch.float64, device=device)
+#: what a converted block records per distillation forward: errors, and with ``measure_mass`` the mass shares
+RECORD_KEYS = ("l1", "rel_error")
+MASS_KEYS = ("linear_share", "teacher_share", "teacher_mass")
+#: the linear share may differ from softmax's over the same keys by this much before distillation warns
+MASS_WARN_GAP = 0.15
 
 
-def _records_dict(t: torch.Tensor, blocks: list[int]) -> dict[int, dict[str, float]]:
+def _records_tensor(records: dict, blocks: list[int], device, keys=RECORD_KEYS) -> torch.Tensor:
+    return torch.tensor([[records[b][k] for k in keys] for b in blocks], dtype=torch.float64, device=device)
+
+
+def _records_dict(t: torch.Tensor, blocks: list[int], keys=RECORD_KEYS) -> dict[int, dict[str, float]]:
     rows = t.tolist()
-    return {b: {"l1": rows[i][0], "rel_error": rows[i][1]} for i, b in enumerate(blocks)}
+    return {b: dict(zip(keys, rows[i])) for i, b in enumerate(blocks)}
+
+
+def mass_warnings(records: dict[int, dict[str, float]], gap: float = MASS_WARN_GAP) -> list[str]:
+    """One line per block whose linear share differs from softmax's share of the same keys by more than ``gap``."""
+    out = []
+    for b, r in records.items():
+        lin, ref = r.get("linear_share"), r.get("teacher_share")
+        if lin is not None and ref is not None and abs(lin - ref) > gap:
+            out.append(f"block {b}: the linear branch takes {lin:.3f} of the attention mass where softmax over the "
+                       f"same keys gives {ref:.3f} (gap > {gap})")
+    return out
+
+
+@torch.no_grad()
+def calibrate_linear_scale(transformer, trajectories: TeacherTrajectories, env: DistEnv | None = None,
+                           num_steps: int | None = None) -> dict[int, list[float]]:
+    """Calibrate every converted block's per-head linear scale against the teacher (design section 4).
+
+    Runs ``num_steps`` teacher forwards (default: one whole trajectory, every noise level) in distillation mode,
+    measuring the sampled queries' linear masses and softmax's masses on the same keys
+    (:func:`rehyat.ops.attention_mass`), gathers them over every forward and process, and adds
+    :func:`rehyat.ops.log_scale_for_mass` of them to each block's ``linear_log_scale``: afterwards the median
+    linear mass equals the median mass softmax gives the same keys, per head, so the linear branch neither
+    swamps the softmax window nor vanishes, and its gradient is not starved. The result does not depend on how
+    the batch is split over processes. Blocks without ``linear_log_scale`` are left alone.
+
+    Returns:
+        ``{block: [log-scale change per head]}``.
+    """
+    from ..models import get_context, get_rehyat_config
+    from ..ops import log_scale_for_mass
+
+    env = env or DistEnv(device=trajectories.device)
+    ctx = get_context(transformer)
+    procs = {b: transformer.blocks[b].attn1.processor for b in get_rehyat_config(transformer).blocks}
+    procs = {b: p for b, p in procs.items() if getattr(p, "linear_log_scale", None) is not None}
+    if not procs:
+        return {}
+    masses = {b: [] for b in procs}  # per block: (linear, teacher_linear) [b, n, H] of every forward
+    n = trajectories.steps if num_steps is None else num_steps
+    try:
+        for _ in range(n):
+            ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
+            x, t, e = trajectories.inputs()
+            out = transformer(x, t, e, return_dict=False)[0]
+            for b in procs:
+                masses[b].append((ctx.records[b]["masses"]["linear"], ctx.records[b]["masses"]["teacher_linear"]))
+            trajectories.advance(out)
+    finally:
+        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
+    result = {}
+    for b, p in procs.items():
+        parts = [m for rank in env.gather_objects(masses[b]) for m in rank]
+        gap = log_scale_for_mass(torch.cat([m[0] for m in parts]), torch.cat([m[1] for m in parts]))
+        p.linear_log_scale.add_(gap.to(p.linear_log_scale))
+        result[b] = gap.tolist()
+    return result
 
 
 @torch.no_grad()
@@ -94,10 +157,13 @@ def evaluate_blocks(transformer, trajectories: TeacherTrajectories, env: DistEnv
 
     Runs ``num_steps`` (default: one whole trajectory) teacher forwards in distillation mode and averages every
     converted block's ``{"l1", "rel_error"}`` over them (and over processes). ``rel_error`` is
-    ``||y_student - y_teacher|| / ||y_teacher||`` per sample, averaged.
+    ``||y_student - y_teacher|| / ||y_teacher||`` per sample, averaged. Also the mass diagnostic
+    (:func:`rehyat.models.wan.mass_summary`): ``linear_share`` (the hybrid's linear branch's share of the joint
+    normaliser, for queries that have linear keys), ``teacher_share`` (softmax's share of the same keys) and
+    ``teacher_mass`` (the bidirectional teacher's attention on them); NaN where no query has linear keys.
 
     Returns:
-        ``{block: {"l1": float, "rel_error": float}}``.
+        ``{block: {"l1", "rel_error", "linear_share", "teacher_share", "teacher_mass": float}}``.
     """
     from ..models import get_context, get_rehyat_config
 
@@ -108,21 +174,22 @@ def evaluate_blocks(transformer, trajectories: TeacherTrajectories, env: DistEnv
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)  # no graph for the student: records only
-    total = torch.zeros(len(blocks), 2, dtype=torch.float64, device=env.device)
+    keys = RECORD_KEYS + MASS_KEYS
+    total = torch.zeros(len(blocks), len(keys), dtype=torch.float64, device=env.device)
     n = trajectories.steps if num_steps is None else num_steps
     try:
         for _ in range(n):
-            ctx.distill, ctx.distill_backward, ctx.records = True, False, {}
+            ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
             x, t, e = trajectories.inputs()
             out = transformer(x, t, e, return_dict=False)[0]
-            total += _records_tensor(ctx.records, blocks, env.device)
+            total += _records_tensor(ctx.records, blocks, env.device, keys)
             trajectories.advance(out)
     finally:
-        ctx.distill = ctx.distill_backward = False
+        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
         for p, f in zip(params, flags):
             p.requires_grad_(f)
     env.all_reduce_mean(total)
-    return _records_dict(total / max(n, 1), blocks)
+    return _records_dict(total / max(n, 1), blocks, keys)
 
 
 class Distiller:
@@ -135,14 +202,17 @@ class Distiller:
         warmup_steps: linear warm-up of the learning rate (0: none); constant afterwards.
         max_grad_norm: clip the feature maps' global gradient norm (``None``: no clipping).
         env: processes; gradients are averaged across them before each step.
+        mass_every: every this many steps (the first included) the forward also measures the mass diagnostic
+            (``linear_share``, ``teacher_share``, ``teacher_mass`` in the records, see :func:`evaluate_blocks`);
+            0: never.
 
     ``step()`` returns ``{block: {"l1", "rel_error"}}`` of that forward (before the update; averaged over
-    processes).
+    processes), with the mass keys on measuring steps.
     """
 
     def __init__(self, transformer, trajectories: TeacherTrajectories, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), warmup_steps: int = 0, max_grad_norm: float | None = None,
-                 env: DistEnv | None = None) -> None:
+                 env: DistEnv | None = None, mass_every: int = 0) -> None:
         from ..models import get_context, get_rehyat_config
 
         self.model, self.traj = transformer, trajectories
@@ -158,17 +228,19 @@ class Distiller:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
         self.max_grad_norm = max_grad_norm
+        self.mass_every = mass_every
         self.step_count = 0
 
     def step(self) -> dict[int, dict[str, float]]:
         ctx = self.ctx
         x, t, e = self.traj.inputs()
-        ctx.distill, ctx.distill_backward, ctx.records = True, True, {}
+        measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
+        ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, True, measure, {}
         try:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
         finally:
-            ctx.distill = ctx.distill_backward = False
+            ctx.distill = ctx.distill_backward = ctx.measure_mass = False
         missing = [b for b in self.blocks if b not in ctx.records]
         if missing:
             raise RuntimeError(f"blocks {missing} recorded no distillation error: is the model called in distill mode?")
@@ -180,8 +252,9 @@ class Distiller:
         self.lr_scheduler.step()
         self.traj.advance(out)
         self.step_count += 1
-        rec = _records_tensor(ctx.records, self.blocks, self.env.device)
-        return _records_dict(self.env.all_reduce_mean(rec), self.blocks)
+        keys = RECORD_KEYS + MASS_KEYS if measure else RECORD_KEYS
+        rec = _records_tensor(ctx.records, self.blocks, self.env.device, keys)
+        return _records_dict(self.env.all_reduce_mean(rec), self.blocks, keys)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -197,17 +270,29 @@ class Distiller:
 # Reports
 # ----------------------------------------------------------------------------------------------------------------
 def error_table(blocks: list[int], settings: dict[int, tuple[int, int]], before: dict | None, after: dict) -> str:
-    """Markdown table of per-block relative (and L1) errors before and after distillation."""
-    lines = ["| block | chunk_frames | overlap_frames | rel. error before | rel. error after | L1 before | L1 after |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    fmt = lambda d, b, k: f"{d[b][k]:.4f}" if d and b in d else "-"  # noqa: E731
+    """Markdown table of per-block relative (and L1) errors before and after distillation, and the mass diagnostic
+    (the linear branch's share of the normaliser before / after, softmax's share of the same keys, the
+    bidirectional teacher's attention on them; :func:`evaluate_blocks`)."""
+    lines = ["| block | chunk_frames | overlap_frames | rel. error before | rel. error after | L1 before | L1 after "
+             "| linear share before | linear share after | softmax share | teacher mass |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda d, b, k: f"{d[b][k]:.4f}" if d and b in d and k in d[b] else "-"  # noqa: E731
     for b in blocks:
         tc, to = settings[b]
         lines.append(f"| {b} | {tc} | {to} | {fmt(before, b, 'rel_error')} | {fmt(after, b, 'rel_error')} | "
-                     f"{fmt(before, b, 'l1')} | {fmt(after, b, 'l1')} |")
+                     f"{fmt(before, b, 'l1')} | {fmt(after, b, 'l1')} | {fmt(before, b, 'linear_share')} | "
+                     f"{fmt(after, b, 'linear_share')} | {fmt(after, b, 'teacher_share')} | "
+                     f"{fmt(after, b, 'teacher_mass')} |")
     mean = lambda d: sum(d[b]["rel_error"] for b in blocks) / len(blocks) if d else float("nan")  # noqa: E731
-    lines.append(f"| mean | | | {mean(before):.4f} | {mean(after):.4f} | | |")
+    lines.append(f"| mean | | | {mean(before):.4f} | {mean(after):.4f} | | | | | | |")
     return "\n".join(lines)
+
+
+def _mass_log(records: dict) -> dict:
+    """The mass diagnostic of one step's records for the log (empty on steps that did not measure it)."""
+    if not all("linear_share" in r for r in records.values()):
+        return {}
+    return {k: {str(b): round(r[k], 4) for b, r in records.items()} for k in ("linear_share", "teacher_share")}
 
 
 @dataclass
@@ -278,13 +363,14 @@ def short_distillation(model, conversion: dict, blocks, pool: PromptPool, latent
     pipe = load_model_folder(model, device=env.device)
     teacher = convert_wan(pipe.transformer, blocks=blocks, block_settings=block_settings, **conversion)
     prepare_for_distillation(teacher, dtype)
-    traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, batch_size=batch_size, sampling_steps=sampling_steps,
-                               guidance_scale=guidance, seed=seed, env=env, dtype=dtype)
+    traj_kw = dict(batch_size=batch_size, sampling_steps=sampling_steps, guidance_scale=guidance, env=env, dtype=dtype)
+    calibrate_linear_scale(teacher, TeacherTrajectories(pipe.scheduler, pool, latent_shape,
+                                                        seed=seed + CALIBRATION_SEED_OFFSET, **traj_kw), env)
+    traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)
     d = Distiller(teacher, traj, lr=lr, env=env)
     for _ in tqdm(range(steps), desc=desc, disable=not (progress and env.is_main), leave=False):
         d.step()
-    ev = TeacherTrajectories(pipe.scheduler, pool, latent_shape, batch_size=batch_size, sampling_steps=sampling_steps,
-                             guidance_scale=guidance, seed=seed + EVAL_SEED_OFFSET, env=env, dtype=dtype)
+    ev = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed + EVAL_SEED_OFFSET, **traj_kw)
     errors = evaluate_blocks(teacher, ev, env)
     state = {n: p.detach().cpu().clone() for n, p in feature_map_parameters(teacher)}
     return errors, state
@@ -324,6 +410,7 @@ def distill(
     seed: int = 0,
     checkpoint_every: int = 100,
     log_every: int = 1,
+    mass_every: int = 50,
     device=None,
     precision: str = "auto",
     overwrite: bool = False,
@@ -357,6 +444,11 @@ def distill(
         eval_trajectories: trajectories (fixed seeds, not trained on) measured before and after (0: skip).
         seed: noise, prompt order and feature-map initialisation seed.
         checkpoint_every: steps between checkpoints (and at the end). log_every: steps between log flushes.
+        mass_every: steps between measurements of the mass diagnostic in the log (0: none); before and after
+            are always measured on the evaluation trajectories, and a block whose linear share differs from
+            softmax's share of the same keys by more than 0.15 afterwards is warned about (printed and in
+            ``distill_report.{md,json}``). A fresh conversion's per-head linear scales are calibrated
+            (:func:`calibrate_linear_scale`) before the first step.
         device: torch device (default: cuda if available). precision: ``"auto"`` (teacher in bfloat16 on CUDA,
             float32 on the CPU), ``"bf16"`` or ``"fp32"``; the feature maps always train in float32.
         overwrite: replace the outputs of an earlier run in ``out``. resume: continue the run in ``out`` from
@@ -381,6 +473,9 @@ def distill(
     tcfg = read_transformer_config(model)
     nb = tcfg["num_layers"]
     converted_cfg = tcfg["rehyat"]
+    if block_causal_chunk(converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
+        check_block_causal_teacher(model, converted_cfg, chunk_frames, softmax_blocks)
+        converted_cfg = None
     if converted_cfg is None:
         kind, bval = parse_blocks(blocks, nb)
     else:
@@ -398,6 +493,8 @@ def distill(
                     ("--checkpoint-every", checkpoint_every)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not isinstance(mass_every, int) or mass_every < 0:
+        raise ValueError(f"--mass-every must be an int >= 0, got {mass_every!r}")
     if not lr > 0:
         raise ValueError(f"--lr must be > 0, got {lr}")
     if data is not None:
@@ -464,7 +561,8 @@ def distill(
     block_settings = {b: rcfg.settings_for(b) for b in rcfg.blocks}
     traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)
     eval_traj = lambda: TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed + EVAL_SEED_OFFSET, **traj_kw)  # noqa: E731
-    distiller = Distiller(teacher, traj, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, env=env)
+    distiller = Distiller(teacher, traj, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, env=env,
+                          mass_every=mass_every)
     before = None
     start = 0
     if ckpt is not None:
@@ -484,6 +582,10 @@ def distill(
             truncate_log(out / TRAIN_DIR / LOG_NAME, start)
     elif eval_trajectories > 0:
         before = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps)
+    calibration = ckpt["extra"].get("calibration") if ckpt is not None else None
+    if ckpt is None and converted_cfg is None:  # a fresh conversion: calibrate the linear scales first
+        calibration = calibrate_linear_scale(teacher, TeacherTrajectories(
+            pipe.scheduler, pool, latent_shape, seed=seed + CALIBRATION_SEED_OFFSET, **traj_kw), env)
 
     def checkpoint(step: int) -> None:
         trajs = env.gather_objects(traj.state_dict())
@@ -494,7 +596,7 @@ def distill(
             save_checkpoint(ckpt_path, {
                 "step": step, "model": trainable_state(teacher), "optimizer_state": distiller.state_dict(),
                 "rng": rngs, "data": {"trajectories": trajs}, "world_size": env.world_size, "config": settings,
-                "extra": {"blocks": chosen, "ranking": ranking, "before": before},
+                "extra": {"blocks": chosen, "ranking": ranking, "before": before, "calibration": calibration},
             })
         env.barrier()
 
@@ -521,7 +623,7 @@ def distill(
             worst = max(rec, key=lambda b: rec[b]["rel_error"])
             log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
                             "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
-                            "trajectory": traj.trajectory, "sampling_step": traj.step},
+                            "trajectory": traj.trajectory, "sampling_step": traj.step, **_mass_log(rec)},
                      postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
             if callback is not None:
                 callback(step, rec)
@@ -537,6 +639,9 @@ def distill(
 
     # ---------------------------------------------------------------- outputs
     report = error_table(rcfg.blocks, block_settings, before, after) if after else ""
+    warnings = mass_warnings(after) if after else []
+    if warnings and env.is_main:
+        print("rehyat distill: warning: " + "\n  ".join(["the linear branch's mass differs from softmax's:"] + warnings))
     if env.is_main:
         fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(teacher)}
         student = build_student(model, None if converted_cfg is not None else chosen, conversion, None, fm_state)
@@ -551,13 +656,33 @@ def distill(
             "world_size": env.world_size, "train_seconds_this_invocation": round(train_s, 3),
             "ranking": ranking, "evaluation": f"{eval_trajectories} trajectories x {sampling_steps} steps, seed "
                                               f"{seed + EVAL_SEED_OFFSET}, not trained on",
+            "linear_log_scale_calibration": calibration and {str(b): g for b, g in calibration.items()},
+            "mass_warnings": warnings,
         }
         (out / "distill_report.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "distill_report.md").write_text("# Distillation: per-block error vs the teacher's attention output\n\n"
-                                               + report + "\n")
+                                               + report + "\n" + "".join(f"\n- warning: {w}" for w in warnings))
     env.barrier()
     return DistillResult(out=out, blocks=rcfg.blocks, before=before, after=after, history=history, ranking=ranking,
                          report=report, steps=steps)
+
+
+def block_causal_chunk(rehyat_cfg: dict | None) -> int | None:
+    """The chunk of a block-causal model folder with no converted block (a causal teacher: ``rehyat_config.json``
+    with ``"blocks": []`` and ``"softmax_blocks": "chunk_causal"``), else ``None``."""
+    if rehyat_cfg and not rehyat_cfg.get("blocks") and rehyat_cfg.get("softmax_blocks") == "chunk_causal":
+        return rehyat_cfg.get("chunk_frames", 3)
+    return None
+
+
+def check_block_causal_teacher(model, rehyat_cfg: dict, chunk_frames: int, softmax_blocks: str) -> None:
+    """ValueError (naming the arguments) unless a block-causal teacher is converted with its own chunk and its
+    other blocks stay block-causal."""
+    chunk = block_causal_chunk(rehyat_cfg)
+    if chunk_frames != chunk or softmax_blocks != "chunk_causal":
+        raise ValueError(f"{model} is a block-causal teacher with chunk_frames {chunk}: distil it with "
+                         f"--chunk-frames {chunk} --softmax-blocks chunk_causal (got --chunk-frames {chunk_frames} "
+                         f"--softmax-blocks {softmax_blocks})")
 
 
 def _probe_conversion(conversion: dict, head_dim: int = 8) -> None:

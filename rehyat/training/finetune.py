@@ -209,7 +209,7 @@ def add_lora(transformer, rank: int, alpha: float | None = None, targets=LORA_TA
     except ValueError as e:
         raise ValueError(f"LoRA targets {list(targets)} match no layer of the model: {e}") from None
     for n, p in transformer.named_parameters():
-        p.requires_grad_(".lora_" in n or ".processor.feature_map_" in n)
+        p.requires_grad_(".lora_" in n or ".attn1.processor." in n)
     return [n for n, p in transformer.named_parameters() if p.requires_grad]
 
 
@@ -327,6 +327,7 @@ def finetune(
     text_dropout: float = 0.0,
     seed: int = 0,
     init_seed: int | None = None,
+    chunk_causal: int | None = None,
     precision: str = "auto",
     gradient_checkpointing: bool = False,
     compile: bool = False,
@@ -348,6 +349,10 @@ def finetune(
             ``finetune_report.json`` and ``train/`` (``checkpoint.pt``, ``log.jsonl``, ``run_config.json``).
         model: the model folder to start from. config: instead, a ``WanTransformer3DModel`` config (dict or JSON
             file) for a fresh model (weights from ``init_seed``, default ``seed``).
+        chunk_causal: with ``config``: train the fresh model block-causal, chunks of this many latent frames
+            (``rehyat.convert_wan(blocks=[], softmax_blocks="chunk_causal")``: every block's softmax attends to its
+            chunk and every earlier frame, so the model streams, and a ReHyAt student of it can match it exactly
+            where a causal student of a bidirectional teacher cannot); ``None`` (default): bidirectional.
         data: dataset folder (:mod:`rehyat.training.data`): flow-matching loss on its latents.
         teacher, teacher_weight: teacher model folder (same architecture) and the weight w of the
             teacher-velocity loss (default 1.0).
@@ -399,6 +404,9 @@ def finetune(
     if (model is None) == (config is None):
         raise ValueError("pass exactly one of --model (a model folder to fine-tune) and --config (a fresh model)")
     scfg = read_transformer_config(model) if model is not None else transformer_config(config)
+    if chunk_causal is not None and (config is None or not isinstance(chunk_causal, int) or chunk_causal < 1):
+        raise ValueError(f"--chunk-causal goes with --config and must be an int >= 1 (latent frames per chunk), got "
+                         f"{chunk_causal!r}{'' if config is not None else ' with --model'}")
     if model is not None:
         read_pipeline_config(model)  # a malformed rehyat_pipeline.json fails here, naming the file
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
@@ -460,7 +468,7 @@ def finetune(
         "lr_schedule": lr_schedule, "min_lr_ratio": min_lr_ratio, "max_grad_norm": max_grad_norm,
         "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": list(lora_targets),
         "timestep_sampling": timestep_sampling, "flow_shift": flow_shift, "text_dropout": text_dropout,
-        "seed": seed, "init_seed": init_seed, "precision": precision,
+        "seed": seed, "init_seed": init_seed, "chunk_causal": chunk_causal, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": compile, "deterministic": deterministic,
         "checkpoint_every": checkpoint_every,
         "log_every": log_every, "eval_batches": eval_batches,
@@ -508,6 +516,10 @@ def finetune(
 
         torch.manual_seed(seed if init_seed is None else init_seed)
         student = WanTransformer3DModel(**{k: v for k, v in scfg.items() if k != "rehyat"}).to(dev)
+        if chunk_causal is not None:
+            from ..models import convert_wan
+
+            convert_wan(student, blocks=[], softmax_blocks="chunk_causal", chunk_frames=chunk_causal)
     student.train()
     if lora_rank:
         add_lora(student, lora_rank, lora_alpha, lora_targets)

@@ -341,13 +341,16 @@ def convert_model(
     from .common import default_geometry, latent_shape_for, parse_blocks, resolve_dtype
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
     from .data import check_dataset_fits_model, prepare_output_folder, read_dataset_info
-    from .distill import _conversion_kwargs, _probe_conversion, build_student, short_distillation
+    from .distill import (_conversion_kwargs, _probe_conversion, block_causal_chunk, build_student,
+                          check_block_causal_teacher, short_distillation)
     from .distributed import init_distributed
     from .trajectory import read_prompt_file, resolve_prompt_pool
 
     model, out = Path(model), Path(out)
     tcfg = read_transformer_config(model)
-    if tcfg["rehyat"] is not None:
+    if block_causal_chunk(tcfg["rehyat"]) is not None:  # a block-causal teacher: its blocks are converted here
+        check_block_causal_teacher(model, tcfg["rehyat"], chunk_frames, softmax_blocks)
+    elif tcfg["rehyat"] is not None:
         raise ValueError(f"{model} is already converted to ReHyAt; convert the teacher folder")
     nb = tcfg["num_layers"]
     kind, bval = parse_blocks(blocks, nb, allow=("all", "list", "best", "auto"))

@@ -58,7 +58,8 @@ class TestTeacherEquality:
         for k, v in before.items():
             assert torch.equal(after[k], v), k
         extra = sorted(set(after) - set(before))
-        assert extra and all(".attn1.processor.feature_map_" in k for k in extra)
+        assert extra and all(".attn1.processor.feature_map_" in k or k.endswith(".attn1.processor.linear_log_scale")
+                             for k in extra)
         assert any(k.startswith("blocks.0.") for k in extra) and not any(k.startswith("blocks.1.") for k in extra)
 
 

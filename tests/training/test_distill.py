@@ -65,11 +65,11 @@ def test_one_teacher_forward_trains_every_block(teacher, prompts):
     assert set(rec) == {0, 1}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            assert ".processor.feature_map_" in n
+            assert ".processor.feature_map_" in n or n.endswith(".processor.linear_log_scale")
             assert not torch.equal(p, before[n]), n
         else:
             assert torch.equal(p, frozen[n]), n
-    assert len(params) == 16  # 2 blocks x 2 maps x (w1, b1, w2, b2)
+    assert len(params) == 18  # 2 blocks x (2 maps x (w1, b1, w2, b2) + the linear log-scale)
 
 
 def test_distillation_lowers_block_error_and_changes_only_feature_maps(root, teacher, prompts, tmp_path):
@@ -82,7 +82,7 @@ def test_distillation_lowers_block_error_and_changes_only_feature_maps(root, tea
         assert res.after[b]["rel_error"] < 0.9 * res.before[b]["rel_error"], (b, res.before[b], res.after[b])
     # teacher weights bit-identical, feature maps trained
     t, s = _weights(teacher), _weights(out)
-    fm = {k for k in s if ".processor.feature_map_" in k}
+    fm = {k for k in s if ".processor.feature_map_" in k or k.endswith(".processor.linear_log_scale")}
     assert fm and set(s) - fm == set(t)
     for k in t:
         assert torch.equal(s[k], t[k]), k

@@ -42,7 +42,8 @@ def test_lora_trains_only_adapters_and_feature_maps(pixel_student, pixel_dataset
 
     model = load_transformer(pixel_student)
     names = add_lora(model, 4)
-    assert names and all(".lora_" in n or ".processor.feature_map_" in n for n in names)
+    assert names and all(".lora_" in n or ".processor.feature_map_" in n or n.endswith(".processor.linear_log_scale")
+                         for n in names)
     assert any(".processor.feature_map_" in n for n in names)
     wrapped = {n.split(".lora_")[0] for n in names if ".lora_" in n}
     assert len(wrapped) == 2 * 10  # per block: attn1 and attn2 q, k, v, out; FFN in and out
@@ -54,7 +55,7 @@ def test_lora_trains_only_adapters_and_feature_maps(pixel_student, pixel_dataset
     targets = ("to_q.", "to_k.", "to_v.", "to_out.0.", "ffn.net.0.proj.", "ffn.net.2.")
     for k in before:
         changed = not torch.equal(before[k], after[k])
-        if ".processor.feature_map_" in k:
+        if ".processor.feature_map_" in k or k.endswith(".processor.linear_log_scale"):
             assert changed, k
         elif any(t in k for t in targets) and k.endswith(".weight"):
             assert changed, k  # the merged adapter
