@@ -10,7 +10,7 @@ import torch
 
 from rehyat.models import convert_wan
 from rehyat.pipelines import ReHyAtVideoPipeline, StreamingDecoder, initial_noise
-from rehyat.testing import tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
+from rehyat.testing import assert_outputs_close, tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,9 @@ def test_folder_round_trip_with_text_encoder(tmp_path):
     out = pipe("a red circle moving left", num_frames=9, height=32, width=32, num_inference_steps=2,
                guidance_scale=3.0, mode="streaming", progress=False)
     assert out.video.shape == (9, 32, 32, 3)
-    # the same prompt encodes to the same embeddings after a reload
+    # the same prompt encodes to the same embeddings after a reload (two text-encoder objects: up to rounding)
     again = ReHyAtVideoPipeline.from_pretrained(folder)
-    assert torch.equal(pipe.encode_prompt(["a red square"]), again.encode_prompt(["a red square"]))
+    assert_outputs_close(again.encode_prompt(["a red square"]), pipe.encode_prompt(["a red square"]))
 
 
 def test_not_a_checkpoint(tmp_path):
