@@ -1,11 +1,50 @@
 """Tiny Wan components built in code, for tests, examples and CPU smoke runs (no download needed).
 
-The tiny transformer runs in a few hundredths of a second on a CPU.
+The tiny transformer runs in a few hundredths of a second on a CPU. :func:`assert_outputs_close` compares the
+outputs of two code paths or two model objects with a tolerance tied to their dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+#: ``(rtol, atol)`` per dtype for :func:`assert_outputs_close`; ``atol`` is relative to the largest ``|expected|``.
+#: In units in the last place (ulp): float64 and float32 about 90 and 9 (a deep model's accumulated rounding);
+#: float16 and bfloat16, whose outputs are rounded to few bits, 2 and 1.
+OUTPUT_TOLERANCES = {
+    torch.float64: (2e-14, 2e-15),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+
+
+def assert_outputs_close(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    """Assert two outputs agree up to the rounding their dtype allows, not bit for bit.
+
+    For outputs of two code paths, or of two model objects (even with bit-identical weights: kernels may round
+    differently with the tensors' memory alignment, which differs between CPUs, e.g. Intel and AMD). Weights, files
+    and reruns of one computation on one object are compared bitwise instead (``torch.equal``).
+
+    Args:
+        actual, expected: tensors of one shape, floating dtype and device (``torch.testing.assert_close`` checks).
+        msg: optional text added to the failure message.
+
+    Tolerance: ``|actual - expected| <= atol * max|expected| + rtol * |expected|`` elementwise, with ``(rtol, atol)``
+    from :data:`OUTPUT_TOLERANCES` for ``expected.dtype`` (the max over finite entries; NaN never matches).
+
+    Raises:
+        ValueError: ``expected`` has a dtype without a tolerance here (not float64/32/16 or bfloat16).
+        AssertionError: the outputs differ by more (or in shape, dtype or device).
+    """
+    if expected.dtype not in OUTPUT_TOLERANCES:
+        raise ValueError(f"expected must have a floating dtype in {sorted(map(str, OUTPUT_TOLERANCES))}, "
+                         f"got {expected.dtype}")
+    rtol, atol = OUTPUT_TOLERANCES[expected.dtype]
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale,
+                               msg=None if msg is None else (lambda m: f"{m}\n{msg}"))
 
 
 def tiny_wan_transformer(num_layers: int = 2, in_channels: int = 16, text_dim: int = 64, seed: int = 0, **overrides):

@@ -107,12 +107,13 @@ def _resolve(args):
     """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings).
 
     Raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` / ``IsADirectoryError`` naming the argument:
-    bad settings, existing outputs without ``--overwrite``, ``--out`` a file with ``--prompt-file``, a model folder
-    without a text encoder (and no ``--text-embeddings``) or without the VAE its latents need for a video.
+    bad settings, existing outputs without ``--overwrite``, ``--out`` a file with ``--prompt-file``, a video past a
+    plain Wan transformer's RoPE table, a model folder without a text encoder (and no ``--text-embeddings``) or
+    without the VAE its latents need for a video.
     """
     from ..assets import default_model
     from ..io import check_output_file
-    from ..pipelines.video import folder_latent_shape
+    from ..pipelines.video import folder_check_rope_table, folder_latent_shape
     from ..pipelines.folders import read_pipeline_config
     from ._checks import check_guidance, check_steps
 
@@ -173,6 +174,7 @@ def _resolve(args):
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
     shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    folder_check_rope_table(model, shape)
     check_video_output(model, shape[1])
     check_text_source(model, args.text_embeddings)
     device = check_device(args.device)

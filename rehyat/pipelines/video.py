@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
-from ..models.wan import load_transformer
+from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
                       read_pipeline_config, read_transformer_config)
 
@@ -97,6 +97,49 @@ def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tup
     tcfg = read_transformer_config(folder)
     temporal, spatial = folder_vae_factors(folder)
     return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
+
+
+WAN_ROPE_MAX_SEQ_LEN = 1024  # diffusers' WanTransformer3DModel default for rope_max_seq_len
+
+
+def check_rope_table(positions: int | None, patch_size, shape, temporal: int, spatial: int) -> None:
+    """``ValueError`` when a latent video is longer or larger than a plain Wan transformer's RoPE table.
+
+    diffusers' ``WanRotaryPosEmbed`` precomputes ``rope_max_seq_len`` positions per axis (latent frames, rows and
+    columns of patches) and fails inside the forward beyond them; a ReHyAt-converted transformer computes RoPE for
+    any position (:class:`rehyat.models.wan.AbsoluteRotaryPosEmbed`), in every mode.
+
+    Args:
+        positions: the table's length (``rope_max_seq_len``), or ``None`` for a converted transformer (no limit).
+        patch_size: the transformer's ``(p_t, p_h, p_w)``.
+        shape: latents ``[B, C, F, H, W]`` (:func:`latent_shape`).
+        temporal, spatial: the VAE's compression (1, 1 in pixel space), to state the limit in pixels and frames.
+
+    Raises:
+        ValueError: one line naming ``frames``, ``height`` or ``width``, the longest the model supports (frames
+            also in latent frames) and that a converted model has no such limit.
+    """
+    if positions is None:
+        return
+    p_t, p_h, p_w = patch_size
+    _, _, frames, height, width = shape
+    table = f"this plain Wan transformer's RoPE table (rope_max_seq_len={positions} positions per axis), which supports"
+    other = "in every mode; a ReHyAt-converted model (rehyat convert) has no such limit in any mode"
+    if frames // p_t > positions:
+        longest = positions * p_t
+        raise ValueError(f"frames {(frames - 1) * temporal + 1} ({frames} latent frames) is past {table} up to "
+                         f"{(longest - 1) * temporal + 1} frames ({longest} latent frames) {other}")
+    for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
+        if size // patch > positions:
+            raise ValueError(f"{name} {size * spatial} ({size // patch} patches) is past {table} up to "
+                             f"{positions * patch * spatial} pixels ({positions} patches) {other}")
+
+
+def folder_check_rope_table(folder, shape) -> None:
+    """:func:`check_rope_table` for a model folder and its latents ``shape``, from its JSON configs alone."""
+    tcfg = read_transformer_config(folder)
+    positions = None if tcfg["rehyat"] is not None else tcfg.get("rope_max_seq_len", WAN_ROPE_MAX_SEQ_LEN)
+    check_rope_table(positions, tcfg["patch_size"], shape, *folder_vae_factors(folder))
 
 
 @dataclass
@@ -354,8 +397,9 @@ class ReHyAtVideoPipeline:
                 memory then stays constant in the video length; latents are kept on the CPU).
 
         Raises:
-            ValueError: bad mode, frames, size, empty prompt, missing text encoder, or a model that is not causal
-                for ``recurrent``/``streaming``; all before any compute.
+            ValueError: bad mode, frames, size, empty prompt, missing text encoder, a video past a plain Wan
+                transformer's RoPE table (:func:`check_rope_table`), or a model that is not causal for
+                ``recurrent``/``streaming``; all before any compute.
         """
         d = self.defaults
         num_frames = num_frames if num_frames is not None else d.get("frames", 81)
@@ -374,6 +418,9 @@ class ReHyAtVideoPipeline:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         shape = self.latent_shape(num_frames, height, width)
         chunk = check_recurrent(self.transformer) if mode != "parallel" else None
+        rope = self.transformer.rope
+        check_rope_table(None if isinstance(rope, AbsoluteRotaryPosEmbed) else rope.max_seq_len,
+                         self.transformer.config.patch_size, shape, self.temporal_factor, self.spatial_factor)
         if prompt_embeds is None and not self.has_text_encoder:
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
 

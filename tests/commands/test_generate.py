@@ -225,3 +225,39 @@ def test_wrote_line_follows_the_progress_bar(model, tmp_path, capsys):
     assert gen(model, tmp_path / "v.mp4", "--prompt", "a red circle", "--mode", "parallel") == 0
     captured = capsys.readouterr()
     assert captured.err.endswith("\n") and captured.out.startswith("wrote ")
+
+
+def test_teacher_past_its_rope_table_refused_before_loading(tmp_path, capsys):
+    """The tiny teacher's RoPE table has 32 positions: 129 frames are 33 latent frames (VAE: 4x in time)."""
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    capsys.readouterr()  # the folder's writing progress
+    out = tmp_path / "v.mp4"
+    for args, said in ((["--frames", "129"], "frames 129 (33 latent frames) is past this plain Wan transformer's "
+                                             "RoPE table (rope_max_seq_len=32 positions per axis), which supports "
+                                             "up to 125 frames (32 latent frames) in every mode"),
+                       (["--height", "528"], "height 528 (33 patches) is past"),
+                       (["--width", "528"], "width 528 (33 patches) is past")):
+        assert gen(teacher, out, "--prompt", "a red circle", *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rehyat generate: error: {said}") and len(err.strip().splitlines()) == 1
+        assert "ReHyAt-converted model (rehyat convert) has no such limit in any mode" in err
+        assert " frames at " not in err and not out.exists()  # refused before the model loads
+
+
+def test_converted_teacher_is_not_refused_past_the_rope_table(tmp_path, capsys):
+    """A pixel-space teacher (32 RoPE positions) is refused at 33 frames; converted, the same folder generates them."""
+    import shutil
+
+    from rehyat.models import convert_wan, load_transformer, save_rehyat
+
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False, vae=False)
+    student = tmp_path / "student"
+    shutil.copytree(teacher, student)
+    transformer = convert_wan(load_transformer(teacher), blocks="all", chunk_frames=2, overlap_frames=1)
+    save_rehyat(transformer, student / "transformer", overwrite=True)
+    args = ["--prompt", "a red circle", "--frames", "33", "--height", "8", "--width", "8", "--steps", "1"]
+    assert gen(teacher, tmp_path / "t.mp4", *args) == 2
+    assert "rope_max_seq_len=32" in capsys.readouterr().err
+    for mode in ("parallel", "streaming"):
+        assert gen(student, tmp_path / f"{mode}.mp4", *args, "--mode", mode) == 0
+        assert read_video(tmp_path / f"{mode}.mp4").shape == (33, 8, 8, 3)

@@ -10,7 +10,7 @@ import torch
 
 from rehyat.models import convert_wan, get_rehyat_config, load_transformer, save_rehyat
 from rehyat.models.wan import AbsoluteRotaryPosEmbed, RunContext
-from rehyat.testing import tiny_wan_transformer
+from rehyat.testing import assert_outputs_close, tiny_wan_transformer
 
 
 def rel(a, b):
@@ -69,7 +69,7 @@ class TestRope:
         rope = AbsoluteRotaryPosEmbed(32, (1, 2, 2), ctx)
         hs = torch.zeros(1, 16, 6, 8, 10)
         for a, b in zip(rope(hs), teacher.rope(hs)):
-            assert torch.equal(a, b)
+            assert_outputs_close(a, b)  # two code paths: the teacher reads a table, this computes positions
 
     def test_offset_and_beyond_table(self, teacher):
         ctx = RunContext()
@@ -95,8 +95,29 @@ class TestSaveLoad:
         loaded = load_transformer(tmp_path / "m")
         assert get_rehyat_config(loaded).to_dict() == get_rehyat_config(student).to_dict()
         assert loaded.blocks[2].attn1.processor.chunk_frames == 1
+        # the weights bit for bit; the outputs of the two objects up to float32 rounding: the loaded tensors sit at
+        # other memory alignments, and kernels round differently with those on some CPUs (AMD EPYC: 6e-7)
+        saved, got = student.state_dict(), loaded.state_dict()
+        assert saved.keys() == got.keys()
+        for k in saved:
+            assert saved[k].dtype == got[k].dtype and torch.equal(saved[k], got[k]), k
         x, t, e = inputs(frames=6)
-        assert torch.equal(run(loaded, x, t, e), run(student, x, t, e))
+        assert_outputs_close(run(loaded, x, t, e), run(student, x, t, e))
+
+    def test_outputs_do_not_depend_on_weight_alignment(self, teacher):
+        """The same weights at another memory alignment (as loaded tensors are) give the outputs up to float32
+        rounding. Not bit for bit: on this project's AMD EPYC machine they differ by 7e-7, so an output comparison
+        of two model objects must use a tolerance (this test fails with torch.equal there)."""
+        student = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=3)
+        shifted = copy.deepcopy(student)
+        with torch.no_grad():
+            for p in shifted.parameters():  # each parameter 4 bytes past a 64-byte boundary
+                buf = torch.empty(p.numel() + 1, dtype=p.dtype)
+                p.data = buf[1:].view_as(p).copy_(p)
+        pairs = list(zip(student.parameters(), shifted.parameters()))
+        assert all(b.data_ptr() % 16 == 4 and torch.equal(a, b) for a, b in pairs)
+        x, t, e = inputs(frames=6)
+        assert_outputs_close(run(shifted, x, t, e), run(student, x, t, e))
 
     def test_refuses_non_empty_folder(self, teacher, tmp_path):
         student = convert_wan(copy.deepcopy(teacher), blocks=[0])

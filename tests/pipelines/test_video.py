@@ -10,7 +10,7 @@ import torch
 
 from rehyat.models import convert_wan
 from rehyat.pipelines import ReHyAtVideoPipeline, StreamingDecoder, initial_noise
-from rehyat.testing import tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
+from rehyat.testing import assert_outputs_close, tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,9 @@ def test_folder_round_trip_with_text_encoder(tmp_path):
     out = pipe("a red circle moving left", num_frames=9, height=32, width=32, num_inference_steps=2,
                guidance_scale=3.0, mode="streaming", progress=False)
     assert out.video.shape == (9, 32, 32, 3)
-    # the same prompt encodes to the same embeddings after a reload
+    # the same prompt encodes to the same embeddings after a reload (two text-encoder objects: up to rounding)
     again = ReHyAtVideoPipeline.from_pretrained(folder)
-    assert torch.equal(pipe.encode_prompt(["a red square"]), again.encode_prompt(["a red square"]))
+    assert_outputs_close(again.encode_prompt(["a red square"]), pipe.encode_prompt(["a red square"]))
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -131,3 +131,56 @@ def test_call_uses_the_folder_defaults(tmp_path):
     pipe = ReHyAtVideoPipeline.from_pretrained(folder)
     out = pipe("a red circle", progress=False)
     assert out.video.shape == (8, 32, 32, 3)
+
+
+@pytest.mark.parametrize("axis", ["frames", "height", "width"])
+def test_rope_check_matches_the_teacher_table(axis):
+    """check_rope_table's limit is where diffusers' precomputed table ends, on every axis (the tiny teacher: 32
+    positions, patch (1, 2, 2)); a converted model has no limit."""
+    from rehyat.pipelines.video import check_rope_table
+
+    teacher = tiny_wan_transformer()
+    for n, fits in ((32, True), (33, False)):  # positions on `axis`
+        dims = dict(frames=4, height=4, width=4) | {axis: n * (1 if axis == "frames" else 2)}
+        shape = (1, 16, dims["frames"], dims["height"], dims["width"])
+        args = ((1, 2, 2), shape, 4, 8)
+        check_rope_table(None, *args)
+        if fits:
+            teacher.rope(torch.zeros(shape))
+            check_rope_table(32, *args)
+        else:
+            with pytest.raises(RuntimeError):
+                teacher.rope(torch.zeros(shape))
+            with pytest.raises(ValueError, match=f"^{axis} .*rope_max_seq_len=32"):
+                check_rope_table(32, *args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_frames=129), r"^frames 129 \(33 latent frames\) is past .*up to 125 frames \(32 latent frames\)"),
+    (dict(height=528), r"^height 528 \(33 patches\) is past .*up to 512 pixels \(32 patches\)"),
+    (dict(width=528), r"^width 528 \(33 patches\) is past .*up to 512 pixels \(32 patches\)"),
+])
+def test_teacher_past_its_rope_table_refused_before_any_work(kwargs, match):
+    pipe = ReHyAtVideoPipeline(tiny_wan_transformer(), vae=tiny_wan_vae())  # RoPE table of 32 positions
+
+    def no_forward(*args):
+        raise AssertionError("the transformer ran before the check")
+
+    pipe.transformer.register_forward_pre_hook(no_forward)
+    pos, _ = embeds()
+    args = dict(prompt_embeds=pos, num_frames=5, height=32, width=32, num_inference_steps=1) | kwargs
+    with pytest.raises(ValueError, match=match) as info:
+        pipe(**args)
+    assert "ReHyAt-converted model" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_converted_model_generates_past_the_teacher_table():
+    """The teacher's table ends at 32 positions; the same transformer converted generates 33 frames (pixel space)."""
+    teacher = tiny_wan_transformer(in_channels=3)
+    args = dict(prompt_embeds=embeds()[0], num_frames=33, height=8, width=8, num_inference_steps=1,
+                guidance_scale=1.0, progress=False)
+    with pytest.raises(ValueError, match="rope_max_seq_len=32"):
+        ReHyAtVideoPipeline(copy.deepcopy(teacher))(**args)
+    pipe = ReHyAtVideoPipeline(convert_wan(teacher, blocks="all", chunk_frames=2, overlap_frames=1))
+    for mode in ("parallel", "streaming"):
+        assert pipe(**args, mode=mode).video.shape == (33, 8, 8, 3)

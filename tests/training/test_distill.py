@@ -23,7 +23,7 @@ def _weights(folder):
 @pytest.mark.parametrize("softmax_blocks", ["bidirectional", "chunk_causal"])
 def test_teacher_forcing_output_equals_teacher(softmax_blocks):
     from rehyat.models import convert_wan, get_context
-    from rehyat.testing import tiny_wan_transformer
+    from rehyat.testing import assert_outputs_close, tiny_wan_transformer
 
     t = tiny_wan_transformer(num_layers=3)
     s = convert_wan(copy.deepcopy(t), blocks=[0, 2], chunk_frames=2, overlap_frames=1, softmax_blocks=softmax_blocks)
@@ -37,7 +37,8 @@ def test_teacher_forcing_output_equals_teacher(softmax_blocks):
             forced = s(x, ts, e, return_dict=False)[0]
         finally:
             ctx.distill = False
-    assert torch.equal(forced, ref)
+    # two model objects and two code paths (the processor's own RoPE and SDPA call): equal up to float32 rounding
+    assert_outputs_close(forced, ref)
     assert not torch.allclose(student, ref, atol=1e-3)  # without teacher forcing the student differs
     assert set(ctx.records) == {0, 2}
 
