@@ -190,8 +190,8 @@ class Ctx:
         self.compile_broken: dict = {}  # name of a compiled function -> error text of its first failure
         self.timer = Timer(self.device, args.budget, args.min_reps, args.max_reps, args.warmup)
         a = args
-        # Feature maps in the model's dtype, as convert_wan puts them; with bfloat16 / float16 weights their outputs
-        # are in that dtype too (float32 weights: float32 outputs).
+        # Feature maps in the model's dtype, as convert_wan puts them; with bfloat16 weights their outputs are
+        # bfloat16 too (float32 or float16 weights: float32 outputs).
         self.phi_q = PolynomialFeatureMap(a.heads, a.dim, a.feature_dim).to(self.device, self.dtype).eval()
         self.phi_k = PolynomialFeatureMap(a.heads, a.dim, a.feature_dim).to(self.device, self.dtype).eval()
         for p in list(self.phi_q.parameters()) + list(self.phi_k.parameters()):

@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
-        # Bad input: one clear line, no traceback (set REHYAT_DEBUG=1 to see it).
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, FloatingPointError) as e:
+        # Bad input (exit status 2), or a run whose output held NaN / Inf and was refused (FloatingPointError, e.g.
+        # rehyat.pipelines.NonFiniteOutputError; exit status 1): one clear line, no traceback (set REHYAT_DEBUG=1
+        # to see it).
         if os.environ.get("REHYAT_DEBUG"):
             raise
         print(f"rehyat {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, FloatingPointError) else 2
 
 
 if __name__ == "__main__":

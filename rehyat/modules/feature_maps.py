@@ -2,11 +2,12 @@
 
 Both maps act per head with per-head weights stored as batched tensors (``[H, ...]``, one ``einsum`` for all heads,
 no Python loop over heads). Input ``x`` is ``[..., H, D]`` (e.g. ``[B, N, H, D]``, the diffusers layout); output is
-``[..., H, D']`` in float32 for float32 weights (float64 when the weights or the input are float64) and in the
-weights' dtype for bfloat16 / float16 weights (a model cast to bfloat16 for inference: the positivity transform and
-the powers are still computed in float32, then rounded once). :func:`rehyat.ops.rehyat_attention` runs its linear
-products in bfloat16 on tensor cores when q and the features are both bfloat16, and sums across frames in float32
-either way.
+``[..., H, D']`` in float32 for float32 weights (float64 when the weights or the input are float64), in bfloat16 for
+bfloat16 weights (a model cast to bfloat16 for inference: the positivity transform and the powers are still computed
+in float32, then rounded once), and in float32 for float16 weights: powers of softplus outputs (and Hedgehog's
+scale) leave float16's range (max 65504) long before float32's, so float16 features are never returned (design
+section 3, precision). :func:`rehyat.ops.rehyat_attention` runs its linear products in bfloat16 on tensor cores when
+q and the features are both bfloat16, in float32 otherwise, and sums across frames in float32 either way.
 
 Positivity: every output entry is non-negative, so the kernel ``phi_q(q) . phi_k(k)`` is non-negative, the linear
 mass in the joint denominator is >= 0, and the denominator is >= the softmax mass (1 with the ``"lse"``
@@ -56,8 +57,8 @@ class PolynomialFeatureMap(nn.Module):
     Parameters: ``w1 [H, D, hidden]``, ``b1 [H, hidden]``, ``w2 [H, hidden, D']``, ``b2 [H, D']``; at H = 12,
     D = 128: 1,185,792 (about 1.2M, the paper's count).
 
-    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, the weights'
-    dtype for bfloat16 / float16 weights).
+    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, bfloat16 for
+    bfloat16 weights; float32 for float16 weights, see the module docstring).
 
     Paths: the math is :func:`rehyat.ops.feature_map.polynomial_feature_map` (plain PyTorch, autograd). For
     inference on a CUDA device with the input and weights both bfloat16 (or float16) and power-of-two widths
@@ -131,8 +132,8 @@ class HedgehogFeatureMap(nn.Module):
     Args:
         num_heads: H. head_dim: D. feature_dim: D', even, default ``2 * head_dim``.
 
-    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, the weights'
-    dtype for bfloat16 / float16 weights).
+    Shapes: ``forward(x [..., H, D]) -> [..., H, D']`` float32 (float64 for float64 weights or input, bfloat16 for
+    bfloat16 weights; float32 for float16 weights, see the module docstring).
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None) -> None:
@@ -161,7 +162,7 @@ class HedgehogFeatureMap(nn.Module):
         u = torch.einsum("...hd,hdf->...hf", x.to(cdt), self.weight.to(cdt))
         u = u.to(_out_dtype(u.dtype))
         phi = torch.cat([u.softmax(dim=-1), (-u).softmax(dim=-1)], dim=-1)
-        phi = phi * self.log_scale.exp().to(phi.dtype)[:, None]
+        phi = phi * self.log_scale.to(phi.dtype).exp()[:, None]  # exp in the working dtype: e^12 > float16's max
         return phi.to(_result_dtype(cdt, phi.dtype))
 
     def extra_repr(self) -> str:

@@ -9,11 +9,13 @@ Layout: ``x [..., H, D]`` (e.g. ``[B, N, H, D]``, diffusers' layout), weights ``
 
 - :func:`polynomial_feature_map` is the reference: per-head ``einsum`` products in the weights' dtype (float64 when
   the input or the weights are float64), the positivity transform and the powers in float32 / float64, the result
-  rounded once to the weights' dtype when that is 16-bit. It supports autograd and every device.
+  rounded once to bfloat16 for bfloat16 weights and returned in float32 for float16 weights (whose range the powers
+  exceed; see :func:`result_dtype`). It supports autograd and every device.
 - :func:`polynomial_feature_map_fused` computes the same function in one Triton kernel per call: each program
   loads a tile of tokens of one head, runs both matrix products on tensor cores with the hidden activation kept
   on chip (float32 accumulation, the hidden activation rounded to the weights' dtype between the products, as the
-  reference does), then bias, positivity and powers, and writes ``phi`` once. The reference instead writes and
+  reference does), then bias, positivity and powers, and writes ``phi`` once (bfloat16, or float32 for float16
+  input). The reference instead writes and
   reads the permuted input, the hidden activation and ``u`` through memory (about 6 GB at 81 Wan latent frames;
   the kernel moves about 1.2 GB). Forward only: no autograd.
 """
@@ -53,8 +55,10 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def result_dtype(compute: torch.dtype, work: torch.dtype) -> torch.dtype:
-    """Output dtype: 16-bit weights give a 16-bit output (rounded once at the end), otherwise the working dtype."""
-    return compute if compute in (torch.bfloat16, torch.float16) else work
+    """Output dtype: bfloat16 weights give a bfloat16 output (rounded once at the end), any other the working dtype
+    (float32, or float64). float16 weights thus give float32 features: the powers ``g(u)^p`` leave float16's range
+    (max 65504) from ``g(u) > 65504^(1/p)`` (256 for p = 2, 16 for p = 4), while bfloat16 has float32's range."""
+    return compute if compute == torch.bfloat16 else work
 
 
 def polynomial_feature_map(
@@ -76,7 +80,8 @@ def polynomial_feature_map(
         positivity: ``"softplus"``, ``"exp"`` or ``"relu"``.
 
     Returns:
-        ``[..., H, D']``: float32 (float64 for float64 input or weights; the weights' dtype for 16-bit weights).
+        ``[..., H, D']``: float32 (float64 for float64 input or weights; bfloat16 for bfloat16 weights; float32 for
+        float16 weights, see :func:`result_dtype`).
 
     Shapes and values are not re-checked here (the module checks them); a mismatch raises PyTorch's own error.
     """
@@ -228,6 +233,12 @@ def fused_kernel_config() -> str | None:
     return None if cfg is None else f"{cfg.kwargs}, warps {cfg.num_warps}, stages {cfg.num_stages}"
 
 
+def fused_result_dtype(x: torch.Tensor) -> torch.dtype:
+    """Output dtype of the fused kernel for a 16-bit input (and weights) ``x``: as :func:`result_dtype`, bfloat16
+    for bfloat16 and float32 for float16."""
+    return result_dtype(x.dtype, torch.float32)
+
+
 def _launch(x: torch.Tensor, w1, b1, w2, b2, degree: int, positivity: str, block_n: int | None = None) -> torch.Tensor:
     """Run the kernel; ``block_n`` fixes the token tile instead of autotuning (tests; Triton's CPU interpreter)."""
     H, D = x.shape[-2], x.shape[-1]
@@ -236,7 +247,7 @@ def _launch(x: torch.Tensor, w1, b1, w2, b2, degree: int, positivity: str, block
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, H, Fd, device=x.device, dtype=x.dtype)
+    out = torch.empty(M, H, Fd, device=x.device, dtype=fused_result_dtype(x))  # the kernel casts on store
     if M == 0:
         return out.reshape(*x.shape[:-1], Fd)
     w1, b1, w2, b2 = (p.contiguous() for p in (w1, b1, w2, b2))
@@ -268,7 +279,7 @@ def _fused_op(
 
 @_fused_op.register_fake
 def _(x, w1, b1, w2, b2, degree, positivity):
-    return x.new_empty(*x.shape[:-1], w2.shape[2])
+    return x.new_empty(*x.shape[:-1], w2.shape[2], dtype=fused_result_dtype(x))
 
 
 def polynomial_feature_map_fused(
@@ -283,7 +294,8 @@ def polynomial_feature_map_fused(
 ) -> torch.Tensor:
     """The polynomial feature map in one fused Triton kernel (CUDA, bfloat16 / float16, forward only).
 
-    Same arguments and result as :func:`polynomial_feature_map` (output in x's dtype). A ``torch.library`` custom op
+    Same arguments and result as :func:`polynomial_feature_map` (output bfloat16 for bfloat16, float32 for float16:
+    :func:`fused_result_dtype`). A ``torch.library`` custom op
     (``rehyat::polynomial_feature_map_fused``), so ``torch.compile`` keeps it as one opaque call. The first call
     per shape family autotunes the tile size (a few seconds).
 

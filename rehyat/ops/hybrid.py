@@ -108,10 +108,15 @@ def _window_softmax(q, k, v, stabilizer: str, scale: float, acc: torch.dtype):
 
 
 def _mm_dtype(q: torch.Tensor, fq: torch.Tensor, acc: torch.dtype) -> torch.dtype:
-    """dtype of the linear branch's matrix products: the inputs' 16-bit dtype when q and the features are both
-    bfloat16 (or both float16), so the products run on tensor cores with float32 accumulation inside each product;
-    ``acc`` (float32 / float64) otherwise. Sums across frames (the state) are always kept in ``acc``."""
-    if q.dtype in (torch.bfloat16, torch.float16) and fq.dtype == q.dtype:
+    """dtype of the linear branch's matrix products: bfloat16 when q and the features are both bfloat16, so the
+    products run on tensor cores with float32 accumulation inside each product; ``acc`` (float32 / float64)
+    otherwise. Sums across frames (the state) are always kept in ``acc``.
+
+    float16 always takes ``acc``: its range (max 65504) does not hold the products' outputs, which are sums over
+    the tokens of a frame (``phi_k^T v``) or over every earlier frame (the read-out ``phi_q . z``, about 3e6 at
+    Wan2.1's 21 x 1,560 tokens) and overflow to Inf, turning the rows after the first chunk into 0 or NaN.
+    bfloat16 has float32's range (design section 3, precision)."""
+    if q.dtype == torch.bfloat16 and fq.dtype == q.dtype:
         return q.dtype
     return acc
 
@@ -137,7 +142,7 @@ def _readout(fq, s, z, mm: torch.dtype):
 
     fq: ``[B, G, n, H, D']`` (G chunks of n queries), s: ``[B, G, H, D', Dv]``, z: ``[B, G, H, D']`` (acc).
     Returns ``(num [B, G, n, H, Dv], den [B, G, n, H, 1])`` in ``mm`` (the state is rounded to ``mm`` for the
-    product when ``mm`` is 16-bit).
+    product when ``mm`` is bfloat16).
     """
     Dv = s.shape[-1]
     pad = (-(Dv + 1)) % 8  # keep the product's width a multiple of 8
@@ -255,9 +260,10 @@ def rehyat_attention(
     equal window shape folded into the batch, so any SDPA backend serves), linear attention over the earlier
     frames (or all frames outside the window) from per-frame sums ``phi_k^T v`` and an exclusive cumulative sum
     over frames, accumulated in float32 (float64 for float64 inputs), joint normalisation as in the module
-    docstring (paper Eq. 9-13). When q and the features are both bfloat16 (or float16), the linear branch's
-    matrix products (per-frame sums, read-out) run in that dtype on tensor cores with float32 accumulation inside
-    each product (``docs/design.md`` section 3, precision). Backward goes through ordinary autograd.
+    docstring (paper Eq. 9-13). When q and the features are both bfloat16, the linear branch's matrix products
+    (per-frame sums, read-out) run in bfloat16 on tensor cores with float32 accumulation inside each product; in
+    every other case, float16 included, they run in float32 (float64 for float64 inputs), since their outputs
+    exceed float16's range (``docs/design.md`` section 3, precision). Backward goes through ordinary autograd.
 
     Args:
         q, k: ``[B, N, H, D]`` (diffusers layout; RoPE already applied if the model uses it), frame-major tokens,

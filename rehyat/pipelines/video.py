@@ -13,6 +13,11 @@ video for a fully causal model (design section 5):
 Initial noise is drawn per latent frame from a generator seeded by ``(seed, frame)``, so the three modes (and any
 video length) see the same noise for the same frames.
 
+Non-finite output is refused in every mode: the latents are checked after every denoising step and the decoded
+frames before they become uint8 (:func:`check_finite`); NaN or Inf raises :class:`NonFiniteOutputError` naming the
+first bad video frame and latent frame, before that frame is decoded, handed to ``on_frames`` or returned (a NaN
+frame would otherwise be written as black, an Inf one as black or white).
+
 Model folder layout (``from_pretrained``): ``transformer/`` (required; a plain Wan or a ReHyAt checkpoint),
 ``scheduler/`` (optional, default as above), ``vae/`` (optional; without it latents are pixels in [-1, 1]),
 ``tokenizer/`` + ``text_encoder/`` (optional), and ``rehyat_pipeline.json`` (optional: ``{"text_encoder":
@@ -37,7 +42,8 @@ from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
                       read_pipeline_config, read_transformer_config)
 
-__all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "initial_noise", "MODES", "PIPELINE_CONFIG_NAME"]
+__all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
+           "PIPELINE_CONFIG_NAME"]
 
 MODES = ("parallel", "recurrent", "streaming")
 
@@ -141,6 +147,50 @@ def folder_check_rope_table(folder, shape) -> None:
     positions = None if tcfg["rehyat"] is not None else tcfg.get("rope_max_seq_len", WAN_ROPE_MAX_SEQ_LEN)
     check_rope_table(positions, tcfg["patch_size"], shape, *folder_vae_factors(folder))
 
+class NonFiniteOutputError(FloatingPointError):
+    """Generation produced NaN or Inf (latents or decoded frames); raised by :func:`check_finite` before the bad
+    frame is decoded, handed out or returned. A ``FloatingPointError``, which the CLI reports as a one-line error."""
+
+
+def video_frames_of(latent_frame: int, temporal: int) -> tuple[int, int]:
+    """First and last video frame decoded from ``latent_frame`` by a causal VAE of ``temporal`` compression (Wan:
+    latent frame 0 gives frame 0, latent frame f >= 1 gives frames ``(f-1)*temporal+1 .. f*temporal``)."""
+    if latent_frame == 0:
+        return 0, 0
+    return (latent_frame - 1) * temporal + 1, latent_frame * temporal
+
+
+def latent_frame_of(video_frame: int, temporal: int) -> int:
+    """The latent frame a video frame is decoded from (inverse of :func:`video_frames_of`)."""
+    return 0 if video_frame == 0 else (video_frame - 1) // temporal + 1
+
+
+def check_finite(x: torch.Tensor, *, kind: str, frame_start: int, temporal: int, when: str = "",
+                 dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`NonFiniteOutputError` when ``x`` holds NaN or Inf, naming the first bad frame.
+
+    Args:
+        x: ``[B, C, F, H, W]``: latents (``kind="latents"``) or decoded frames (``kind="frames"``).
+        frame_start: absolute index of x's first frame (a latent frame for latents, a video frame for frames).
+        temporal: the VAE's temporal compression (1 in pixel space), to name video and latent frame alike.
+        when: where it happened, e.g. ``"after denoising step 3 of 50"``.
+        dtype: the transformer's dtype; float16 adds a hint (its range ends at 65504).
+    """
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = int((~torch.isfinite(x).transpose(0, 2).flatten(1).all(dim=1)).nonzero()[0]) + frame_start
+    if kind == "latents":
+        first, last = video_frames_of(bad, temporal)
+        span = f", which decodes to video frames {first}-{last}" if last > first else ""
+        where, what, stop = f"video frame {first} (latent frame {bad}{span})", "the latents hold", "decoding or "
+    else:
+        where, what, stop = f"video frame {bad} (latent frame {latent_frame_of(bad, temporal)})", "the VAE decoded", ""
+    hint = "; the transformer runs in float16, whose range ends at 65504: use bfloat16 or float32" if (
+        dtype == torch.float16) else ""
+    when = f" {when}" if when else ""
+    raise NonFiniteOutputError(f"{what} NaN or Inf{when}, first at {where}, counting from 0; generation stopped "
+                               f"before {stop}handing out that frame{hint}")
+
 
 @dataclass
 class GenerationOutput:
@@ -168,13 +218,23 @@ class StreamingDecoder:
     def __init__(self, vae) -> None:
         self.vae = vae
         self.first = True
+        self.frames_out = 0  # video frames decoded so far: the absolute index of the next one
         if vae is not None:
             vae.clear_cache()
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raises :class:`NonFiniteOutputError` naming the first decoded frame with NaN or Inf (checked before the
+        clamp to [-1, 1], which would turn Inf into a plain white or black frame)."""
+        out = self._decode(latents)
+        temporal = 1 if self.vae is None else int(self.vae.config.scale_factor_temporal)
+        check_finite(out, kind="frames", frame_start=self.frames_out, temporal=temporal)
+        self.frames_out += out.shape[2]
+        return out.clamp(-1, 1)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         if vae is None:
-            return latents.clamp(-1, 1)
+            return latents
         z = _denormalize(vae, latents)
         x = vae.post_quant_conv(z)
         outs = []
@@ -188,7 +248,7 @@ class StreamingDecoder:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
             out = unpatchify(out, patch_size=vae.config.patch_size)
-        return out.clamp(-1, 1)
+        return out
 
     def close(self) -> None:
         if self.vae is not None:
@@ -400,6 +460,10 @@ class ReHyAtVideoPipeline:
             ValueError: bad mode, frames, size, empty prompt, missing text encoder, a video past a plain Wan
                 transformer's RoPE table (:func:`check_rope_table`), or a model that is not causal for
                 ``recurrent``/``streaming``; all before any compute.
+            NonFiniteOutputError: the latents (after any denoising step) or the decoded frames hold NaN or Inf;
+                raised before the first bad frame is decoded or handed to ``on_frames`` (in streaming mode the
+                earlier chunks' frames have been handed out already, all finite), naming it as a video frame and
+                a latent frame.
         """
         d = self.defaults
         num_frames = num_frames if num_frames is not None else d.get("frames", 81)
@@ -468,10 +532,16 @@ class ReHyAtVideoPipeline:
 
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(steps, device=latents.device)
-        for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False)):
             v = self._velocity(latents, t, embeds, guidance_scale, forward)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            self._check_latents(latents, 0, f"after denoising step {i + 1} of {steps}")
         return latents
+
+    def _check_latents(self, latents, frame_start: int, when: str) -> None:
+        """:func:`check_finite` on latents ``[B, C, f, h, w]`` whose first frame is latent frame ``frame_start``."""
+        check_finite(latents, kind="latents", frame_start=frame_start, temporal=self.temporal_factor, when=when,
+                     dtype=self.transformer.dtype)
 
     def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress):
         """Each chunk fully denoised before the next; per-step transformer states kept (design section 5)."""
@@ -480,22 +550,24 @@ class ReHyAtVideoPipeline:
         B, C, F, H, W = shape
         states: list[TransformerState | None] = [None] * steps
         outs = []
-        bar = tqdm(total=F, desc="streaming (latent frames)", disable=not progress)
-        for f0 in range(0, F, chunk):
-            n = min(chunk, F - f0)
-            latents = initial_noise(seed, (B, C, n, H, W), f0, self.device)
-            scheduler = copy.deepcopy(self.scheduler)
-            scheduler.set_timesteps(steps, device=latents.device)
-            for i, t in enumerate(scheduler.timesteps):
-                def forward(x, ts, e, i=i):
-                    out, states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                    return out
+        # closed on an error too, so the error message starts on a line of its own
+        with tqdm(total=F, desc="streaming (latent frames)", disable=not progress) as bar:
+            for f0 in range(0, F, chunk):
+                n = min(chunk, F - f0)
+                latents = initial_noise(seed, (B, C, n, H, W), f0, self.device)
+                scheduler = copy.deepcopy(self.scheduler)
+                scheduler.set_timesteps(steps, device=latents.device)
+                for i, t in enumerate(scheduler.timesteps):
+                    def forward(x, ts, e, i=i):
+                        out, states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+                        return out
 
-                v = self._velocity(latents, t, embeds, guidance_scale, forward)
-                latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            outs.append(latents.cpu())
-            if decoder is not None:
-                emit(to_uint8_frames(decoder(latents.float())))
-            bar.update(n)
-        bar.close()
+                    v = self._velocity(latents, t, embeds, guidance_scale, forward)
+                    latents = scheduler.step(v, t, latents, return_dict=False)[0]
+                    self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
+                                                     f"at latent frame {f0}")
+                outs.append(latents.cpu())
+                if decoder is not None:
+                    emit(to_uint8_frames(decoder(latents.float())))
+                bar.update(n)
         return torch.cat(outs, dim=2)

@@ -261,3 +261,34 @@ def test_converted_teacher_is_not_refused_past_the_rope_table(tmp_path, capsys):
     for mode in ("parallel", "streaming"):
         assert gen(student, tmp_path / f"{mode}.mp4", *args, "--mode", mode) == 0
         assert read_video(tmp_path / f"{mode}.mp4").shape == (33, 8, 8, 3)
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """The tiny causal model (chunks of 2 latent frames) with block 0's phi_k bias saved as NaN: latent frames 0-1
+    (chunk 0, no linear keys) stay finite, latent frame 2 (video frames 5-8 of 9) and later read NaN."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_pipeline_folder(tmp_path_factory.mktemp("nan") / "model")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["blocks.0.attn1.processor.feature_map_k.b2"].fill_(float("nan"))
+    save_file(sd, weights, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["parallel", "recurrent", "streaming"])
+def test_nan_output_is_refused_and_nothing_written(nan_model, tmp_path, capsys, mode):
+    """Issue 15: a run whose latents turn NaN stops with a one-line error naming the frame (exit status 1); no
+    video, no --save-latents file, no partial file, and an existing video (--overwrite) is left as it was."""
+    out, latents = tmp_path / "v.mp4", tmp_path / "l.pt"
+    out.write_bytes(b"the user's earlier video")
+    code = gen(nan_model, out, "--prompt", "a red circle", "--mode", mode, "--save-latents", str(latents),
+               "--overwrite")
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert code == 1 and len(errors) == 1, captured.err
+    assert errors[0].startswith("rehyat generate: error: the latents hold NaN or Inf after denoising step 1 of 2")
+    assert "first at video frame 5 (latent frame 2, which decodes to video frames 5-8)" in errors[0]
+    assert "Traceback" not in captured.err and "wrote" not in captured.out
+    assert out.read_bytes() == b"the user's earlier video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]

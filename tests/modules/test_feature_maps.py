@@ -59,7 +59,8 @@ class TestShapesAndDtypes:
             (torch.bfloat16, torch.float32, torch.float32),
             (torch.bfloat16, torch.bfloat16, torch.bfloat16),
             (torch.float32, torch.bfloat16, torch.bfloat16),
-            (torch.float16, torch.float16, torch.float16),
+            (torch.float16, torch.float16, torch.float32),  # float16 weights: float32 features (range)
+            (torch.float32, torch.float16, torch.float32),
             (torch.float16, torch.float32, torch.float32),
             (torch.float64, torch.float32, torch.float64),
             (torch.float32, torch.float64, torch.float64),
@@ -76,6 +77,27 @@ class TestShapesAndDtypes:
         m = PolynomialFeatureMap(2, 4)
         x = rand_x(gen, 5, 2, 4)
         assert torch.allclose(m(x), poly_by_hand(m, x), rtol=1e-12, atol=1e-14)
+
+    @pytest.mark.parametrize("cls", [PolynomialFeatureMap, HedgehogFeatureMap])
+    def test_float16_features_keep_their_range(self, gen, cls):
+        """float16 weights: features beyond float16's range (65504) come back finite, in float32, equal to the
+        float64 map of the same float16 weights and input (design section 3, precision). The polynomial map's
+        4th power of softplus(u ~ 24) is about 3.3e5; the Hedgehog map's scale exp(13) about 4.4e5."""
+        torch.manual_seed(0)
+        m = PolynomialFeatureMap(2, 16, feature_dim=32, degree=4) if cls is PolynomialFeatureMap else cls(2, 16)
+        with torch.no_grad():
+            if cls is PolynomialFeatureMap:
+                m.b2.add_(24.0)
+            else:
+                m.log_scale.fill_(13.0)
+        x = rand_x(gen, 64, 2, 16, dtype=torch.float16)
+        m16 = m.half()
+        with torch.no_grad():
+            y = m16(x)
+            ref = m16.double()(x.double())
+        assert ref.max() > torch.finfo(torch.float16).max  # the premise
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

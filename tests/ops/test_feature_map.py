@@ -20,6 +20,7 @@ import torch
 from rehyat.modules import PolynomialFeatureMap, set_fused_feature_maps
 from rehyat.ops.feature_map import (
     fused_feature_map_supports,
+    fused_result_dtype,
     polynomial_feature_map,
     polynomial_feature_map_fused,
 )
@@ -137,6 +138,16 @@ class TestDispatch:
         with pytest.raises(ValueError, match="positivity must be one of"):
             polynomial_feature_map_fused(torch.randn(4, 2, 16), *weights(m), degree=2, positivity="tanh")
 
+    @pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+    def test_fused_output_dtype_is_the_references(self, dtype, expected):
+        """The kernel writes what the reference returns: bfloat16 for bfloat16, float32 for float16 (whose range
+        the powers exceed; design section 3)."""
+        m = PolynomialFeatureMap(2, 16).to(dtype)
+        x = torch.randn(4, 2, 16, dtype=dtype)
+        with torch.no_grad():
+            assert polynomial_feature_map(x, *weights(m), degree=2).dtype == expected
+        assert fused_result_dtype(x) == expected
+
     def test_set_fused_feature_maps(self):
         model = torch.nn.Sequential(PolynomialFeatureMap(2, 16), torch.nn.Linear(2, 2), PolynomialFeatureMap(2, 16))
         assert all(m.fused for m in model if isinstance(m, PolynomialFeatureMap))
@@ -169,10 +180,11 @@ class TestFusedCUDA:
         with torch.no_grad():
             torch16 = polynomial_feature_map(xd, *wd, degree=deg, positivity=pos)
             fused = polynomial_feature_map_fused(xd, *wd, degree=deg, positivity=pos)
-        assert fused.dtype == dtype and fused.shape == (M, H, Fd)
+        assert fused.dtype == torch16.dtype == fused_result_dtype(xd) and fused.shape == (M, H, Fd)
         e_fused, e_torch = rel_err(fused.cpu(), ref64), rel_err(torch16.cpu(), ref64)
-        # both paths round the output to 16 bits (bfloat16: up to 2^-8 relative), so their errors are of that size
-        # and either may be the smaller one; the fused path must not be worse beyond that rounding
+        # both paths round to 16 bits (bfloat16: the output, up to 2^-8 relative; float16: the MLP's activations,
+        # the output being float32), so their errors are of that size and either may be the smaller one; the fused
+        # path must not be worse beyond that rounding
         assert e_fused <= max(1.5 * e_torch, 4e-3), (e_fused, e_torch)
         assert e_fused < 2e-2  # exp of a bfloat16-rounded argument: about 1e-2 on these weights (H200, measured)
         assert (fused >= 0).all()

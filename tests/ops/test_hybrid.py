@@ -370,6 +370,54 @@ class TestBFloat16:
             assert rel_err(y_rec, ref) <= 2e-2
 
 
+FP16_CASE = Case(B=1, T=7, S=320, H=2, D=128, F=256, Dv=128, Tc=2, To=1)
+
+
+@pytest.fixture(scope="module")
+def fp16_wan_inputs():
+    """float16 q, k, v and the features of fresh float16 polynomial maps at :data:`FP16_CASE` (built once)."""
+    c = FP16_CASE
+    g = torch.Generator().manual_seed(15)
+    torch.manual_seed(15)
+    phi_q, phi_k = (PolynomialFeatureMap(c.H, c.D, c.F).half() for _ in range(2))
+    q, k, v = (torch.randn(c.B, c.N, c.H, d, generator=g).half() for d in (c.D, c.D, c.Dv))
+    with torch.no_grad():
+        fq, fk = phi_q(q), phi_k(k)
+    # the test's premise: the largest linear mass of the last chunk is beyond float16's range
+    w0 = chunk_windows(c.T, c.Tc, c.To)[-1][0]
+    mass = torch.einsum("bnhf,bhf->bnh", fq[:, -c.S:].double(), fk[:, : w0 * c.S].double().sum(1))
+    assert mass.max() > 2 * torch.finfo(torch.float16).max
+    return q, k, v, fq, fk
+
+
+class TestFloat16:
+    """float16 at Wan2.1-like scales (head dim 128, D' 256, fresh polynomial feature maps in float16, hundreds of
+    tokens per frame): the linear masses ``phi_q . z`` exceed float16's range (65504), so the linear branch must
+    compute in float32 (design section 3, precision). Before that rule, every row after the first chunks came out
+    exactly 0 (an infinite denominator) or NaN."""
+
+    @pytest.mark.parametrize("features", ["module", "float16"], ids=["fmodule", "ff16"])
+    @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+    @pytest.mark.parametrize("stabilizer", STABILIZERS)
+    def test_wan_scale_against_float64_reference(self, fp16_wan_inputs, features, causal, stabilizer):
+        """``features="module"``: the feature maps' own output; ``"float16"``: the same features given as float16
+        (a user's own maps), which must not take a 16-bit product path either."""
+        q, k, v, fq, fk = fp16_wan_inputs
+        if features == "float16":
+            fq, fk = fq.half(), fk.half()
+        c = FP16_CASE
+        kw = c.kw(causal=causal, stabilizer=stabilizer)
+        ref = rehyat_attention_reference(*(t.double() for t in (q, k, v, fq, fk)), **kw)
+        outs = [rehyat_attention(q, k, v, fq, fk, **kw)]
+        if causal:
+            outs.append(rehyat_attention_recurrent(q, k, v, fq, fk, **c.kw(stabilizer=stabilizer))[0])
+            outs.append(step_loop(q, k, v, fq, fk, c, stabilizer)[0])
+        for y in outs:
+            assert y.dtype == torch.float16
+            assert torch.isfinite(y).all()
+            assert rel_err(y, ref) <= 1e-2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Denominator guard and adversarial inputs
 # ----------------------------------------------------------------------------------------------------------------

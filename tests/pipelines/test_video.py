@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rehyat.models import convert_wan
-from rehyat.pipelines import ReHyAtVideoPipeline, StreamingDecoder, initial_noise
+from rehyat.pipelines import NonFiniteOutputError, ReHyAtVideoPipeline, StreamingDecoder, initial_noise
+from rehyat.pipelines.video import check_finite
 from rehyat.testing import assert_outputs_close, tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
 
 
@@ -184,3 +185,91 @@ def test_converted_model_generates_past_the_teacher_table():
     pipe = ReHyAtVideoPipeline(convert_wan(teacher, blocks="all", chunk_frames=2, overlap_frames=1))
     for mode in ("parallel", "streaming"):
         assert pipe(**args, mode=mode).video.shape == (33, 8, 8, 3)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite output is refused (issue 15): never decoded, handed out or returned
+# ----------------------------------------------------------------------------------------------------------------
+def nan_feature_map_pipe(vae: bool, dtype=torch.float32):
+    """A causal tiny model (chunks of 2 latent frames) whose block-0 phi_k is NaN: chunk 0 has no linear keys and
+    stays finite, every later latent frame reads the NaN state, so latent frame 2 is the first bad one."""
+    model = convert_wan(tiny_wan_transformer(in_channels=16 if vae else 3), blocks="all", chunk_frames=2,
+                        overlap_frames=1)
+    with torch.no_grad():
+        model.blocks[0].attn1.processor.feature_map_k.b2.fill_(float("nan"))
+    return ReHyAtVideoPipeline(model.to(dtype), vae=tiny_wan_vae() if vae else None)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "recurrent", "streaming"])
+@pytest.mark.parametrize("vae, frames, named", [
+    (True, 13, "video frame 5 (latent frame 2, which decodes to video frames 5-8)"),
+    (False, 6, "video frame 2 (latent frame 2)"),
+], ids=["vae", "pixels"])
+@pytest.mark.parametrize("output_type", ["np", "latent"])
+def test_nan_latents_are_refused(mode, vae, frames, named, output_type):
+    pipe = nan_feature_map_pipe(vae)
+    pos, _ = embeds()
+    blocks = []
+    with pytest.raises(FloatingPointError, match="NaN or Inf after denoising step 1 of 2") as err:
+        pipe(prompt_embeds=pos, num_frames=frames, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+             mode=mode, output_type=output_type, on_frames=blocks.append, progress=False)
+    assert isinstance(err.value, NonFiniteOutputError)
+    assert f"first at {named}, counting from 0" in str(err.value)
+    assert "float16" not in str(err.value)
+    # streaming hands out the finite first chunk (latent frames 0-1) only; the other modes nothing
+    handed = [len(b) for b in blocks]
+    assert handed == ([5 if vae else 2] if mode == "streaming" and output_type == "np" else [])
+
+
+def test_float16_error_points_to_bfloat16():
+    pipe = nan_feature_map_pipe(vae=False, dtype=torch.float16)
+    with pytest.raises(NonFiniteOutputError, match="float16, whose range ends at 65504: use bfloat16 or float32"):
+        pipe(prompt_embeds=embeds()[0].half(), num_frames=6, height=32, width=32, num_inference_steps=1,
+             guidance_scale=1.0, mode="streaming", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "streaming"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_decoded_frames_are_refused(causal_pipe, monkeypatch, mode, bad):
+    """Finite latents, but the VAE decodes latent frame 2 to NaN or Inf (Inf would be clamped to a white frame)."""
+    decoder = causal_pipe.vae.decoder
+    real, calls = decoder.forward, []
+
+    def forward(x, *args, **kwargs):  # StreamingDecoder calls it once per latent frame, in order
+        calls.append(1)
+        out = real(x, *args, **kwargs)
+        return out + bad if len(calls) == 3 else out
+
+    monkeypatch.setattr(decoder, "forward", forward)
+    blocks = []
+    with pytest.raises(NonFiniteOutputError, match="the VAE decoded NaN or Inf, first at video frame 5 "
+                                                   "\\(latent frame 2\\), counting from 0"):
+        causal_pipe(prompt_embeds=embeds()[0], num_frames=13, height=32, width=32, num_inference_steps=1,
+                    guidance_scale=1.0, mode=mode, on_frames=blocks.append, progress=False)
+    assert [len(b) for b in blocks] == ([5] if mode == "streaming" else [])
+
+
+def test_check_finite_names_the_first_bad_frame():
+    x = torch.zeros(2, 3, 6, 2, 2)
+    check_finite(x, kind="latents", frame_start=0, temporal=4)  # finite: no error
+    x[1, 2, 4, 1, 0] = float("-inf")
+    x[0, 0, 5, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match="latents hold NaN or Inf, first at video frame 25 \\(latent "
+                                                   "frame 7, which decodes to video frames 25-28\\)"):
+        check_finite(x, kind="latents", frame_start=3, temporal=4)
+    with pytest.raises(NonFiniteOutputError, match="first at video frame 7 \\(latent frame 2\\)"):
+        check_finite(x, kind="frames", frame_start=3, temporal=4)
+
+
+def test_shipped_student_in_float16_matches_float32():
+    """Issue 15: the shipped student in float16 gave NaN latents from frame 4 on (its linear branch overflowed
+    float16 from the second chunk); now it follows float32 to float16's rounding (measured: 6e-3 at most)."""
+    from rehyat.assets import default_model
+
+    latents, embeds_ = {}, None
+    for dtype in (torch.float32, torch.float16):
+        pipe = ReHyAtVideoPipeline.from_pretrained(default_model("student"), torch_dtype=dtype)
+        if embeds_ is None:
+            embeds_ = pipe.encode_prompt(["a red circle moving right"]).float()
+        latents[dtype] = pipe(prompt_embeds=embeds_, num_frames=16, num_inference_steps=1, guidance_scale=1.0,
+                              mode="streaming", output_type="latent", progress=False).latents
+    torch.testing.assert_close(latents[torch.float16], latents[torch.float32], rtol=0, atol=3e-2)
