@@ -611,10 +611,9 @@ def read_rehyat_settings(folder, config: dict) -> ReHyAtConfig | None:
         return None
     if len(parsed) == 2 and parsed[0] != parsed[1]:
         a, b = parsed
-        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        diff = ", ".join(f"{k} ({a[k]!r} vs {b[k]!r})" for k in a if a[k] != b[k])
         raise ValueError(f"{folder}: the ReHyAt settings in config.json (entry {REHYAT_CONFIG_KEY!r}) and in "
-                         f"{REHYAT_CONFIG_NAME} disagree on {', '.join(f'{k} ({x!r} vs {y!r})' for k, (x, y) in diff.items())}; "
-                         "edit one to match the other")
+                         f"{REHYAT_CONFIG_NAME} disagree on {diff}; edit one to match the other")
     return ReHyAtConfig.from_dict(parsed[0])
 
 

@@ -217,8 +217,10 @@ class TestStrictLoad:
         msg = str(e.value)
         assert "\n" not in msg and str(tmp_path / "t") in msg and "blocks.0.attn1.processor.feature_map_" in msg
 
-    @pytest.mark.parametrize("converted, key", [(True, "blocks.1.ffn.net.2.weight"), (False, "blocks.1.ffn.net.2.weight"),
-                                                (True, "blocks.0.attn1.processor.feature_map_k.w1")])
+    @pytest.mark.parametrize("converted, key", [
+        (True, "blocks.1.ffn.net.2.weight"), (False, "blocks.1.ffn.net.2.weight"),
+        (True, "blocks.0.attn1.processor.feature_map_k.w1"),
+    ])
     def test_missing_key(self, teacher, student, tmp_path, converted, key):
         # diffusers leaves a missing weight on the meta device, with a warning
         if converted:
@@ -244,7 +246,8 @@ class TestStrictLoad:
         _rewrite_weights(tmp_path / "m", sd)
         with pytest.raises(ValueError, match="unexpected") as e:
             load_transformer(tmp_path / "m")
-        assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value) and "blocks.1.extra.weight" in str(e.value)
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "m") in msg and "blocks.1.extra.weight" in msg
 
     def test_diffusers_ignored_keys_still_load(self, teacher, tmp_path):
         # WanTransformer3DModel._keys_to_ignore_on_load_unexpected: some published Wan checkpoints carry these
