@@ -6,14 +6,11 @@ from __future__ import annotations
 def folder_recurrence_problem(folder) -> str | None:
     """Why the ReHyAt model in ``folder`` cannot generate chunk by chunk (recurrent / streaming), or ``None`` when it
     can or the folder holds no ReHyAt model (see :meth:`ReHyAtConfig.recurrence_problem`). Reads configs only."""
-    from ..io import read_json_object
-    from ..models.wan import REHYAT_CONFIG_NAME, ReHyAtConfig, read_wan_config
+    from ..models.wan import read_rehyat_settings, read_wan_config
 
     tdir, config = read_wan_config(folder)
-    path = tdir / REHYAT_CONFIG_NAME
-    if not path.exists():
-        return None
-    return ReHyAtConfig.from_dict(read_json_object(path)).recurrence_problem(int(config.get("num_layers", 0)))
+    settings = read_rehyat_settings(tdir, config)
+    return None if settings is None else settings.recurrence_problem(int(config.get("num_layers", 0)))
 
 
 def recurrence_note(folder) -> str | None:

@@ -165,9 +165,10 @@ def _resolve(args):
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
     if args.mode in ("recurrent", "streaming"):
+        from ..pipelines.folders import read_transformer_config
         from ._notes import folder_recurrence_problem
 
-        if not (Path(model) / "transformer" / "rehyat_config.json").exists():
+        if read_transformer_config(model)["rehyat"] is None:
             raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
                              "(not causal): use --mode parallel or auto, or convert it first")
         problem = folder_recurrence_problem(model)

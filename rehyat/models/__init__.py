@@ -11,6 +11,7 @@ from .wan import (
     get_context,
     get_rehyat_config,
     load_transformer,
+    read_rehyat_settings,
     runner_chunk_frames,
     save_rehyat,
 )
@@ -18,5 +19,5 @@ from .wan import (
 __all__ = [
     "ChunkCausalAttnProcessor", "ReHyAtAttnProcessor", "ReHyAtConfig", "RunContext", "TransformerState",
     "check_recurrent", "compile_blocks", "convert_wan", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
-    "recurrent_forward", "runner_chunk_frames", "save_rehyat",
+    "read_rehyat_settings", "recurrent_forward", "runner_chunk_frames", "save_rehyat",
 ]

@@ -12,12 +12,26 @@ pre-hook on the transformer reads it from the latents ``[B, C, F, H, W]`` into a
 processors of the model. The same context carries the run mode (parallel or recurrent), the recurrent states and
 the distillation switch. RoPE is replaced by :class:`AbsoluteRotaryPosEmbed`, which computes the teacher's exact
 frequencies for absolute frame positions (chunk start as offset, no 1,024-frame table limit).
+
+Where the conversion settings live. :func:`convert_wan` registers them in the transformer's diffusers config
+(``transformer.config["rehyat"]``, a :meth:`ReHyAtConfig.to_dict`), so ``config.json`` written by ANY
+``save_pretrained`` (the transformer's own, diffusers' ``WanPipeline``'s, ours) carries them beside the feature-map
+weights the same call writes: a converted model cannot be saved as a teacher by accident. :func:`save_rehyat` also
+keeps writing ``rehyat_config.json``, the only home of the settings in folders saved before (the shipped student
+among them), so those and older readers keep working. :func:`read_rehyat_settings` is the one reader: it accepts
+either source and refuses two that disagree. Loading is strict (:func:`load_transformer`): the weight keys must be
+exactly those of the model the settings describe (feature maps without settings, settings without feature maps,
+missing or unexpected keys are one-line errors), since diffusers would otherwise drop unknown keys with a warning
+and leave missing ones uninitialised. diffusers 0.42.1 ignores the unknown ``"rehyat"`` config entry with a warning
+(and copies it into the loaded model's config), so ``WanTransformer3DModel.from_pretrained`` of a ReHyAt folder
+still gives the plain teacher to users without rehyat.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +57,13 @@ __all__ = [
     "save_rehyat",
     "load_transformer",
     "read_wan_config",
+    "read_rehyat_settings",
     "REHYAT_CONFIG_NAME",
+    "REHYAT_CONFIG_KEY",
 ]
 
 REHYAT_CONFIG_NAME = "rehyat_config.json"
+REHYAT_CONFIG_KEY = "rehyat"  # the settings' entry in the transformer's diffusers config (config.json)
 UNBOUNDED = sys.maxsize  # overlap of a chunk-causal softmax block: every earlier frame stays in the window
 SOFTMAX_BLOCKS = ("bidirectional", "chunk_causal")
 FEATURE_MAP_INPUTS = ("rotated", "unrotated")
@@ -58,7 +75,8 @@ TEACHER_ATTENTION = ("bidirectional", "chunk_causal")
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class ReHyAtConfig:
-    """What a conversion did; saved as ``rehyat_config.json`` beside the transformer's ``config.json``.
+    """What a conversion did; saved in the transformer's ``config.json`` (entry ``"rehyat"``) and, by
+    :func:`save_rehyat`, as ``rehyat_config.json`` beside it. Its fields are :func:`convert_wan`'s keyword arguments.
 
     Attributes:
         blocks: indices of the converted blocks (sorted).
@@ -123,8 +141,12 @@ class ReHyAtConfig:
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown keys in {REHYAT_CONFIG_NAME}: {sorted(unknown)}")
+            raise ValueError(f"unknown ReHyAt settings {sorted(unknown)} (known: {sorted(known)})")
         return cls(**d)
+
+    def conversion_kwargs(self) -> dict:
+        """The keyword arguments of :func:`convert_wan` that redo this conversion."""
+        return asdict(self)
 
 
 class RunContext:
@@ -524,7 +546,8 @@ def convert_wan(
 
     Returns:
         The same transformer, with converted processors (feature maps in the transformer's dtype and device),
-        the :class:`AbsoluteRotaryPosEmbed`, the frame-size pre-hook and ``transformer.rehyat_config``.
+        the :class:`AbsoluteRotaryPosEmbed`, the frame-size pre-hook, ``transformer.rehyat_config`` and the same
+        settings as a dict in ``transformer.config["rehyat"]`` (so ``save_pretrained`` saves them).
 
     Raises:
         ValueError: an already converted model (other than a block-causal one with no converted block, which is
@@ -603,6 +626,10 @@ def convert_wan(
     transformer.rope = AbsoluteRotaryPosEmbed(head_dim, transformer.config.patch_size, ctx)
     transformer._rehyat_context = ctx
     transformer.rehyat_config = cfg
+    # The settings also go into the diffusers config, so that config.json written by any save_pretrained carries
+    # them (module docstring); diffusers keeps an entry its __init__ does not take and saves it with the rest.
+    if hasattr(transformer, "register_to_config"):  # every diffusers model
+        transformer.register_to_config(**{REHYAT_CONFIG_KEY: cfg.to_dict()})
     transformer._rehyat_hook = transformer.register_forward_pre_hook(_frame_tokens_hook, with_kwargs=True)
     return transformer
 
@@ -639,9 +666,11 @@ def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) 
     """Save a converted transformer to ``folder`` with ``save_pretrained`` plus ``rehyat_config.json``.
 
     The safetensors file holds the teacher's weights unchanged and the feature maps under
-    ``blocks.{i}.attn1.processor.feature_map_{q,k}.*``. Missing parent folders are created. Refuses
-    (``FileExistsError``) a non-empty folder unless ``overwrite=True``; ``ValueError`` for a transformer that is not
-    converted.
+    ``blocks.{i}.attn1.processor.feature_map_{q,k}.*``; ``config.json`` holds the settings under ``"rehyat"`` and
+    ``rehyat_config.json`` the same settings (for readers of folders saved before the config entry existed; a plain
+    ``transformer.save_pretrained`` is enough for :func:`load_transformer`). Missing parent folders are created.
+    Refuses (``FileExistsError``) a non-empty folder unless ``overwrite=True``; ``ValueError`` for a transformer that
+    is not converted.
     """
     cfg = get_rehyat_config(transformer)
     if cfg is None:
@@ -649,48 +678,171 @@ def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
+    transformer.register_to_config(**{REHYAT_CONFIG_KEY: cfg.to_dict()})  # the two copies cannot disagree
     transformer.save_pretrained(folder, **save_kwargs)  # creates missing parent folders, like diffusers does
     (folder / REHYAT_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return folder
 
 
-def _state_dict_from_folder(folder: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_rehyat_settings(folder, config: dict) -> ReHyAtConfig | None:
+    """The ReHyAt settings of a transformer folder, ``None`` for a plain one: the one reader of them.
 
+    Two sources, either enough: the ``"rehyat"`` entry of its ``config.json`` (``config``, that file as read by
+    :func:`read_wan_config`; written by any ``save_pretrained`` of a model converted by this version) and
+    ``rehyat_config.json`` (written by :func:`save_rehyat`; the only source in older folders). Reads no weights.
+
+    Raises:
+        ValueError: a source that is not valid JSON or not a settings object (unknown or missing keys), naming its
+            file; both sources present but different, naming the folder and the settings that differ.
+    """
     from ..io import read_json_object
 
-    def load(path: Path) -> dict:
+    folder = Path(folder)
+    sources = {}
+    if config.get(REHYAT_CONFIG_KEY) is not None:
+        sources[f"{folder / 'config.json'} (entry {REHYAT_CONFIG_KEY!r})"] = config[REHYAT_CONFIG_KEY]
+    if (folder / REHYAT_CONFIG_NAME).is_file():
+        sources[str(folder / REHYAT_CONFIG_NAME)] = read_json_object(folder / REHYAT_CONFIG_NAME)
+    parsed = []
+    for where, raw in sources.items():
         try:
-            return load_file(path)
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+            parsed.append(ReHyAtConfig.from_dict(raw).to_dict())
+        except (TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{where}: not valid ReHyAt settings: {e}") from None
+    if not parsed:
+        return None
+    if len(parsed) == 2 and parsed[0] != parsed[1]:
+        a, b = parsed
+        diff = ", ".join(f"{k} ({a[k]!r} vs {b[k]!r})" for k in a if a[k] != b[k])
+        raise ValueError(f"{folder}: the ReHyAt settings in config.json (entry {REHYAT_CONFIG_KEY!r}) and in "
+                         f"{REHYAT_CONFIG_NAME} disagree on {diff}; edit one to match the other")
+    return ReHyAtConfig.from_dict(parsed[0])
 
-    single = folder / "diffusion_pytorch_model.safetensors"
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if single.exists():
-        return load(single)
-    if index.exists():
+
+# ------------------------------------------------------------------------------------------- weights on disk
+_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+_BIN = "diffusion_pytorch_model.bin"
+
+
+def _is_processor_key(key: str) -> bool:
+    """A weight of a ReHyAt processor (the feature maps), which a plain ``WanTransformer3DModel`` does not have."""
+    return ".attn1.processor." in key
+
+
+def _open_weights(path: Path):
+    """``{key: tensor}`` of one weights file, lazily for safetensors; ``ValueError`` naming an unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".bin":
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return safe_open(path, "pt")
+    except (OSError, SafetensorError, RuntimeError, EOFError) as e:
+        kind = "PyTorch" if path.suffix == ".bin" else "safetensors"
+        raise ValueError(f"{path} is not a readable {kind} file: {e}") from None
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    """``{key: file}`` of a transformer folder's weights (one safetensors file, a sharded one with its index, or
+    one PyTorch ``.bin``), read from the headers. ``FileNotFoundError`` when there are none."""
+    from ..io import read_json_object
+
+    single, index, pickled = folder / _SAFETENSORS, folder / f"{_SAFETENSORS}.index.json", folder / _BIN
+    if index.exists() and not single.exists():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map' object")
-        sd = {}
-        for f in sorted(set(weight_map.values())):
-            sd.update(load(folder / f))
-        return sd
-    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+        return {k: folder / f for k, f in weight_map.items()}
+    path = single if single.exists() else pickled
+    if not path.exists():
+        raise FileNotFoundError(f"no {_SAFETENSORS} (or its index, or {_BIN}) in {folder}")
+    return dict.fromkeys(_open_weights(path).keys(), path)
 
 
-def _from_pretrained(folder: Path, torch_dtype):
-    """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights."""
+def _read_weights(weight_map: dict[str, Path], keys) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` (a subset of ``weight_map``), each file opened once."""
+    out = {}
+    for path in sorted({weight_map[k] for k in keys}):
+        f = _open_weights(path)
+        mine = [k for k in keys if weight_map[k] == path]
+        try:
+            out.update({k: f[k] if isinstance(f, dict) else f.get_tensor(k) for k in mine})
+        except Exception as e:  # a key the index names but the file lacks, a truncated file
+            raise ValueError(f"cannot read {mine[:4]} from {path}: {e}") from None
+    return out
+
+
+def _expected_keys(folder: Path, config: dict, settings: ReHyAtConfig | None) -> set[str]:
+    """The ``state_dict`` keys of the model ``config.json`` and the settings describe, built on the meta device
+    (no memory, no weights; 0.1 s for Wan2.1-1.3B). ``ValueError`` naming ``folder`` for settings that
+    :func:`convert_wan` refuses."""
     from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # from_pretrained warns about the config once, later
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if k != REHYAT_CONFIG_KEY})
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if settings is not None:
+        try:
+            with torch.device("meta"):  # the feature maps too: no memory, no draw from the global RNG
+                convert_wan(model, **settings.conversion_kwargs())
+        except ValueError as e:
+            raise ValueError(f"{folder}: bad ReHyAt settings: {e}") from None
+    return set(model.state_dict())
+
+
+def _some(keys) -> str:
+    keys = sorted(keys)
+    return f"{len(keys)} key{'s' * (len(keys) != 1)}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+
+
+def _check_weight_keys(folder: Path, saved, expected, settings: ReHyAtConfig | None) -> None:
+    """Refuse weights whose keys are not exactly ``expected`` (diffusers' own ignorable keys aside), with one line
+    naming the folder and the keys; the message says which of feature maps and settings is missing."""
+    from diffusers import WanTransformer3DModel
+
+    ignorable = WanTransformer3DModel._keys_to_ignore_on_load_unexpected or []
+    saved = {k for k in saved if not any(re.search(p, k) for p in ignorable)}
+    missing, unexpected = expected - saved, saved - expected
+    if not missing and not unexpected:
+        return
+    features = sorted(k for k in unexpected if _is_processor_key(k))
+    if settings is None and features:
+        raise ValueError(
+            f"{folder} holds ReHyAt feature maps ({_some(features)}) but no ReHyAt settings (no {REHYAT_CONFIG_KEY!r} "
+            f"entry in config.json, no {REHYAT_CONFIG_NAME}): it would load as the plain teacher; put back the "
+            f"settings it was converted with (e.g. its {REHYAT_CONFIG_NAME})")
+    what = "a plain WanTransformer3DModel" if settings is None else f"its ReHyAt settings (blocks {settings.blocks})"
+    parts = [f"missing {_some(missing)}"] * bool(missing) + [f"unexpected {_some(unexpected)}"] * bool(unexpected)
+    hint = ""
+    if settings is not None and any(_is_processor_key(k) for k in missing) and not any(map(_is_processor_key, saved)):
+        hint = ("; the file has no feature maps: was a model loaded without rehyat (plain diffusers) saved here? "
+                "Load converted models with rehyat.load_transformer")
+    raise ValueError(f"the weights in {folder} do not match {what}: {'; '.join(parts)}{hint}")
+
+
+def _from_pretrained(folder: Path, torch_dtype, quiet: bool):
+    """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights.
+    ``quiet`` silences diffusers' warnings (for a ReHyAt folder: the "rehyat" config entry and the feature maps,
+    which diffusers does not know and :func:`load_transformer` handles)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
 
     from ..io import first_line
 
+    level = diffusers_logging.get_verbosity()
+    if quiet:
+        diffusers_logging.set_verbosity_error()
     try:
         return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
     except OSError as e:  # diffusers: "Unable to load weights from checkpoint file ...", "no file named ..."
         raise ValueError(f"cannot load the transformer weights in {folder}: {first_line(e)}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def read_wan_config(folder) -> tuple[Path, dict]:
@@ -718,57 +870,36 @@ def read_wan_config(folder) -> tuple[Path, dict]:
 
 
 def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=None):
-    """Load a Wan transformer folder: a ReHyAt one (with ``rehyat_config.json``) converted, else the plain teacher.
+    """Load a Wan transformer folder: a ReHyAt one converted (settings from :func:`read_rehyat_settings`), else the
+    plain teacher. Strict: every weight in the folder must be one of the model's and every weight of the model
+    must be in the folder, checked from the file headers before any weights load.
 
     Args:
-        folder: a ``WanTransformer3DModel`` folder written by ``save_pretrained`` (or :func:`save_rehyat`), or a
-            pipeline folder that holds one under ``transformer/``.
+        folder: a ``WanTransformer3DModel`` folder written by ``save_pretrained`` (a converted model's own, or
+            diffusers' ``WanPipeline.save_pretrained``, or :func:`save_rehyat`), or a pipeline folder that holds
+            one under ``transformer/``.
         torch_dtype: dtype of the loaded weights. Default ``None`` follows diffusers' ``from_pretrained``: float32,
             whatever dtype the folder was saved in; pass ``torch.bfloat16`` for a bfloat16 model (diffusers then
             keeps the modules it keeps in float32 there, as for the teacher).
         device: move the model there (default: CPU).
 
     Raises:
-        FileNotFoundError: the folder or its ``config.json`` is missing.
-        ValueError: ``config.json`` is not a ``WanTransformer3DModel`` config, ``rehyat_config.json`` is malformed,
-            the weights file cannot be read, or the weights do not match (each naming the file or folder).
+        FileNotFoundError: the folder, its ``config.json`` or its weights file is missing.
+        ValueError (one line, naming the file or folder): ``config.json`` is not a ``WanTransformer3DModel`` config;
+            malformed or disagreeing ReHyAt settings; an unreadable weights file; feature-map weights without
+            settings, settings without feature-map weights, or any other missing or unexpected weight key.
     """
-    from ..io import read_json_object
-
     folder, config = read_wan_config(folder)
-    rcfg_path = folder / REHYAT_CONFIG_NAME
-    if not rcfg_path.exists():
-        model = _from_pretrained(folder, torch_dtype)
-        return model.to(device) if device is not None else model
-    try:
-        rcfg = ReHyAtConfig.from_dict(read_json_object(rcfg_path))
-    except (TypeError, AttributeError, ValueError) as e:
-        msg = str(e) if str(rcfg_path) in str(e) else f"{rcfg_path}: {e}"
-        raise ValueError(msg) from None
+    settings = read_rehyat_settings(folder, config)
+    weight_map = _weight_map(folder)
+    _check_weight_keys(folder, set(weight_map), _expected_keys(folder, config, settings), settings)
     # The teacher's weights load through diffusers (dtype handling, fp32-kept modules); the feature maps, which
-    # diffusers does not know, are read from the same safetensors file afterwards.
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence "unexpected keys": they are the feature maps
-    try:
-        model = _from_pretrained(folder, torch_dtype)
-    finally:
-        diffusers_logging.set_verbosity(level)
-    convert_wan(
-        model, blocks=rcfg.blocks, chunk_frames=rcfg.chunk_frames, overlap_frames=rcfg.overlap_frames,
-        causal=rcfg.causal, stabilizer=rcfg.stabilizer, feature_map=rcfg.feature_map,
-        feature_map_kwargs=rcfg.feature_map_kwargs, feature_map_input=rcfg.feature_map_input,
-        softmax_blocks=rcfg.softmax_blocks, block_settings=rcfg.block_settings, linear_scale=rcfg.linear_scale,
-        teacher_attention=rcfg.teacher_attention,
-    )
-    expected = {k for k in model.state_dict() if ".attn1.processor." in k}
-    saved = {k: v for k, v in _state_dict_from_folder(folder).items() if ".attn1.processor." in k}
-    if set(saved) != expected:
-        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        raise ValueError(f"feature maps in {folder} do not match {REHYAT_CONFIG_NAME}: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    model.load_state_dict(saved, strict=False)
+    # diffusers does not know, are read from the same files afterwards.
+    model = _from_pretrained(folder, torch_dtype, quiet=settings is not None)
+    if settings is not None:
+        convert_wan(model, **settings.conversion_kwargs())
+        features = _read_weights(weight_map, [k for k in weight_map if _is_processor_key(k)])
+        model.load_state_dict(features, strict=False)
     model = model.to(device) if device is not None else model
     return model.eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import read_json_object
-from ..models.wan import read_wan_config
+from ..models.wan import read_rehyat_settings, read_wan_config
 
 __all__ = ["PIPELINE_CONFIG_NAME", "read_transformer_config", "read_pipeline_config", "default_scheduler", "load_scheduler",
            "load_text_encoder_from_folder"]
@@ -19,18 +19,21 @@ PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 
 
 def read_transformer_config(folder) -> dict:
-    """``config.json`` of a model folder's transformer (or of a transformer folder), checked to be a Wan one, plus
-    ``"rehyat"``: the folder's ``rehyat_config.json`` as a dict (``None`` for a plain teacher).
+    """``config.json`` of a model folder's transformer (or of a transformer folder), checked to be a Wan one, with
+    ``"rehyat"``: its ReHyAt settings as a dict (:meth:`~rehyat.models.ReHyAtConfig.to_dict`, read by
+    :func:`rehyat.models.wan.read_rehyat_settings` from ``config.json`` or ``rehyat_config.json``; ``None`` for a
+    plain teacher).
 
     Raises:
-        FileNotFoundError: the folder does not exist. ValueError: no Wan transformer config in it.
+        FileNotFoundError: the folder does not exist. ValueError: no Wan transformer config in it, or malformed or
+            disagreeing ReHyAt settings.
     """
     tdir, cfg = read_wan_config(folder)
+    settings = read_rehyat_settings(tdir, cfg)
     cfg["patch_size"] = list(cfg.get("patch_size", [1, 2, 2]))
     cfg.setdefault("out_channels", cfg.get("in_channels"))
-    rc = tdir / "rehyat_config.json"
     cfg.setdefault("in_channels", 16)  # diffusers' WanTransformer3DModel default
-    cfg["rehyat"] = read_json_object(rc) if rc.is_file() else None
+    cfg["rehyat"] = None if settings is None else settings.to_dict()
     return cfg
 
 

@@ -306,8 +306,10 @@ class ReHyAtVideoPipeline:
 
         ``text_embeddings``: a caption table (:class:`rehyat.training.data.TextEmbeddingTable` file) used instead
         of the folder's text encoder, for machines without its weights. The text encoder itself loads on first use.
-        Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, before
-        loading any weights."""
+        Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, or whose
+        transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`), before loading any
+        weights. A folder written by diffusers' ``WanPipeline.save_pretrained`` with a converted transformer loads
+        converted (the settings are in ``transformer/config.json``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"--model folder {folder} does not exist")

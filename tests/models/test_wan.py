@@ -172,3 +172,178 @@ class TestErrors:
     def test_not_wan(self):
         with pytest.raises(ValueError, match="WanTransformer3DModel"):
             convert_wan(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict loading: the conversion settings travel in config.json too; weights and settings must match
+# ----------------------------------------------------------------------------------------------------------------
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def _rewrite_weights(folder, sd):
+    from safetensors.torch import save_file
+
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def _strip_settings(folder):
+    """Remove every trace of the ReHyAt settings: rehyat_config.json and config.json's "rehyat" entry."""
+    (folder / "rehyat_config.json").unlink(missing_ok=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rehyat", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    model = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1,
+                        softmax_blocks="chunk_causal", block_settings={2: {"overlap_frames": 0}})
+    with torch.no_grad():  # feature maps that differ from their initialisation
+        for p in model.blocks[0].attn1.processor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+class TestStrictLoad:
+    """Weights and settings that do not belong together are refused, naming the folder and the keys."""
+
+    def test_feature_maps_without_settings(self, student, tmp_path):
+        save_rehyat(student, tmp_path / "m")
+        _strip_settings(tmp_path / "m")
+        with pytest.raises(ValueError) as e:
+            load_transformer(tmp_path / "m")
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "m") in msg and "blocks.0.attn1.processor.feature_map_" in msg
+
+    @pytest.mark.parametrize("where", ["rehyat_config.json", "config.json"])
+    def test_settings_without_feature_maps(self, teacher, student, tmp_path, where):
+        teacher.save_pretrained(tmp_path / "t")
+        settings = get_rehyat_config(student).to_dict()
+        if where == "rehyat_config.json":
+            (tmp_path / "t" / "rehyat_config.json").write_text(json.dumps(settings))
+        else:
+            cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+            (tmp_path / "t" / "config.json").write_text(json.dumps({**cfg, "rehyat": settings}))
+        with pytest.raises(ValueError) as e:
+            load_transformer(tmp_path / "t")
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "t") in msg and "blocks.0.attn1.processor.feature_map_" in msg
+
+    @pytest.mark.parametrize("converted, key", [
+        (True, "blocks.1.ffn.net.2.weight"), (False, "blocks.1.ffn.net.2.weight"),
+        (True, "blocks.0.attn1.processor.feature_map_k.w1"),
+    ])
+    def test_missing_key(self, teacher, student, tmp_path, converted, key):
+        # diffusers leaves a missing weight on the meta device, with a warning
+        if converted:
+            save_rehyat(student, tmp_path / "m")
+        else:
+            teacher.save_pretrained(tmp_path / "m")
+        sd = _weights(tmp_path / "m")
+        assert key in sd
+        del sd[key]
+        _rewrite_weights(tmp_path / "m", sd)
+        with pytest.raises(ValueError, match="missing") as e:
+            load_transformer(tmp_path / "m")
+        assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value) and key in str(e.value)
+
+    @pytest.mark.parametrize("converted", [True, False])
+    def test_unexpected_key(self, teacher, student, tmp_path, converted):
+        if converted:
+            save_rehyat(student, tmp_path / "m")
+        else:
+            teacher.save_pretrained(tmp_path / "m")
+        sd = _weights(tmp_path / "m")
+        sd["blocks.1.extra.weight"] = torch.zeros(3)
+        _rewrite_weights(tmp_path / "m", sd)
+        with pytest.raises(ValueError, match="unexpected") as e:
+            load_transformer(tmp_path / "m")
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "m") in msg and "blocks.1.extra.weight" in msg
+
+    def test_diffusers_ignored_keys_still_load(self, teacher, tmp_path):
+        # WanTransformer3DModel._keys_to_ignore_on_load_unexpected: some published Wan checkpoints carry these
+        teacher.save_pretrained(tmp_path / "t")
+        sd = _weights(tmp_path / "t")
+        sd["blocks.0.attn2.norm_added_q.weight"] = torch.ones(64)
+        _rewrite_weights(tmp_path / "t", sd)
+        _assert_same_weights(load_transformer(tmp_path / "t"), teacher)
+
+    def test_settings_disagree(self, student, tmp_path):
+        save_rehyat(student, tmp_path / "m")
+        path = tmp_path / "m" / "rehyat_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "overlap_frames": 4}))
+        with pytest.raises(ValueError, match="overlap_frames") as e:
+            load_transformer(tmp_path / "m")
+        assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)
+
+    def test_malformed_settings_in_config_json(self, student, tmp_path):
+        student.save_pretrained(tmp_path / "m")
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        cfg["rehyat"] = {**get_rehyat_config(student).to_dict(), "window": 3}
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="window") as e:
+            load_transformer(tmp_path / "m")
+        assert str(tmp_path / "m" / "config.json") in str(e.value)
+
+
+class TestDiffusersSave:
+    """A converted transformer saved by diffusers' own ``save_pretrained`` loads back converted."""
+
+    def test_save_pretrained_round_trip(self, student, tmp_path):
+        student.save_pretrained(tmp_path / "m")
+        assert not (tmp_path / "m" / "rehyat_config.json").exists()
+        loaded = load_transformer(tmp_path / "m")
+        assert get_rehyat_config(loaded).to_dict() == get_rehyat_config(student).to_dict()
+        _assert_same_weights(loaded, student)
+        x, t, e = inputs(frames=6)
+        torch.testing.assert_close(run(loaded, x, t, e), run(student, x, t, e), rtol=1e-5, atol=1e-5)
+
+    def test_save_rehyat_writes_both_and_they_agree(self, student, tmp_path):
+        save_rehyat(student, tmp_path / "m")
+        in_config = json.loads((tmp_path / "m" / "config.json").read_text())["rehyat"]
+        assert in_config == json.loads((tmp_path / "m" / "rehyat_config.json").read_text())
+        _assert_same_weights(load_transformer(tmp_path / "m"), student)
+
+    def test_plain_diffusers_load_gives_the_teacher(self, teacher, student, tmp_path):
+        # users without rehyat: diffusers ignores the "rehyat" entry and the feature maps (and warns)
+        from diffusers import WanTransformer3DModel
+
+        student.save_pretrained(tmp_path / "m")
+        plain = WanTransformer3DModel.from_pretrained(tmp_path / "m")
+        assert get_rehyat_config(plain) is None
+        _assert_same_weights(plain, teacher)
+
+    def test_converted_config_survives_copies_and_resave(self, student, tmp_path):
+        # deepcopy (training), save_rehyat after save_pretrained, load again: one set of settings throughout
+        again = copy.deepcopy(student)
+        assert again.config["rehyat"] == get_rehyat_config(student).to_dict()
+        again.save_pretrained(tmp_path / "a")
+        loaded = load_transformer(tmp_path / "a")
+        save_rehyat(loaded, tmp_path / "b")
+        _assert_same_weights(load_transformer(tmp_path / "b"), student)
+
+    def test_shipped_student_loads_bit_exact(self):
+        from rehyat.assets import DEFAULT_STUDENT
+
+        folder = DEFAULT_STUDENT / "transformer"
+        assert "rehyat" not in json.loads((folder / "config.json").read_text())  # settings only in rehyat_config.json
+        loaded = load_transformer(folder)
+        saved_cfg = json.loads((folder / "rehyat_config.json").read_text())
+        # the file's settings, and for the keys it predates what such a folder means (no linear scale)
+        assert get_rehyat_config(loaded).to_dict() == {**saved_cfg, "linear_scale": False,
+                                                       "teacher_attention": "bidirectional"}
+        sd, saved = loaded.state_dict(), _weights(folder)
+        assert sorted(sd) == sorted(saved)
+        for k, v in saved.items():
+            assert torch.equal(sd[k], v.to(sd[k].dtype)), k
