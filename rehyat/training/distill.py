@@ -34,6 +34,7 @@ from .common import (
     LOG_NAME,
     TRAIN_DIR,
     check_resume_config,
+    check_resume_steps,
     clear_run_outputs,
     default_geometry,
     feature_map_parameters,
@@ -360,7 +361,7 @@ def distill(
         device: torch device (default: cuda if available). precision: ``"auto"`` (teacher in bfloat16 on CUDA,
             float32 on the CPU), ``"bf16"`` or ``"fp32"``; the feature maps always train in float32.
         overwrite: replace the outputs of an earlier run in ``out``. resume: continue the run in ``out`` from
-            its checkpoint (same settings; ``steps`` may grow).
+            its checkpoint (same settings; ``steps`` may grow, not fall below the checkpoint's).
         progress: show progress bars. callback: called as ``callback(step, records)`` after every step.
 
     Returns:
@@ -369,8 +370,8 @@ def distill(
     Raises:
         ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
             range, a bad geometry or setting, data that does not fit the model, an existing ``out`` without
-            ``overwrite``/``resume``, a missing checkpoint for ``resume``, or settings that differ from the
-            checkpoint's; all before any model weights are loaded.
+            ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
+            checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
     """
     from ..models import convert_wan, get_rehyat_config
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
@@ -430,6 +431,7 @@ def distill(
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], settings)
+        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
     # ---------------------------------------------------------------- processes, prompts
     env = init_distributed(device)

@@ -44,6 +44,7 @@ from .common import (
     LOG_NAME,
     TRAIN_DIR,
     check_resume_config,
+    check_resume_steps,
     clear_run_outputs,
     default_geometry,
     latent_shape_for,
@@ -386,7 +387,8 @@ def finetune(
             and no teacher); a teacher of another architecture;
             latents or text embeddings that do not fit the model (channels, text width, sizes not divisible by
             the patch); a dataset folder without ``dataset.json``; an empty prompt file; bad numbers; an existing
-            ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's.
+            ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's; ``steps``
+            below the checkpoint's.
     """
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, \
         same_architecture, save_model_folder
@@ -470,6 +472,7 @@ def finetune(
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], settings)
+        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
     # ---------------------------------------------------------------- processes, data, models
     if deterministic:
