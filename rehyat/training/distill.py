@@ -45,6 +45,7 @@ from .common import (
     run_config,
 )
 from .distributed import DistEnv, average_gradients, init_distributed
+from .interrupt import GracefulStop
 from .progress import RunLog, truncate_log
 from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
 
@@ -513,24 +514,28 @@ def distill(
                  start_step=start, samples_per_step=samples_per_step, log_every=log_every, desc="distill",
                  progress=progress)
     history = []
+    stop = GracefulStop(env, save=checkpoint, path=ckpt_path, start=start, steps=steps, resumed=resume, flush=log.flush)
     t0 = time.perf_counter()
     try:
-        for step in range(start + 1, steps + 1):
-            rec = distiller.step()
-            history.append(rec)
-            rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
-            mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
-            worst = max(rec, key=lambda b: rec[b]["rel_error"])
-            log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
-                            "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
-                            "trajectory": traj.trajectory, "sampling_step": traj.step},
-                     postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
-            if callback is not None:
-                callback(step, rec)
-            if step % checkpoint_every == 0 or step == steps:
-                log.flush()
-                checkpoint(step)
-                log.reset_timer()
+        with stop:
+            for step in range(start + 1, steps + 1):
+                with stop.step(step):
+                    rec = distiller.step()
+                history.append(rec)
+                rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
+                mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
+                worst = max(rec, key=lambda b: rec[b]["rel_error"])
+                log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
+                                "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
+                                "trajectory": traj.trajectory, "sampling_step": traj.step},
+                         postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
+                if callback is not None:
+                    callback(step, rec)
+                if step % checkpoint_every == 0 or step == steps:
+                    log.flush()
+                    stop.save(step)
+                    log.reset_timer()
+                stop.check()
     finally:
         log.close()
     train_s = time.perf_counter() - t0
