@@ -38,12 +38,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     Attributes:
         done: optimizer steps done when it stopped. steps: the run's total ``steps``.
         checkpoint: the checkpoint ``--resume`` continues from, or ``None`` when the run has none.
-        saved_step: the step that checkpoint holds. in_step: it stopped inside step ``done + 1`` (not saved).
+        saved_step: the step that checkpoint holds. in_step: it stopped inside step ``done + 1`` (or, in several
+            processes, where they had not agreed to stop), a state that is not saved.
     """
 
     def __init__(self, done: int, steps: int, checkpoint: Path | None, saved_step: int | None,
                  in_step: bool = False) -> None:
-        self.done, self.steps, self.checkpoint, self.saved_step, self.in_step = done, steps, checkpoint, saved_step, in_step
+        self.done, self.steps, self.checkpoint, self.saved_step = done, steps, checkpoint, saved_step
+        self.in_step = in_step
         if checkpoint is not None and saved_step == done and not in_step:
             msg = (f"stopped by Ctrl-C after step {done} of {steps}; checkpoint saved in {checkpoint}: to continue, "
                    "run the same command with --resume")
@@ -93,7 +95,7 @@ class GracefulStop:
         if self.requested and not self.env.distributed:
             raise KeyboardInterrupt  # the second Ctrl-C: stop at once, without saving
         if not self.requested and self.env.is_main:
-            print(f"\nCtrl-C: finishing step {self.done + 1}, then saving a checkpoint"
+            print("\nCtrl-C: stopping after the step under way, with a checkpoint"
                   + ("" if self.env.distributed else " (Ctrl-C again to stop at once without saving)"),
                   file=sys.stderr, flush=True)
         self.requested = True
