@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from .commands._checks import USER_ERRORS
+
 # command name -> module under rehyat.commands
 COMMANDS = {
     "generate": "generate",
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, FloatingPointError) as e:
+    except USER_ERRORS as e:
         # Bad input (exit status 2), or a run whose output held NaN / Inf and was refused (FloatingPointError, e.g.
         # rehyat.pipelines.NonFiniteOutputError; exit status 1): one clear line, no traceback (set REHYAT_DEBUG=1
         # to see it).

@@ -45,6 +45,20 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
+def replace_atomically(path, write) -> Path:
+    """Write a file through ``write(tmp)`` to its :func:`partial_path`, then move it to ``path`` (``os.replace``), so
+    ``path`` is either the old file or the complete new one; the temporary file is deleted when ``write`` fails."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 class VideoWriter:
     """Append ``[f, H, W, 3]`` uint8 frames to an MP4 (H.264 via imageio-ffmpeg) as they are produced.
 

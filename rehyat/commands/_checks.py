@@ -43,3 +43,8 @@ def check_output_folder(out, *, overwrite: bool, command: str, outputs: str | No
         raise FileExistsError(f"{arg}: {out} holds files that `rehyat {command}` does not write "
                               f"(e.g. {other[0].name}); --overwrite only replaces an earlier run's outputs: move them or choose another {arg}")
     return ours
+
+
+#: errors a command reports as one line without a traceback: bad input (exit status 2) and output refused for
+#: holding NaN / Inf (FloatingPointError, e.g. rehyat.pipelines.NonFiniteOutputError; exit status 1)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, FloatingPointError)

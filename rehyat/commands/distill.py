@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 HELP = "distil a teacher's attention into ReHyAt feature maps along its own sampling trajectories"
@@ -38,21 +40,24 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training import distill
+    from ..training import TrainingInterrupted, distill
     from ..training.cli_args import conversion_kwargs
 
-    res = distill(
-        args.model, args.out, prompts=args.prompts, data=args.data, text_embeddings=args.text_embeddings,
-        blocks=args.blocks, **conversion_kwargs(args), frames=args.frames, height=args.height, width=args.width,
-        sampling_steps=args.sampling_steps, guidance=args.guidance, steps=args.steps, lr=args.lr,
-        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size,
-        rank_steps=args.rank_steps, eval_trajectories=args.eval_trajectories, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, mass_every=args.mass_every,
-        device=args.device,
-        precision=args.precision, overwrite=args.overwrite, resume=args.resume, progress=args.progress,
-    )
-    import os
-
+    try:
+        res = distill(
+            args.model, args.out, prompts=args.prompts, data=args.data, text_embeddings=args.text_embeddings,
+            blocks=args.blocks, **conversion_kwargs(args), frames=args.frames, height=args.height, width=args.width,
+            sampling_steps=args.sampling_steps, guidance=args.guidance, steps=args.steps, lr=args.lr,
+            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size,
+            rank_steps=args.rank_steps, eval_trajectories=args.eval_trajectories, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, mass_every=args.mass_every,
+            device=args.device,
+            precision=args.precision, overwrite=args.overwrite, resume=args.resume, progress=args.progress,
+        )
+    except TrainingInterrupted as e:  # Ctrl-C: the message says where the checkpoint is and how to resume
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"rehyat distill: {e}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(res.report)
         print(f"wrote {res.out} (student model folder), {res.out / 'distill_report.json'}")

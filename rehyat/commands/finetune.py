@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 HELP = "flow-matching fine-tuning (full or LoRA, optional teacher-velocity loss) or training from scratch"
@@ -61,25 +63,28 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training import finetune
+    from ..training import TrainingInterrupted, finetune
 
-    res = finetune(
-        args.out, model=args.model, config=args.config, data=args.data, teacher=args.teacher,
-        teacher_weight=args.teacher_weight, prompts=args.prompts, text_embeddings=args.text_embeddings,
-        frames=args.frames, height=args.height, width=args.width, sampling_steps=args.sampling_steps,
-        guidance=args.guidance, components_from=args.components_from, steps=args.steps, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        timestep_sampling=args.timestep_sampling, flow_shift=args.flow_shift, text_dropout=args.text_dropout,
-        seed=args.seed, init_seed=args.init_seed, chunk_causal=args.chunk_causal, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, deterministic=args.deterministic,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, eval_batches=args.eval_batches, data_device=args.data_device, device=args.device,
-        overwrite=args.overwrite, resume=args.resume, progress=args.progress,
-    )
-    import os
-
+    try:
+        res = finetune(
+            args.out, model=args.model, config=args.config, data=args.data, teacher=args.teacher,
+            teacher_weight=args.teacher_weight, prompts=args.prompts, text_embeddings=args.text_embeddings,
+            frames=args.frames, height=args.height, width=args.width, sampling_steps=args.sampling_steps,
+            guidance=args.guidance, components_from=args.components_from, steps=args.steps, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
+            max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            timestep_sampling=args.timestep_sampling, flow_shift=args.flow_shift, text_dropout=args.text_dropout,
+            seed=args.seed, init_seed=args.init_seed, chunk_causal=args.chunk_causal, precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, deterministic=args.deterministic,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every, eval_batches=args.eval_batches, data_device=args.data_device, device=args.device,
+            overwrite=args.overwrite, resume=args.resume, progress=args.progress,
+        )
+    except TrainingInterrupted as e:  # Ctrl-C: the message says where the checkpoint is and how to resume
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"rehyat finetune: {e}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         r = res.report
         if res.eval_before is not None:

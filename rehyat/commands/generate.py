@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from ..io import first_line
+from ._checks import USER_ERRORS
+from ._video_names import vbench_name  # noqa: F401  (the file names of --prompt-file; kept importable here)
 
 HELP = "generate a video from a text prompt (parallel, recurrent or streaming)"
 
@@ -26,7 +31,9 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompt-file", type=Path,
                      help="one prompt per line; writes '<prompt>-<i>.mp4' per prompt and seed into --out (a folder), "
-                          "the file names VBench's standard mode reads")
+                          "the file names VBench's standard mode reads ('/' becomes a space; a prompt too long for a "
+                          "255-byte file name gets '<prompt cut>~<hash>-<i>.mp4'), and prompts.jsonl, each file's "
+                          "full prompt and seed. A failing video does not stop the others: a summary at the end")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
     p.add_argument("--height", type=int, default=None,
@@ -48,7 +55,9 @@ def add_parser(sub) -> None:
                         "chunk: 1.39x of the compiled teacher, against 1.01x with the step eager)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .mp4 (a folder with --prompt-file, created if missing)")
-    p.add_argument("--save-latents", type=Path, default=None, help="also save the final latents (torch .pt)")
+    p.add_argument("--save-latents", type=Path, default=None,
+                   help="also save the final latents (torch .pt), written before the video is decoded: a failed "
+                        "decode keeps them")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--text-embeddings", type=Path, default=None,
                    help="caption-embedding table used instead of the model's text encoder")
@@ -56,11 +65,6 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.set_defaults(run=run)
-
-
-def vbench_name(prompt: str, index: int) -> str:
-    """VBench standard-mode file name: the prompt itself, then ``-<index>.mp4`` ('/' is not allowed in names)."""
-    return f"{prompt.replace('/', ' ')}-{index}.mp4"
 
 
 def check_device(device: str | None) -> str:
@@ -103,6 +107,34 @@ def check_video_output(model, channels: int, arg: str = "--model") -> None:
                          "pixels: writing a video needs the VAE (add the model's vae/ folder)")
 
 
+def _prompt_file_jobs(args) -> list[tuple[str, int, Path]]:
+    """``(prompt, seed, path)`` of every video of ``--prompt-file``, named by :mod:`._video_names` and checked before
+    any work: ValueError / FileExistsError for no prompt, a prompt on two lines, ``--out`` a file, a foreign
+    ``prompts.jsonl`` in ``--out``, or an existing video without ``--overwrite``."""
+    from ..io import check_output_file
+    from ._video_names import plan_names, read_index
+
+    try:
+        text = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text, 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file, expected a folder with --prompt-file")
+    names = plan_names(lines, args.videos_per_prompt, arg=f"--prompt-file {args.prompt_file}")
+    if args.out.is_dir():  # else run() creates it
+        read_index(args.out)
+    jobs = []
+    for _, prompt in lines:
+        for i, name in enumerate(names[prompt]):
+            if args.out.is_dir():
+                check_output_file(args.out / name, overwrite=args.overwrite)
+            jobs.append((prompt, args.seed + i, args.out / name))
+    return jobs
+
+
 def _resolve(args):
     """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings).
 
@@ -137,17 +169,7 @@ def _resolve(args):
     else:
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist")
-        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt")
-        if args.out.exists() and not args.out.is_dir():
-            raise FileExistsError(f"--out {args.out} is a file, expected a folder with --prompt-file")
-        for prompt in prompts:
-            for i in range(args.videos_per_prompt):
-                path = args.out / vbench_name(prompt, i)
-                if args.out.is_dir():  # else run() creates it
-                    check_output_file(path, overwrite=args.overwrite)
-                jobs.append((prompt, args.seed + i, path))
+        jobs = _prompt_file_jobs(args)
     if args.save_latents is not None:
         if len(jobs) != 1:
             raise ValueError("--save-latents works with a single --prompt")
@@ -185,7 +207,6 @@ def _resolve(args):
 def run(args) -> int:
     import torch
 
-    from ..io import VideoWriter
     from ..pipelines import ReHyAtVideoPipeline
 
     model, jobs, device, g = _resolve(args)
@@ -212,21 +233,74 @@ def run(args) -> int:
           "the model folder, else Wan2.1's)",
           file=sys.stderr)
     if args.prompt_file is not None:
+        from ._video_names import write_index
+
         args.out.mkdir(parents=True, exist_ok=True)
+        write_index(args.out, [{"file": out.name, "prompt": prompt, "seed": seed} for prompt, seed, out in jobs])
+    failed = []
     for prompt, seed, out in jobs:
-        writer = VideoWriter(out, fps=pipe.fps)
         try:
-            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"],
-                       width=g["width"], num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed,
-                       mode=mode, on_frames=writer.append, keep_video=False)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+            _generate_one(pipe, args, g, mode, prompt, seed, out)
+        except Exception as e:  # one failing video does not stop the others; REHYAT_DEBUG=1 shows the traceback
+            if os.environ.get("REHYAT_DEBUG"):
+                raise
+            failed.append((out.name, e))
+            if len(jobs) > 1:
+                print(f"failed: {_failure(out.name, e)}", file=sys.stderr, flush=True)
+    return _summary(args, len(jobs), failed)
+
+
+def _generate_one(pipe, args, g, mode, prompt, seed, out) -> None:
+    """Generate one video into ``out`` (atomically). With ``--save-latents`` the latents are written (atomically)
+    before they are decoded, so a failed decode keeps them."""
+    import time
+
+    import torch
+
+    from ..io import VideoWriter, replace_atomically
+
+    kw = dict(negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"], width=g["width"],
+              num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed, mode=mode, keep_video=False)
+    writer = VideoWriter(out, fps=pipe.fps)
+    try:
+        if args.save_latents is None:
+            res = pipe(prompt, on_frames=writer.append, **kw)
+        else:
+            res = pipe(prompt, output_type="latent", **kw)
         if mode != "streaming" and not sys.stderr.isatty():
             print(file=sys.stderr, flush=True)  # the closed denoising bar ends its line with "\r", not a newline
-        print(f"wrote {out} ({writer.frames} frames, {res.seconds:.1f} s, mode {mode})", flush=True)
+        seconds = res.seconds
         if args.save_latents is not None:
-            torch.save(res.latents, args.save_latents)
-            print(f"wrote {args.save_latents}")
-    return 0
+            replace_atomically(args.save_latents, lambda tmp: torch.save(res.latents.cpu(), tmp))
+            print(f"wrote {args.save_latents}", flush=True)
+            t0 = time.perf_counter()
+            pipe.decode_latents(res.latents, on_frames=writer.append, keep_video=False)
+            seconds += time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    print(f"wrote {out} ({writer.frames} frames, {seconds:.1f} s, mode {mode})", flush=True)
+
+
+def _failure(name: str, e: BaseException) -> str:
+    return f"{name}: {type(e).__name__}: {first_line(e)}"
+
+
+def _summary(args, total: int, failed: list[tuple[str, BaseException]]) -> int:
+    """Print what a run wrote and, one line each, which videos failed and why; the exit code (1 if any failed).
+    A single video's failure is the error itself, as for any other error of the command."""
+    if args.prompt_file is None:
+        if failed:
+            name, e = failed[0]
+            print(f"rehyat generate: error: {first_line(e) if isinstance(e, USER_ERRORS) else _failure(name, e)}",
+                  file=sys.stderr)
+        return 1 if failed else 0
+    done = f"wrote {total - len(failed)} of {total} videos into {args.out} (prompts in {args.out / 'prompts.jsonl'})"
+    if not failed:
+        print(done)
+        return 0
+    print(f"rehyat generate: {done}; {len(failed)} failed:", file=sys.stderr)
+    for name, e in failed:
+        print(f"  {_failure(name, e)}", file=sys.stderr)
+    return 1

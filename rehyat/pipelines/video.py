@@ -408,6 +408,38 @@ class ReHyAtVideoPipeline:
         emb, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, max_length=self.max_sequence_length)
         return emb.to(self.device, self.transformer.dtype)
 
+    # ------------------------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, on_frames: Callable[[np.ndarray], None] | None = None,
+                       keep_video: bool = True, block_frames: int = 1) -> np.ndarray | None:
+        """The video of final latents (:attr:`GenerationOutput.latents` of ``output_type="latent"``): ``[F, H, W, 3]``
+        uint8 frames of the first batch entry, as ``__call__`` decodes them.
+
+        Args:
+            latents: ``[B, C, F_lat, H_lat, W_lat]`` float, on any device (moved block by block to the model's).
+            on_frames: called with each decoded ``[f, H, W, 3]`` uint8 block as soon as it is ready.
+            keep_video: also return the frames (``False``: returns ``None``, memory constant in the length).
+            block_frames: latent frames decoded at a time (the causal VAE's cache carries the earlier ones).
+
+        Raises:
+            ValueError: ``latents`` is not 5-dimensional, or ``block_frames`` < 1.
+        """
+        if latents.dim() != 5 or block_frames < 1:
+            raise ValueError(f"latents must be [B, C, F, H, W] and block_frames >= 1, got {tuple(latents.shape)} and "
+                             f"{block_frames}")
+        decoder = StreamingDecoder(self.vae)
+        blocks = []
+        try:
+            for f0 in range(0, latents.shape[2], block_frames):
+                frames = to_uint8_frames(decoder(latents[:, :, f0 : f0 + block_frames].to(self.device).float()))
+                if keep_video:
+                    blocks.append(frames)
+                if on_frames is not None:
+                    on_frames(frames)
+        finally:
+            decoder.close()
+        return np.concatenate(blocks, axis=0) if blocks else None
+
     # ------------------------------------------------------------------------------------------------ sampling
     def _velocity(self, latents, t, embeds, guidance_scale, forward):
         """One guided model evaluation: the batch is [uncond; cond] when guidance is on."""

@@ -9,7 +9,8 @@
 * data: the latent dataset format and its builder, :func:`prepare_dataset` (``rehyat prepare-data``),
   :class:`TextEmbeddingTable`;
 * infrastructure: atomic checkpoints with exact resume (:mod:`.checkpoint`), data parallelism under ``torchrun``
-  (:mod:`.distributed`), progress bars and JSONL logs (:mod:`.progress`).
+  (:mod:`.distributed`), progress bars and JSONL logs (:mod:`.progress`), Ctrl-C saving a resumable checkpoint
+  (:mod:`.interrupt`, :class:`TrainingInterrupted`).
 
 Importing this package is light; diffusers is imported when a function needs it.
 """
@@ -38,6 +39,7 @@ from .finetune import (
     merge_lora,
     sample_noise_levels,
 )
+from .interrupt import TrainingInterrupted
 from .selection import (
     Selection,
     attention_flops,
@@ -56,5 +58,5 @@ __all__ = [
     "encode_text_table", "evaluate_blocks", "evaluate_flow_matching", "finetune", "flow_matching_inputs",
     "init_distributed", "load_checkpoint", "load_dataset", "merge_lora", "parse_candidates", "prepare_dataset",
     "prepare_for_distillation", "read_dataset_info", "resolve_prompt_pool", "sample_noise_levels",
-    "save_checkpoint", "select_blocks_budget", "solve_mckp",
+    "save_checkpoint", "select_blocks_budget", "solve_mckp", "TrainingInterrupted",
 ]

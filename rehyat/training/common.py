@@ -14,6 +14,7 @@ __all__ = [
     "LOG_NAME",
     "prepare_run_folder",
     "check_resume_config",
+    "check_resume_steps",
     "latent_shape_for",
     "parse_blocks",
     "resolve_dtype",
@@ -86,6 +87,14 @@ def check_resume_config(saved: dict, now: dict, *, may_differ=("steps", "checkpo
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
         raise ValueError(f"--resume with other settings than the checkpoint's run ({detail}); "
                          "start a new run or pass the same settings")
+
+
+def check_resume_steps(done: int, steps: int, checkpoint) -> None:
+    """``--resume`` with ``steps`` below the ``done`` steps of the checkpoint at ``checkpoint``: the outputs would
+    hold ``done`` steps' weights under a report of ``steps``. Raises ValueError naming both numbers."""
+    if steps < done:
+        raise ValueError(f"--resume: {checkpoint} has {done} steps done, more than --steps {steps}; pass --steps "
+                         f"{done} or more (the total, not the steps to add)")
 
 
 def latent_shape_for(model, frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -34,6 +34,7 @@ from .common import (
     LOG_NAME,
     TRAIN_DIR,
     check_resume_config,
+    check_resume_steps,
     clear_run_outputs,
     default_geometry,
     feature_map_parameters,
@@ -44,6 +45,7 @@ from .common import (
     run_config,
 )
 from .distributed import DistEnv, average_gradients, init_distributed
+from .interrupt import GracefulStop
 from .progress import RunLog, truncate_log
 from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
 
@@ -452,7 +454,7 @@ def distill(
         device: torch device (default: cuda if available). precision: ``"auto"`` (teacher in bfloat16 on CUDA,
             float32 on the CPU), ``"bf16"`` or ``"fp32"``; the feature maps always train in float32.
         overwrite: replace the outputs of an earlier run in ``out``. resume: continue the run in ``out`` from
-            its checkpoint (same settings; ``steps`` may grow).
+            its checkpoint (same settings; ``steps`` may grow, not fall below the checkpoint's).
         progress: show progress bars. callback: called as ``callback(step, records)`` after every step.
 
     Returns:
@@ -461,8 +463,8 @@ def distill(
     Raises:
         ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
             range, a bad geometry or setting, data that does not fit the model, an existing ``out`` without
-            ``overwrite``/``resume``, a missing checkpoint for ``resume``, or settings that differ from the
-            checkpoint's; all before any model weights are loaded.
+            ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
+            checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
     """
     from ..models import convert_wan, get_rehyat_config
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
@@ -527,6 +529,7 @@ def distill(
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], settings)
+        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
     # ---------------------------------------------------------------- processes, prompts
     env = init_distributed(device)
@@ -613,24 +616,28 @@ def distill(
                  start_step=start, samples_per_step=samples_per_step, log_every=log_every, desc="distill",
                  progress=progress)
     history = []
+    stop = GracefulStop(env, save=checkpoint, path=ckpt_path, start=start, steps=steps, resumed=resume, flush=log.flush)
     t0 = time.perf_counter()
     try:
-        for step in range(start + 1, steps + 1):
-            rec = distiller.step()
-            history.append(rec)
-            rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
-            mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
-            worst = max(rec, key=lambda b: rec[b]["rel_error"])
-            log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
-                            "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
-                            "trajectory": traj.trajectory, "sampling_step": traj.step, **_mass_log(rec)},
-                     postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
-            if callback is not None:
-                callback(step, rec)
-            if step % checkpoint_every == 0 or step == steps:
-                log.flush()
-                checkpoint(step)
-                log.reset_timer()
+        with stop:
+            for step in range(start + 1, steps + 1):
+                with stop.step(step):
+                    rec = distiller.step()
+                history.append(rec)
+                rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
+                mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
+                worst = max(rec, key=lambda b: rec[b]["rel_error"])
+                log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
+                                "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
+                                "trajectory": traj.trajectory, "sampling_step": traj.step, **_mass_log(rec)},
+                         postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
+                if callback is not None:
+                    callback(step, rec)
+                if step % checkpoint_every == 0 or step == steps:
+                    log.flush()
+                    stop.save(step)
+                    log.reset_timer()
+                stop.check()
     finally:
         log.close()
     train_s = time.perf_counter() - t0

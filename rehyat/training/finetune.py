@@ -44,6 +44,7 @@ from .common import (
     LOG_NAME,
     TRAIN_DIR,
     check_resume_config,
+    check_resume_steps,
     clear_run_outputs,
     default_geometry,
     latent_shape_for,
@@ -53,6 +54,7 @@ from .common import (
     set_deterministic,
 )
 from .distributed import DistEnv, init_distributed, local_slice
+from .interrupt import GracefulStop
 from .progress import peak_memory_gib
 
 __all__ = [
@@ -391,7 +393,8 @@ def finetune(
             and no teacher); a teacher of another architecture;
             latents or text embeddings that do not fit the model (channels, text width, sizes not divisible by
             the patch); a dataset folder without ``dataset.json``; an empty prompt file; bad numbers; an existing
-            ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's.
+            ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's; ``steps``
+            below the checkpoint's.
     """
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, \
         same_architecture, save_model_folder
@@ -478,6 +481,7 @@ def finetune(
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], settings)
+        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
     # ---------------------------------------------------------------- processes, data, models
     if deterministic:
@@ -676,23 +680,27 @@ def finetune(
                   f"{'bf16 autocast' if autocast_dtype else 'fp32'}"
                   + (f", data on {dataset.latents.device if dataset.in_memory else 'disk'}" if dataset is not None else ""))
     losses: list[torch.Tensor] = []
+    stop = GracefulStop(env, save=checkpoint, path=ckpt_path, start=start, steps=steps, resumed=resume, flush=log.flush)
     t0 = time.perf_counter()
     try:
-        for step in range(start + 1, steps + 1):
-            rec = train_step(step)
-            if env.distributed:  # the global batch's losses (one all-reduce, no host sync)
-                keys = [k for k in ("loss", "fm_loss", "teacher_loss") if k in rec]
-                vals = env.all_reduce_mean(torch.stack([torch.as_tensor(rec[k], device=dev).float() for k in keys]))
-                rec.update(zip(keys, vals.unbind()))
-            rec["lr"] = lr_sched.get_last_lr()[0]
-            losses.append(rec["loss"])
-            log.step(step, rec)
-            if callback is not None:
-                callback(step, float(rec["loss"]))
-            if step % checkpoint_every == 0 or step == steps:
-                log.flush()
-                checkpoint(step)
-                log.reset_timer()
+        with stop:
+            for step in range(start + 1, steps + 1):
+                with stop.step(step):
+                    rec = train_step(step)
+                if env.distributed:  # the global batch's losses (one all-reduce, no host sync)
+                    keys = [k for k in ("loss", "fm_loss", "teacher_loss") if k in rec]
+                    vals = env.all_reduce_mean(torch.stack([torch.as_tensor(rec[k], device=dev).float() for k in keys]))
+                    rec.update(zip(keys, vals.unbind()))
+                rec["lr"] = lr_sched.get_last_lr()[0]
+                losses.append(rec["loss"])
+                log.step(step, rec)
+                if callback is not None:
+                    callback(step, float(rec["loss"]))
+                if step % checkpoint_every == 0 or step == steps:
+                    log.flush()
+                    stop.save(step)
+                    log.reset_timer()
+                stop.check()
     finally:
         log.close()
     train_s = time.perf_counter() - t0

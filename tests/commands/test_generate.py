@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,7 +57,13 @@ def test_prompt_file_vbench_names(model, tmp_path):
     outdir.mkdir()
     assert gen(model, outdir, "--prompt-file", str(pf), "--videos-per-prompt", "2") == 0
     names = sorted(p.name for p in outdir.iterdir())
-    assert names == ["a green square-0.mp4", "a green square-1.mp4", "a red circle-0.mp4", "a red circle-1.mp4"]
+    assert names == ["a green square-0.mp4", "a green square-1.mp4", "a red circle-0.mp4", "a red circle-1.mp4",
+                     "prompts.jsonl"]
+    index = [json.loads(line) for line in (outdir / "prompts.jsonl").read_text().splitlines()]
+    assert index == [{"file": "a red circle-0.mp4", "prompt": "a red circle", "seed": 0},
+                     {"file": "a red circle-1.mp4", "prompt": "a red circle", "seed": 1},
+                     {"file": "a green square-0.mp4", "prompt": "a green square", "seed": 0},
+                     {"file": "a green square-1.mp4", "prompt": "a green square", "seed": 1}]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +211,7 @@ def test_prompt_file_creates_out_folder(model, tmp_path, capsys):
     pf.write_text("a red circle\n")
     outdir = tmp_path / "new" / "videos"
     assert gen(model, outdir, "--prompt-file", str(pf)) == 0
-    assert [p.name for p in outdir.iterdir()] == ["a red circle-0.mp4"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["a red circle-0.mp4", "prompts.jsonl"]
     afile = tmp_path / "afile"
     afile.write_text("user data")
     assert gen(model, afile, "--prompt-file", str(pf)) == 2

@@ -1,4 +1,5 @@
-"""Data parallelism: 2 processes (torchrun, gloo, CPU) give the run 1 process gives with the same global batch."""
+"""Data parallelism: 2 processes (torchrun, gloo, CPU) give the run 1 process gives with the same global batch, and
+agree on where to stop at Ctrl-C."""
 
 from __future__ import annotations
 
@@ -72,3 +73,13 @@ def test_two_processes_equal_one(pixel_student, pixel_dataset, teacher, prompts,
     rep = json.loads((tmp_path / "two" / "distill" / "distill_report.json").read_text())
     assert rep["world_size"] == 2
     _close({str(b): v for b, v in di.after.items()}, {b: v["after"] for b, v in rep["blocks"].items()})
+
+    # Ctrl-C reaching one process only: both stop after the same step, saved, and resume to the uninterrupted run
+    for rank in (0, 1):
+        stopped = json.loads((tmp_path / "two" / f"ft_ctrl_c_rank{rank}.json").read_text())
+        assert stopped == {"done": 2, "saved_step": 2, "in_step": False}, (rank, stopped)
+    two, resumed = tmp_path / "two" / "ft", tmp_path / "two" / "ft_ctrl_c"
+    assert _log(two) == _log(resumed)
+    w1 = load_file(two / "transformer" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

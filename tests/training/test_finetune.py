@@ -81,10 +81,10 @@ def test_resume_equals_uninterrupted_with_data(pixel_student, pixel_dataset, tmp
     finetune(tmp_path / "a", **kw)
 
     def kill(step, loss):
-        if step == 5:  # after step 5; the last checkpoint is step 4
-            raise KeyboardInterrupt
+        if step == 5:  # killed after step 5 (not Ctrl-C, which saves step 5); the last checkpoint is step 4
+            raise RuntimeError("killed")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="killed"):
         finetune(tmp_path / "b", callback=kill, **kw)
     assert len(_log(tmp_path / "b")) >= 4
     finetune(tmp_path / "b", resume=True, **kw)
@@ -99,10 +99,10 @@ def test_resume_mid_trajectory_equals_uninterrupted(pixel_teacher, pixel_student
     finetune(tmp_path / "a", **kw)
 
     def kill(step, loss):
-        if step == 4:
-            raise KeyboardInterrupt
+        if step == 4:  # killed (not Ctrl-C, which saves step 4); the last checkpoint is step 3
+            raise RuntimeError("killed")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="killed"):
         finetune(tmp_path / "b", callback=kill, **kw)
     finetune(tmp_path / "b", resume=True, **kw)
     assert _log(tmp_path / "a") == _log(tmp_path / "b")
