@@ -4,7 +4,8 @@ Writes into ``--out``:
 
 * ``rehyat_<N>x.mp4``: a video ``--length`` times the training length from the ReHyAt student, in streaming mode
   (each chunk fully denoised and written before the next; memory constant in the length);
-* ``side_by_side.mp4``: teacher (left) and ReHyAt (right) at the training length, same prompt and noise;
+* ``side_by_side.mp4``: teacher (left) and ReHyAt student (right), labelled, at the training length, same prompt
+  and noise;
 * ``time_memory.png``: time and peak memory of one denoising step against video length, teacher vs ReHyAt;
 * ``report.md`` / ``report.json``: the evaluation table (world ground-truth checks, PSNR/SSIM vs teacher,
   per-block attention error) and the time/memory table.
@@ -28,6 +29,7 @@ EMBEDDED_NOTE = (
     "(TRAINING.md, 16 videos of 64 frames: colour in 0.66 of the frames, the teacher's 0.30). What the demo shows is "
     "the mechanics (a long video streamed chunk by chunk, the student measured against its teacher, the cost of a "
     "denoising step against length), not video quality.")
+SWEEP_REPEATS = 3  # timed steps per point of the time/memory plot (their median): one sample misleads on a busy CPU
 HELP = "run the main job on the embedded models: long streamed video, side-by-side, evaluation report and plot"
 
 
@@ -56,11 +58,20 @@ def add_parser(sub) -> None:
 OUTPUTS = r"rehyat_\d+x\.mp4|side_by_side\.mp4|time_memory\.png|report\.md|report\.json"
 
 
-def _hstack(a, b):
+def side_by_side(teacher, student, labels=("teacher", "student")):
+    """``[F, H, W, 3]`` uint8 videos side by side, 2 white pixels apart, each under a white band with its label
+    (black, PIL's default bitmap font). Returns ``[F, 12 + H, 2 W + 2, 3]`` uint8 (height and width kept even)."""
     import numpy as np
+    from PIL import Image, ImageDraw
 
-    gap = np.full((a.shape[0], a.shape[1], 2, 3), 255, dtype=np.uint8)
-    return np.concatenate([a, gap, b], axis=2)
+    f, h, w, _ = teacher.shape
+    band = Image.new("RGB", (2 * w + 2, 12), "white")
+    draw = ImageDraw.Draw(band)
+    for i, label in enumerate(labels):
+        draw.text((i * (w + 2) + 1, 0), label, fill="black")
+    gap = np.full((f, h, 2, 3), 255, dtype=np.uint8)
+    body = np.concatenate([teacher, gap, student], axis=2)
+    return np.concatenate([np.broadcast_to(np.asarray(band), (f, *np.asarray(band).shape)), body], axis=1)
 
 
 def run(args) -> int:
@@ -70,7 +81,7 @@ def run(args) -> int:
     import torch
 
     from ..assets import default_model
-    from ..evaluation import attention_errors, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep_isolated
+    from ..evaluation import block_diagnostics, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep_isolated
     from ..evaluation.metrics import video_similarity
     from ..io import VideoWriter, check_output_file, write_video
     from ..pipelines import ReHyAtVideoPipeline
@@ -139,7 +150,7 @@ def run(args) -> int:
             pair_rows[name].append((r.seconds, check_video(r.video, p)))
         sims.append(video_similarity(runs["rehyat"], runs["teacher"]))
         if i == 0:
-            write_video(names["side"], _hstack(runs["teacher"], runs["rehyat"]), fps=student.fps)
+            write_video(names["side"], side_by_side(runs["teacher"], runs["rehyat"]), fps=student.fps)
     rows = []
     for name, mode in (("teacher", "parallel"), ("rehyat", "streaming")):
         rs = pair_rows[name]
@@ -152,16 +163,17 @@ def run(args) -> int:
     rows.append(long_row)
 
     # 3. attention error per converted block
-    print("[3/4] per-block attention error", flush=True)
-    att = attention_errors(student, student.encode_prompt([prompt]), frames, height, width)
-    result = {"rows": rows, "attention": {str(b): e for b, e in att.items()}}
+    print("[3/4] per-block attention error and attention mass", flush=True)
+    att = block_diagnostics(student, student.encode_prompt([prompt]), frames, height, width)
+    result = {"rows": rows, "attention": {str(b): d for b, d in att.items()}}
 
     # 4. time and memory against length
     lengths = [scale_length(frames, m, student.temporal_factor) for m in sweep]
     print(f"[4/4] one denoising step at {lengths} frames, teacher vs ReHyAt", flush=True)
     sweep_rows = time_memory_sweep_isolated(
         {"teacher (softmax)": (teacher_dir, "parallel"), "ReHyAt (recurrent)": (student_dir, "recurrent")},
-        lengths, height, width, threads=torch.get_num_threads(), progress=lambda m: print("   ", m, flush=True))
+        lengths, height, width, threads=torch.get_num_threads(), repeats=SWEEP_REPEATS,
+        progress=lambda m: print("   ", m, flush=True))
     plot_sweep(sweep_rows, names["plot"], title="one denoising step with CFG, CPU (one fresh process per point)")
 
     md = [
@@ -170,13 +182,14 @@ def run(args) -> int:
         f"{steps} steps, guidance {guidance}, seed {args.seed}. Training length: {frames} frames of {height}x{width}.", "",
         f"- `{names['long'].name}`: {long_frames} frames streamed by ReHyAt ({args.length}x the training length), "
         f"prompt: *{prompt}*",
-        f"- `{names['side'].name}`: teacher (left) and ReHyAt (right), {frames} frames, same prompt and noise", "",
+        f"- `{names['side'].name}`: teacher (left) and ReHyAt student (right), labelled, {frames} frames, same "
+        "prompt and noise", "",
         "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
         results_markdown(result), "",
         *([EMBEDDED_NOTE, ""] if embedded else []),
         "## Time and peak memory of one denoising step against video length", "",
-        "Each point runs in a fresh process (loaded model, warmed up on the shortest length); peak memory is the "
-        "growth of the resident set during the step.", "",
+        "Each point runs in a fresh process (loaded model, warmed up on the shortest length) and is the median of "
+        f"{SWEEP_REPEATS} timed steps; peak memory is the growth of the resident set during a step (median too).", "",
         sweep_markdown(sweep_rows), "", f"![time and memory]({names['plot'].name})", "",
         f"Total demo time: {time.perf_counter() - t_start:.0f} s.",
     ]

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     g.add_argument("--mass-every", type=int, default=50,
                    help="steps between measurements of the linear branch's share of the attention mass in the log "
                         "(default 50; 0: none)")
+    g.add_argument("--mass-weight", type=float, default=0.0,
+                   help="weight of the gap between the linear branch's share of the attention mass and softmax's "
+                        "share of the same keys in the loss (default 0: the output loss alone)")
     add_run_args(p, checkpoint_every=100, log_every=1)
     p.set_defaults(run=run)
 
@@ -51,6 +54,7 @@ def run(args) -> int:
             warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size,
             rank_steps=args.rank_steps, eval_trajectories=args.eval_trajectories, seed=args.seed,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, mass_every=args.mass_every,
+            mass_weight=args.mass_weight,
             device=args.device,
             precision=args.precision, overwrite=args.overwrite, resume=args.resume, progress=args.progress,
         )

@@ -3,6 +3,7 @@
 from .metrics import (
     PeakMemory,
     attention_errors,
+    block_diagnostics,
     evaluate_models,
     plot_sweep,
     results_markdown,
@@ -12,6 +13,6 @@ from .metrics import (
 )
 
 __all__ = [
-    "PeakMemory", "attention_errors", "evaluate_models", "plot_sweep", "results_markdown", "sweep_markdown",
+    "PeakMemory", "attention_errors", "block_diagnostics", "evaluate_models", "plot_sweep", "results_markdown", "sweep_markdown",
     "time_memory_sweep_isolated", "video_similarity",
 ]

@@ -90,14 +90,21 @@ def video_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
 
 
+BLOCK_KEYS = ("rel_error", "linear_share", "teacher_share", "teacher_mass")
+
+
 @torch.no_grad()
-def attention_errors(pipe, prompt_embeds: torch.Tensor, num_frames: int, height: int, width: int, *, seed: int = 0,
-                     timesteps=(900, 500, 100)) -> dict[int, float]:
-    """Relative error ``||y_hybrid - y_softmax|| / ||y_softmax||`` of every converted block's attention output.
+def block_diagnostics(pipe, prompt_embeds: torch.Tensor, num_frames: int, height: int, width: int, *, seed: int = 0,
+                      timesteps=(900, 500, 100)) -> dict[int, dict[str, float]]:
+    """Per converted block: the relative error ``||y_hybrid - y_softmax|| / ||y_softmax||`` of its attention output
+    and where its joint normaliser's mass goes (:func:`rehyat.models.wan.mass_summary`: ``linear_share``, the
+    linear branch's share for queries that have linear keys; ``teacher_share``, softmax's share of the same keys;
+    ``teacher_mass``, the teacher's own attention on them).
 
     Runs the model in distillation mode (teacher forcing: each block sees the softmax model's activations) on
-    noisy latents at the given timesteps (out of 1,000) and averages the per-block errors. Returns
-    ``{block index: mean relative error}``; ``ValueError`` for a model that is not converted.
+    noisy latents at the given timesteps (out of 1,000) and averages over them. Returns ``{block: {key: mean}}``
+    (keys :data:`BLOCK_KEYS`; the shares NaN where no query has linear keys); ``ValueError`` for a model that is
+    not converted.
     """
     from ..models.wan import get_context
 
@@ -105,17 +112,25 @@ def attention_errors(pipe, prompt_embeds: torch.Tensor, num_frames: int, height:
     shape = pipe.latent_shape(num_frames, height, width)
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=g)
-    errs: dict[int, list[float]] = {}
-    ctx.distill, ctx.distill_backward = True, False
+    recs: dict[int, list[dict]] = {}
+    ctx.distill, ctx.distill_backward, ctx.measure_mass = True, False, True
     try:
         for t in timesteps:
             x = x0.to(pipe.device, pipe.transformer.dtype)
             pipe.transformer(x, torch.tensor([t], device=pipe.device), prompt_embeds.to(pipe.device, pipe.transformer.dtype))
             for b, rec in ctx.records.items():
-                errs.setdefault(b, []).append(rec["rel_error"])
+                recs.setdefault(b, []).append(rec)
     finally:
-        ctx.distill, ctx.records = False, {}
-    return {b: float(np.mean(v)) for b, v in sorted(errs.items())}
+        ctx.distill = ctx.measure_mass = False
+        ctx.records = {}
+    return {b: {k: float(np.mean([r[k] for r in rs])) for k in BLOCK_KEYS} for b, rs in sorted(recs.items())}
+
+
+def attention_errors(pipe, prompt_embeds: torch.Tensor, num_frames: int, height: int, width: int, *, seed: int = 0,
+                     timesteps=(900, 500, 100)) -> dict[int, float]:
+    """``{block index: mean relative error}`` of :func:`block_diagnostics`."""
+    diag = block_diagnostics(pipe, prompt_embeds, num_frames, height, width, seed=seed, timesteps=timesteps)
+    return {b: d["rel_error"] for b, d in diag.items()}
 
 
 @dataclass
@@ -172,7 +187,7 @@ def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths
                 **({"peak_memory_mb": float(max(r.peak_bytes for _, _, r, _ in runs)) / 2**20}
                    if pipe.device.type == "cuda" else {}),
                 **{k: summary[k] for k in ("colour_present", "shape_correct", "direction_correct", "persistence",
-                                           "background_correct", "flicker") if k in summary},
+                                           "background_correct", "flicker", "speed") if k in summary},
             })
         if "teacher" in per_model and "rehyat" in per_model:
             sims = [video_similarity(s[2].video, t[2].video) for s, t in zip(per_model["rehyat"], per_model["teacher"])]
@@ -181,7 +196,7 @@ def evaluate_models(teacher, student, prompts: list[str], *, seeds=(0,), lengths
     result = {"rows": rows}
     if student is not None and prompts:
         emb = student.encode_prompt([prompts[0]])
-        result["attention"] = {str(b): e for b, e in attention_errors(student, emb, lengths[0], height, width).items()}
+        result["attention"] = {str(b): d for b, d in block_diagnostics(student, emb, lengths[0], height, width).items()}
     return result
 
 
@@ -190,6 +205,7 @@ _COLUMNS = [
     ("colour_present", "colour", "{:.2f}"), ("shape_correct", "shape", "{:.2f}"),
     ("direction_correct", "direction", "{:.2f}"), ("persistence", "persistence", "{:.2f}"),
     ("background_correct", "background", "{:.2f}"), ("flicker", "flicker", "{:.3f}"),
+    ("speed", "speed (px/frame)", "{:.2f}"),
     ("psnr_vs_teacher", "PSNR vs teacher (dB)", "{:.1f}"), ("ssim_vs_teacher", "SSIM vs teacher", "{:.3f}"),
     ("seconds_per_video", "s / video", "{:.1f}"), ("peak_memory_mb", "peak MB (CUDA)", "{:.0f}"),
 ]
@@ -204,14 +220,24 @@ def _table(rows: list[dict], columns) -> str:
 
 
 def results_markdown(result: dict) -> str:
-    """Markdown of :func:`evaluate_models`' result: the world-check table and the per-block attention errors."""
+    """Markdown of :func:`evaluate_models`' result: the world-check table and the per-block diagnostics."""
+    from ..models.wan import mass_warnings
+
     out = [_table(result["rows"], _COLUMNS)]
+    if any(r.get("speed") is not None for r in result["rows"]):
+        out += ["", "speed: the object's mean motion along the prompted direction; the world's videos move 2.0-2.5 "
+                "px/frame (negative: the wrong way)."]
     if result.get("attention"):
         att = result["attention"]
-        out += ["", "Per-block relative attention error of the ReHyAt model: its hybrid attention against full softmax "
-                "attention on the same q, k, v (its own, at noisy latents; teacher-forced through the blocks):", "",
-                "| block | " + " | ".join(att) + " |", "|---|" + "---|" * len(att),
-                "| rel. error | " + " | ".join(f"{v:.3f}" for v in att.values()) + " |"]
+        rows = [("rel. error", "rel_error"), ("linear share", "linear_share"), ("softmax share", "teacher_share"),
+                ("teacher mass", "teacher_mass")]
+        out += ["", "Per converted block of the ReHyAt model, teacher-forced on its own q, k, v at noisy latents: the "
+                "relative error of its hybrid attention against the teacher's softmax attention; the linear branch's "
+                "share of the joint normaliser for queries that have linear keys, softmax's share of the same keys, "
+                "and the teacher's own attention on them:", "",
+                "| block | " + " | ".join(att) + " |", "|---|" + "---|" * len(att)]
+        out += ["| " + label + " | " + " | ".join(f"{v[k]:.3f}" for v in att.values()) + " |" for label, k in rows]
+        out += [f"- warning: {w}" for w in mass_warnings({b: v for b, v in att.items()})]
     return "\n".join(out)
 
 
@@ -248,21 +274,25 @@ def _sweep_child(task: dict) -> dict:
     x, t, emb, _ = _step_inputs(pipe, task["warmup_frames"], task["height"], task["width"])
     _one_step(pipe, task["mode"], x, t, emb)
     x, t, emb, tokens = _step_inputs(pipe, task["frames"], task["height"], task["width"])
-    base = proc_status("VmRSS")
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    _one_step(pipe, task["mode"], x, t, emb)
-    sec = time.perf_counter() - t0
-    return {"status": "ok", "seconds": sec, "peak_mb": (peak_rss() - base) / 2**20, "tokens": tokens}
+    secs, peaks = [], []
+    for _ in range(task.get("repeats", 1)):
+        base = proc_status("VmRSS")
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        _one_step(pipe, task["mode"], x, t, emb)
+        secs.append(time.perf_counter() - t0)
+        peaks.append((peak_rss() - base) / 2**20)
+    return {"status": "ok", "seconds": float(np.median(secs)), "peak_mb": float(np.median(peaks)), "tokens": tokens,
+            "samples": len(secs)}
 
 
 def time_memory_sweep_isolated(models: dict, lengths: list[int], height: int, width: int, *, threads: int = 1,
-                               max_seconds: float = 120.0, progress=None) -> list[dict]:
+                               max_seconds: float = 120.0, repeats: int = 1, progress=None) -> list[dict]:
     """Time and peak memory of one CFG denoising step against video length, one fresh process per measurement.
 
     ``models``: ``{label: (model folder, mode)}``. Each row runs in a child process that loads the folder, warms up
-    on the shortest length, then times one CFG denoising step and reports its peak resident memory above the
-    resident memory before the step (``/proc/self`` ``VmHWM``). After a row that took longer than
+    on the shortest length, then times one CFG denoising step ``repeats`` times and reports the median time and
+    the median peak resident memory above the resident memory before the step (``/proc/self`` ``VmHWM``). After a row that took longer than
     ``max_seconds / 2``, longer lengths of that model are skipped. Returns rows ``{model, mode, frames, tokens,
     seconds, peak_mb}`` (``skipped`` and ``error`` for rows not run). CPU only (resident memory via ``/proc``).
     """
@@ -280,14 +310,15 @@ def time_memory_sweep_isolated(models: dict, lengths: list[int], height: int, wi
             if progress:
                 progress(f"{label}: {frames} frames")
             task = {"folder": str(folder), "mode": mode, "frames": frames, "warmup_frames": min(lengths),
-                    "height": height, "width": width, "threads": threads}
+                    "height": height, "width": width, "threads": threads, "repeats": repeats}
             res = run_isolated(ctx, _sweep_child, task, max_seconds)
             if res.get("status") != "ok":
                 rows.append({**row, "tokens": None, "skipped": True, "error": res.get("note", "failed")[:120]})
                 skip = True
                 continue
-            rows.append({**row, "tokens": res["tokens"], "seconds": res["seconds"], "peak_mb": res["peak_mb"]})
-            skip = res["seconds"] > max_seconds / 2
+            rows.append({**row, "tokens": res["tokens"], "seconds": res["seconds"], "peak_mb": res["peak_mb"],
+                         "samples": res["samples"]})
+            skip = res["seconds"] * repeats > max_seconds / 2
     return rows
 
 

@@ -163,6 +163,8 @@ class RunContext:
             their feature maps right away (one teacher forward trains every block).
         compile_step: recurrent mode runs the attention step through ``torch.compile``
             (``rehyat_attention_step(..., compiled=True)``); set by :func:`rehyat.models.compile_blocks`.
+        mass_weight: in distillation mode, weight of the mass term added to each converted block's L1 loss: the
+            mean L1 gap between its linear share and softmax's share of the same keys on the sampled queries.
         teacher_chunk_frames: the chunk of a block-causal teacher (``ReHyAtConfig.teacher_attention ==
             "chunk_causal"``), ``None`` for a bidirectional one: what distillation mode returns as the teacher's
             attention (:func:`teacher_attention_output`).
@@ -182,6 +184,7 @@ class RunContext:
         self.records: dict[int, dict[str, float]] = {}
         self.compile_step: bool = False
         self.measure_mass: bool = False
+        self.mass_weight: float = 0.0
         self.teacher_chunk_frames: int | None = None
 
 
@@ -423,25 +426,34 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         return self._distill(attn, hidden_states, rotary_emb)
 
     def _distill(self, attn, hidden_states, rotary_emb):
-        """Teacher forcing: return the teacher's output; fit the hybrid output to it (L1, value distillation)."""
-        S = self._frame_tokens()
+        """Teacher forcing: return the teacher's output; fit the hybrid output to it (L1, value distillation), plus
+        ``context.mass_weight`` times the L1 gap between the linear share and softmax's share of the same keys."""
+        S, ctx = self._frame_tokens(), self.context
         with torch.no_grad():
             q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
-            teacher = teacher_attention_output(q, k, v, S, self.context.teacher_chunk_frames)
+            teacher = teacher_attention_output(q, k, v, S, ctx.teacher_chunk_frames)
+        mass = None
         with torch.enable_grad():
             fq, fk = self.features(q, k, q_unrot, k_unrot)
             student = self._hybrid(q, k, v, fq, fk, S)
-            loss = (student.float() - teacher.float()).abs().mean()
-            if self.context.distill_backward and loss.requires_grad:
+            l1 = (student.float() - teacher.float()).abs().mean()
+            loss = l1
+            if ctx.measure_mass or ctx.mass_weight:
+                mass = self.attention_mass(q, k, fq, fk, S)
+            if ctx.mass_weight and mass["linear"].numel():
+                win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
+                loss = l1 + ctx.mass_weight * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()
+            if ctx.distill_backward and loss.requires_grad:
                 loss.backward()
         with torch.no_grad():
             diff = (student.detach().float() - teacher.float()).flatten(1).norm(dim=1)
             rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
-        record = {"l1": float(loss.detach()), "rel_error": float(rel)}
-        if self.context.measure_mass:
-            mass = self.attention_mass(q, k, fq.detach(), fk.detach(), S)
-            record.update(mass_summary(mass, self.context.teacher_chunk_frames is not None), masses={k: mass[k].cpu() for k in ("linear", "teacher_linear")})
-        self.context.records[self.block_index] = record
+        record = {"l1": float(l1.detach()), "rel_error": float(rel)}
+        if ctx.measure_mass:
+            mass = {key: t.detach() for key, t in mass.items()}
+            record.update(mass_summary(mass, ctx.teacher_chunk_frames is not None),
+                          masses={key: mass[key].cpu() for key in ("linear", "teacher_linear")})
+        ctx.records[self.block_index] = record
         return _out(attn, teacher, q)
 
 
@@ -461,6 +473,21 @@ def mass_summary(mass: dict, causal_teacher: bool = False) -> dict:
         "teacher_share": mean(t_lin / (win + t_lin)),
         "teacher_mass": mean(t_lin / (win + t_lin + rest)),
     }
+
+
+#: the linear share may differ from softmax's over the same keys by this much before distill / eval warn
+MASS_WARN_GAP = 0.15
+
+
+def mass_warnings(records: dict[int, dict[str, float]], gap: float = MASS_WARN_GAP) -> list[str]:
+    """One line per block whose linear share differs from softmax's share of the same keys by more than ``gap``."""
+    out = []
+    for b, r in records.items():
+        lin, ref = r.get("linear_share"), r.get("teacher_share")
+        if lin is not None and ref is not None and abs(lin - ref) > gap:
+            out.append(f"block {b}: the linear branch takes {lin:.3f} of the attention mass where softmax over the "
+                       f"same keys gives {ref:.3f} (gap > {gap})")
+    return out
 
 
 class ChunkCausalAttnProcessor(_ChunkedProcessorBase):

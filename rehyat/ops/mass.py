@@ -51,7 +51,6 @@ def mass_query_tokens(num_frames: int, frame_tokens: int, chunk_frames: int, ove
     return tokens[pick]
 
 
-@torch.no_grad()
 def attention_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,6 +84,9 @@ def attention_mass(
         - ``"teacher_rest"``: ``sum exp(s_j - c)`` over the keys in neither set (the future, causal variant);
         - ``"queries"``: the sampled token indices, int64 ``[n]``.
 
+    Only ``"linear"`` is differentiable (with respect to ``fq`` and ``fk``): distillation can fit the linear
+    share to softmax's (``rehyat distill --mass-weight``); everything else is computed without autograd.
+
     Raises:
         ValueError: as :func:`rehyat.ops.rehyat_attention`, before any work.
     """
@@ -97,18 +99,19 @@ def attention_mass(
     soft, lin = hybrid_masks(T, frame_tokens, chunk_frames, overlap_frames, causal, device=q.device)
     soft, lin = soft[idx], lin[idx]  # [n, N]
     acc = torch.float64 if torch.float64 in (q.dtype, fq.dtype) else torch.float32
-    s = torch.einsum("bqhd,bkhd->bhqk", q[:, idx].to(acc), k.to(acc)) * scale  # [B, H, n, N]
-    neg = torch.tensor(float("-inf"), dtype=acc, device=q.device)
-    s_win = torch.where(soft, s, neg)
-    c = torch.logsumexp(s_win, dim=-1, keepdim=True) if stabilizer == "lse" else s_win.amax(dim=-1, keepdim=True)
+    with torch.no_grad():
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, idx].to(acc), k.to(acc)) * scale  # [B, H, n, N]
+        neg = torch.tensor(float("-inf"), dtype=acc, device=q.device)
+        s_win = torch.where(soft, s, neg)
+        c = torch.logsumexp(s_win, dim=-1, keepdim=True) if stabilizer == "lse" else s_win.amax(dim=-1, keepdim=True)
 
-    def mass(mask):  # sum over the masked keys of exp(s - c), [B, n, H]
-        return torch.exp(torch.where(mask, s, neg) - c).sum(-1).transpose(1, 2)
+        def mass(mask):  # sum over the masked keys of exp(s - c), [B, n, H]
+            return torch.exp(torch.where(mask, s, neg) - c).sum(-1).transpose(1, 2)
 
+        out = {"window": mass(soft), "teacher_linear": mass(lin), "teacher_rest": mass(~(soft | lin)), "queries": idx}
     z = torch.einsum("qk,bkhf->bqhf", lin.to(acc), fk.to(acc))  # sum of phi_k over each query's linear keys
-    linear = (fq[:, idx].to(acc) * z).sum(-1).clamp(min=0)
-    return {"window": mass(soft), "linear": linear, "teacher_linear": mass(lin),
-            "teacher_rest": mass(~(soft | lin)), "queries": idx}
+    out["linear"] = (fq[:, idx].to(acc) * z).sum(-1).clamp(min=0)
+    return out
 
 
 def log_scale_for_mass(linear: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..models.wan import mass_warnings
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .common import (
     CHECKPOINT_NAME,
@@ -82,8 +83,6 @@ def prepare_for_distillation(transformer, dtype: torch.dtype = torch.float32) ->
 #: what a converted block records per distillation forward: errors, and with ``measure_mass`` the mass shares
 RECORD_KEYS = ("l1", "rel_error")
 MASS_KEYS = ("linear_share", "teacher_share", "teacher_mass")
-#: the linear share may differ from softmax's over the same keys by this much before distillation warns
-MASS_WARN_GAP = 0.15
 
 
 def _records_tensor(records: dict, blocks: list[int], device, keys=RECORD_KEYS) -> torch.Tensor:
@@ -93,17 +92,6 @@ def _records_tensor(records: dict, blocks: list[int], device, keys=RECORD_KEYS) 
 def _records_dict(t: torch.Tensor, blocks: list[int], keys=RECORD_KEYS) -> dict[int, dict[str, float]]:
     rows = t.tolist()
     return {b: dict(zip(keys, rows[i])) for i, b in enumerate(blocks)}
-
-
-def mass_warnings(records: dict[int, dict[str, float]], gap: float = MASS_WARN_GAP) -> list[str]:
-    """One line per block whose linear share differs from softmax's share of the same keys by more than ``gap``."""
-    out = []
-    for b, r in records.items():
-        lin, ref = r.get("linear_share"), r.get("teacher_share")
-        if lin is not None and ref is not None and abs(lin - ref) > gap:
-            out.append(f"block {b}: the linear branch takes {lin:.3f} of the attention mass where softmax over the "
-                       f"same keys gives {ref:.3f} (gap > {gap})")
-    return out
 
 
 @torch.no_grad()
@@ -207,6 +195,8 @@ class Distiller:
         mass_every: every this many steps (the first included) the forward also measures the mass diagnostic
             (``linear_share``, ``teacher_share``, ``teacher_mass`` in the records, see :func:`evaluate_blocks`);
             0: never.
+        mass_weight: weight of the mass term in every block's loss (:class:`rehyat.models.RunContext`
+            ``mass_weight``; 0: the L1 output loss alone).
 
     ``step()`` returns ``{block: {"l1", "rel_error"}}`` of that forward (before the update; averaged over
     processes), with the mass keys on measuring steps.
@@ -214,7 +204,7 @@ class Distiller:
 
     def __init__(self, transformer, trajectories: TeacherTrajectories, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), warmup_steps: int = 0, max_grad_norm: float | None = None,
-                 env: DistEnv | None = None, mass_every: int = 0) -> None:
+                 env: DistEnv | None = None, mass_every: int = 0, mass_weight: float = 0.0) -> None:
         from ..models import get_context, get_rehyat_config
 
         self.model, self.traj = transformer, trajectories
@@ -230,7 +220,7 @@ class Distiller:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
         self.max_grad_norm = max_grad_norm
-        self.mass_every = mass_every
+        self.mass_every, self.mass_weight = mass_every, float(mass_weight)
         self.step_count = 0
 
     def step(self) -> dict[int, dict[str, float]]:
@@ -238,11 +228,13 @@ class Distiller:
         x, t, e = self.traj.inputs()
         measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
         ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, True, measure, {}
+        ctx.mass_weight = self.mass_weight
         try:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
         finally:
             ctx.distill = ctx.distill_backward = ctx.measure_mass = False
+            ctx.mass_weight = 0.0
         missing = [b for b in self.blocks if b not in ctx.records]
         if missing:
             raise RuntimeError(f"blocks {missing} recorded no distillation error: is the model called in distill mode?")
@@ -413,6 +405,7 @@ def distill(
     checkpoint_every: int = 100,
     log_every: int = 1,
     mass_every: int = 50,
+    mass_weight: float = 0.0,
     device=None,
     precision: str = "auto",
     overwrite: bool = False,
@@ -451,6 +444,9 @@ def distill(
             softmax's share of the same keys by more than 0.15 afterwards is warned about (printed and in
             ``distill_report.{md,json}``). A fresh conversion's per-head linear scales are calibrated
             (:func:`calibrate_linear_scale`) before the first step.
+        mass_weight: add this times the mean L1 gap between each block's linear share and softmax's share of the
+            same keys to its loss (default 0: the output loss alone; the output loss alone lets the linear share
+            fall below softmax's, design section 4).
         device: torch device (default: cuda if available). precision: ``"auto"`` (teacher in bfloat16 on CUDA,
             float32 on the CPU), ``"bf16"`` or ``"fp32"``; the feature maps always train in float32.
         overwrite: replace the outputs of an earlier run in ``out``. resume: continue the run in ``out`` from
@@ -497,6 +493,8 @@ def distill(
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not isinstance(mass_every, int) or mass_every < 0:
         raise ValueError(f"--mass-every must be an int >= 0, got {mass_every!r}")
+    if not mass_weight >= 0:
+        raise ValueError(f"--mass-weight must be >= 0, got {mass_weight!r}")
     if not lr > 0:
         raise ValueError(f"--lr must be > 0, got {lr}")
     if data is not None:
@@ -522,7 +520,7 @@ def distill(
         "sampling_steps": sampling_steps, "guidance": guidance, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
         "max_grad_norm": max_grad_norm, "batch_size": batch_size, "rank_steps": rank_steps,
         "eval_trajectories": eval_trajectories, "seed": seed, "checkpoint_every": checkpoint_every,
-        "log_every": log_every, "precision": precision,
+        "log_every": log_every, "precision": precision, "mass_weight": mass_weight,
     })
     ckpt_path = out / TRAIN_DIR / CHECKPOINT_NAME
     ckpt = None
@@ -565,7 +563,7 @@ def distill(
     traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)
     eval_traj = lambda: TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed + EVAL_SEED_OFFSET, **traj_kw)  # noqa: E731
     distiller = Distiller(teacher, traj, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, env=env,
-                          mass_every=mass_every)
+                          mass_every=mass_every, mass_weight=mass_weight)
     before = None
     start = 0
     if ckpt is not None:

@@ -215,6 +215,10 @@ def check_video(
           sign, else 0.0.
         - ``direction_consistency``: fraction of those steps with a positive
           component along the prompted direction.
+        - ``speed``: the mean centroid step's component along the prompted
+          direction, pixels per frame (negative: the wrong way; NaN without two
+          consecutive present frames), to compare with the scene's speed
+          (the world draws 2.0-2.5 px/frame by default).
         - ``persistence``: fraction of frames where the object is present, its
           area is within 0.5x..2x the median present area and it did not jump
           more than ``max_jump`` since the last present frame.
@@ -284,6 +288,7 @@ def check_video(
     else:
         vx = vy = 0.0
         direction_consistency = 0.0
+    speed = vx * tx + vy * ty if steps else float("nan")
     direction_predicted = _direction_of(vx, vy, min_speed)
 
     # Persistence: present, stable size, no teleporting.
@@ -321,6 +326,7 @@ def check_video(
         "shape_correct": shape_correct,
         "direction_correct": float(direction_predicted == target["direction"]),
         "direction_consistency": direction_consistency,
+        "speed": float(speed),
         "persistence": float(persistence),
         "background_correct": float(np.mean(bg_frac >= 0.5)),
         "background_fraction": float(bg_frac.mean()),

@@ -52,7 +52,10 @@ def test_demo_writes_everything(models, tmp_path):
                  "--prompts", "a red circle moving right on a grey background", "--length", "2", "--sweep", "1,2",
                  "--steps", "1"]) == 0
     assert read_video(out / "rehyat_2x.mp4").shape == (16, 32, 32, 3)
-    assert read_video(out / "side_by_side.mp4").shape == (8, 32, 66, 3)  # two videos and a 2-pixel gap
+    side = read_video(out / "side_by_side.mp4")
+    assert side.shape == (8, 44, 66, 3)  # two videos and a 2-pixel gap, under a 12-row band of labels
+    band = side[0, :12].astype(int).sum(-1)
+    assert (band[:, :32] < 300).any() and (band[:, 34:] < 300).any()  # dark label text over each video
     assert (out / "time_memory.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| rehyat | 16 | streaming |" in report and "| ReHyAt (recurrent) | recurrent | 16 |" in report
