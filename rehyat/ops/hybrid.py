@@ -302,12 +302,19 @@ def rehyat_attention(
 # ----------------------------------------------------------------------------------------------------------------
 def hybrid_masks(num_frames: int, frame_tokens: int, chunk_frames: int, overlap_frames: int, causal: bool, device=None):
     """Explicit token masks ``(softmax_mask, linear_mask)``, each ``[N, N]`` bool (query rows, key columns)."""
-    N = num_frames * frame_tokens
-    frame = torch.arange(N, device=device) // frame_tokens
+    rows = torch.arange(num_frames * frame_tokens, device=device)
+    return hybrid_mask_rows(rows, num_frames, frame_tokens, chunk_frames, overlap_frames, causal)
+
+
+def hybrid_mask_rows(rows: torch.Tensor, num_frames: int, frame_tokens: int, chunk_frames: int, overlap_frames: int,
+                     causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows ``rows`` (token indices, int64 ``[n]``) of :func:`hybrid_masks`, ``[n, N]`` bool each,
+    without building the ``[N, N]`` masks."""
+    frame = rows // frame_tokens
     chunk = frame // chunk_frames
     w0 = (chunk * chunk_frames - overlap_frames).clamp(min=0)
     w1 = ((chunk + 1) * chunk_frames).clamp(max=num_frames)
-    kf = frame[None, :]
+    kf = torch.arange(num_frames * frame_tokens, device=rows.device)[None, :] // frame_tokens
     softmax_mask = (kf >= w0[:, None]) & (kf < w1[:, None])
     linear_mask = (kf < w0[:, None]) if causal else ~softmax_mask
     return softmax_mask, linear_mask

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_frames, check_qkv, check_settings
+from .hybrid import hybrid_mask_rows
 
 __all__ = ["attention_mass", "mass_query_tokens", "log_scale_for_mass", "MASS_QUERIES"]
 
@@ -48,19 +49,6 @@ def mass_query_tokens(num_frames: int, frame_tokens: int, chunk_frames: int, ove
         return tokens
     pick = torch.linspace(0, tokens.numel() - 1, max_queries, device=device).round().long()
     return tokens[pick]
-
-
-def _row_masks(rows: torch.Tensor, num_frames: int, frame_tokens: int, chunk_frames: int, overlap_frames: int,
-               causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows ``rows`` of :func:`rehyat.ops.hybrid.hybrid_masks` (``[n, N]`` bool each), without the ``[N, N]``
-    masks."""
-    frame = rows // frame_tokens
-    chunk = frame // chunk_frames
-    w0 = (chunk * chunk_frames - overlap_frames).clamp(min=0)
-    w1 = ((chunk + 1) * chunk_frames).clamp(max=num_frames)
-    kf = torch.arange(num_frames * frame_tokens, device=rows.device)[None, :] // frame_tokens
-    soft = (kf >= w0[:, None]) & (kf < w1[:, None])
-    return soft, ((kf < w0[:, None]) if causal else ~soft)
 
 
 def attention_mass(
@@ -108,7 +96,7 @@ def attention_mass(
     T = check_frames(q.shape[1], frame_tokens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     idx = mass_query_tokens(T, frame_tokens, chunk_frames, overlap_frames, causal, max_queries, device=q.device)
-    soft, lin = _row_masks(idx, T, frame_tokens, chunk_frames, overlap_frames, causal)  # [n, N]
+    soft, lin = hybrid_mask_rows(idx, T, frame_tokens, chunk_frames, overlap_frames, causal)  # [n, N]
     acc = torch.float64 if torch.float64 in (q.dtype, fq.dtype) else torch.float32
     with torch.no_grad():
         s = torch.einsum("bqhd,bkhd->bhqk", q[:, idx].to(acc), k.to(acc)) * scale  # [B, H, n, N]

@@ -110,27 +110,18 @@ def calibrate_linear_scale(transformer, trajectories: TeacherTrajectories, env: 
     Returns:
         ``{block: [log-scale change per head]}``.
     """
-    from ..models import get_context, get_rehyat_config
+    from ..models import get_rehyat_config
     from ..ops import log_scale_for_mass
 
     env = env or DistEnv(device=trajectories.device)
-    ctx = get_context(transformer)
     procs = {b: transformer.blocks[b].attn1.processor for b in get_rehyat_config(transformer).blocks}
     procs = {b: p for b, p in procs.items() if getattr(p, "linear_log_scale", None) is not None}
     if not procs:
         return {}
     masses = {b: [] for b in procs}  # per block: (linear, teacher_linear) [b, n, H] of every forward
-    n = trajectories.steps if num_steps is None else num_steps
-    try:
-        for _ in range(n):
-            ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
-            x, t, e = trajectories.inputs()
-            out = transformer(x, t, e, return_dict=False)[0]
-            for b in procs:
-                masses[b].append((ctx.records[b]["masses"]["linear"], ctx.records[b]["masses"]["teacher_linear"]))
-            trajectories.advance(out)
-    finally:
-        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
+    for records in _teacher_forced(transformer, trajectories, num_steps):
+        for b in procs:
+            masses[b].append((records[b]["masses"]["linear"], records[b]["masses"]["teacher_linear"]))
     result = {}
     for b, p in procs.items():
         parts = [m for rank in env.gather_objects(masses[b]) for m in rank]
@@ -155,31 +146,41 @@ def evaluate_blocks(transformer, trajectories: TeacherTrajectories, env: DistEnv
     Returns:
         ``{block: {"l1", "rel_error", "linear_share", "teacher_share", "teacher_mass": float}}``.
     """
-    from ..models import get_context, get_rehyat_config
+    from ..models import get_rehyat_config
 
     env = env or DistEnv(device=trajectories.device)
-    ctx = get_context(transformer)
     blocks = get_rehyat_config(transformer).blocks
+    keys = RECORD_KEYS + MASS_KEYS
+    total = torch.zeros(len(blocks), len(keys), dtype=torch.float64, device=env.device)
+    n = trajectories.steps if num_steps is None else num_steps
+    for records in _teacher_forced(transformer, trajectories, n):
+        total += _records_tensor(records, blocks, env.device, keys)
+    env.all_reduce_mean(total)
+    return _records_dict(total / max(n, 1), blocks, keys)
+
+
+def _teacher_forced(transformer, trajectories: TeacherTrajectories, num_steps: int | None):
+    """Teacher forwards along ``trajectories`` in distillation mode with the mass diagnostic, no gradient for the
+    student (its parameters' ``requires_grad`` put back afterwards): yields each forward's per-block records.
+    ``num_steps`` default: one whole trajectory."""
+    from ..models import get_context
+
+    ctx = get_context(transformer)
     params = [p for _, p in feature_map_parameters(transformer)]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)  # no graph for the student: records only
-    keys = RECORD_KEYS + MASS_KEYS
-    total = torch.zeros(len(blocks), len(keys), dtype=torch.float64, device=env.device)
-    n = trajectories.steps if num_steps is None else num_steps
     try:
-        for _ in range(n):
+        for _ in range(trajectories.steps if num_steps is None else num_steps):
             ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
             x, t, e = trajectories.inputs()
             out = transformer(x, t, e, return_dict=False)[0]
-            total += _records_tensor(ctx.records, blocks, env.device, keys)
+            yield ctx.records
             trajectories.advance(out)
     finally:
         ctx.distill = ctx.distill_backward = ctx.measure_mass = False
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    env.all_reduce_mean(total)
-    return _records_dict(total / max(n, 1), blocks, keys)
 
 
 class Distiller:
