@@ -147,6 +147,7 @@ def folder_check_rope_table(folder, shape) -> None:
     positions = None if tcfg["rehyat"] is not None else tcfg.get("rope_max_seq_len", WAN_ROPE_MAX_SEQ_LEN)
     check_rope_table(positions, tcfg["patch_size"], shape, *folder_vae_factors(folder))
 
+
 class NonFiniteOutputError(FloatingPointError):
     """Generation produced NaN or Inf (latents or decoded frames); raised by :func:`check_finite` before the bad
     frame is decoded, handed out or returned. A ``FloatingPointError``, which the CLI reports as a one-line error."""
