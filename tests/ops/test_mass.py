@@ -266,6 +266,18 @@ class TestLogScaleForMass:
         g = log_scale_for_mass(torch.zeros(2, 0, 3), torch.zeros(2, 0, 3))
         assert g.dtype == torch.float64 and torch.equal(g, torch.zeros(3, dtype=torch.float64))
 
+    @pytest.mark.parametrize("which", ["linear", "target"])
+    def test_head_without_positive_entries_gives_zero(self, gen, which):
+        """As documented: a head whose masses are all 0 (a feature map that outputs 0, a softmax mass that underflows)
+        keeps its scale, instead of a log scale of about +-700 (exp of it: inf or 0 in float32)."""
+        lin = torch.rand(2, 5, 3, generator=gen, dtype=torch.float64) + 0.5
+        target = torch.rand(2, 5, 3, generator=gen, dtype=torch.float64) + 0.1
+        (lin if which == "linear" else target)[..., 1] = 0
+        g = log_scale_for_mass(lin, target)
+        assert g[1] == 0 and g.isfinite().all()
+        ok = [0, 2]
+        close64(lower_median_per_head(lin * g.exp())[ok], lower_median_per_head(target)[ok])
+
     @pytest.mark.parametrize("a, b", [((2, 5, 3), (2, 5, 2)), ((2, 5, 3), (1, 5, 3)), ((5, 3), (5, 3)),
                                       ((1, 2, 5, 3), (1, 2, 5, 3))])
     def test_shapes_must_match(self, a, b):
