@@ -381,3 +381,23 @@ def test_block_causal_teacher_with_other_settings_refused_up_front(block_causal_
     with pytest.raises(ValueError, match="--chunk-frames"):
         distill(block_causal_teacher, tmp_path / "o", prompts=prompts, frames=6, height=4, width=4, chunk_frames=3,
                 softmax_blocks="chunk_causal", progress=False)
+
+
+def test_resume_keeps_the_calibration(teacher, prompts, tmp_path):
+    """A resumed run neither calibrates again (the trained scales come from the checkpoint) nor loses the
+    calibration from its report."""
+    kw = dict(prompts=prompts, **GEOM, chunk_frames=1, overlap_frames=0, sampling_steps=2, steps=3, batch_size=2,
+              checkpoint_every=1, eval_trajectories=0, progress=False)
+    distill(teacher, tmp_path / "a", **kw)
+
+    def kill(step, rec):
+        if step == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        distill(teacher, tmp_path / "b", callback=kill, **kw)
+    distill(teacher, tmp_path / "b", resume=True, **kw)
+    ra, rb = (json.loads((tmp_path / x / "distill_report.json").read_text()) for x in ("a", "b"))
+    assert ra["linear_log_scale_calibration"] == rb["linear_log_scale_calibration"] is not None
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.endswith("linear_log_scale"))
