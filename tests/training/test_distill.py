@@ -401,3 +401,17 @@ def test_resume_keeps_the_calibration(teacher, prompts, tmp_path):
     assert ra["linear_log_scale_calibration"] == rb["linear_log_scale_calibration"] is not None
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa if k.endswith("linear_log_scale"))
+
+
+def test_an_already_converted_folder_is_not_calibrated_again(pixel_student, prompts, tmp_path):
+    """Only a fresh conversion is calibrated: a converted folder's scales (here 0, as converted) are its own,
+    and distillation only trains them."""
+    steps, lr = 2, 1e-3
+    distill(pixel_student, tmp_path / "s", prompts=prompts, **GEOM, sampling_steps=2, steps=steps, lr=lr,
+            batch_size=2, eval_trajectories=0, progress=False)
+    assert json.loads((tmp_path / "s" / "distill_report.json").read_text())["linear_log_scale_calibration"] is None
+    before, after = _weights(pixel_student), _weights(tmp_path / "s")
+    keys = [k for k in after if k.endswith(".attn1.processor.linear_log_scale")]
+    assert len(keys) == 2
+    for k in keys:
+        assert torch.equal(before[k], torch.zeros(2)) and (after[k] - before[k]).abs().max() <= 1.5 * steps * lr
