@@ -120,7 +120,9 @@ def log_scale_for_mass(linear: torch.Tensor, target: torch.Tensor) -> torch.Tens
     With ``"lse"`` both the hybrid's and softmax's window mass are 1, so the scaled linear mass then has the same
     median as softmax's linear mass, i.e. the same median linear share. Args: ``linear``, ``target`` ``[B, n, H]``
     masses (:func:`attention_mass`'s ``"linear"`` and ``"teacher_linear"``). Returns float64 ``[H]``; 0 for a head
-    with no positive entries. Raises ValueError on shapes that differ.
+    where either mass has no positive entry (no queries, a feature map that outputs 0, a softmax mass that
+    underflows): there is nothing to centre on, and the log of 0 would give a scale of about ``exp(+-708)``, inf or 0
+    in float32. Raises ValueError on shapes that differ.
     """
     if linear.shape != target.shape or linear.dim() != 3:
         raise ValueError(f"linear and target must both be [B, n, H], got {tuple(linear.shape)} and "
@@ -130,4 +132,5 @@ def log_scale_for_mass(linear: torch.Tensor, target: torch.Tensor) -> torch.Tens
     lt = target.double().clamp_min(tiny).log().transpose(0, 2).reshape(target.shape[-1], -1)
     if la.shape[1] == 0:
         return torch.zeros(linear.shape[-1], dtype=torch.float64, device=linear.device)
-    return lt.median(dim=1).values - la.median(dim=1).values
+    positive = (linear > 0).flatten(0, 1).any(dim=0) & (target > 0).flatten(0, 1).any(dim=0)  # [H]
+    return torch.where(positive, lt.median(dim=1).values - la.median(dim=1).values, 0.0)

@@ -347,3 +347,259 @@ class TestDiffusersSave:
         assert sorted(sd) == sorted(saved)
         for k, v in saved.items():
             assert torch.equal(sd[k], v.to(sd[k].dtype)), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The learned per-head scale of the linear branch
+# ----------------------------------------------------------------------------------------------------------------
+SCALES = torch.tensor([20.0, 0.05])  # per head of the tiny model (2 heads)
+
+
+def _set_log_scales(model, blocks, values):
+    with torch.no_grad():
+        for b in blocks:
+            model.blocks[b].attn1.processor.linear_log_scale.copy_(values)
+
+
+class TestLinearScale:
+    def test_parameter_per_head_starts_at_zero(self, teacher):
+        model = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1)
+        assert get_rehyat_config(model).linear_scale is True
+        for b in (0, 2):
+            p = model.blocks[b].attn1.processor.linear_log_scale
+            assert isinstance(p, torch.nn.Parameter) and p.shape == (2,) and p.dtype == torch.float32
+            assert torch.equal(p, torch.zeros(2))
+            assert f"blocks.{b}.attn1.processor.linear_log_scale" in model.state_dict()
+
+    def test_features_scale_phi_k_per_head(self, teacher):
+        model = convert_wan(copy.deepcopy(teacher), blocks=[0], chunk_frames=2, overlap_frames=1)
+        proc = model.blocks[0].attn1.processor
+        _set_log_scales(model, [0], SCALES.log())
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 12, 2, 32, generator=g), torch.randn(2, 12, 2, 32, generator=g)
+        with torch.no_grad():
+            fq, fk = proc.features(q, k, q, k)
+            phi_q, phi_k = proc.feature_map_q(q), proc.feature_map_k(k)
+        assert torch.equal(fq, phi_q)
+        assert_outputs_close(fk, phi_k * SCALES[:, None])
+        assert not torch.allclose(fk, phi_k)
+
+    def test_log_scale_equals_phi_k_times_the_scale(self, teacher):
+        """Setting linear_log_scale to log(a) is the same model as multiplying phi_k's output by a (per head), in
+        the parallel and the recurrent forward; a scale of 1 (log 0) changes nothing, another one the output."""
+        from rehyat.models import recurrent_forward
+
+        base = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1,
+                           softmax_blocks="chunk_causal")
+        scaled = copy.deepcopy(base)
+        _set_log_scales(scaled, [0, 2], SCALES.log())
+        folded = copy.deepcopy(base)
+        for b in (0, 2):
+            folded.blocks[b].attn1.processor.feature_map_k.register_forward_hook(lambda m, i, o: o * SCALES[:, None])
+        x, t, e = inputs(frames=7)
+        out = run(scaled, x, t, e)
+        assert_outputs_close(out, run(folded, x, t, e))
+        with pytest.raises(AssertionError):
+            assert_outputs_close(out, run(base, x, t, e))
+        assert_outputs_close(recurrent_forward(scaled, x, t, e), out, msg="recurrent vs parallel")
+
+    def test_off_has_no_parameter(self, teacher):
+        model = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1,
+                            linear_scale=False)
+        assert get_rehyat_config(model).linear_scale is False
+        assert not any("linear_log_scale" in k for k in model.state_dict())
+        proc = model.blocks[0].attn1.processor
+        assert proc.linear_log_scale is None
+        k = torch.randn(1, 8, 2, 32)
+        with torch.no_grad():
+            assert torch.equal(proc.features(k, k, k, k)[1], proc.feature_map_k(k))
+
+    def test_from_dict_reads_a_missing_key_as_off(self):
+        from rehyat.models import ReHyAtConfig
+
+        cfg = ReHyAtConfig(blocks=[0], chunk_frames=2, overlap_frames=1)
+        assert cfg.linear_scale is True and cfg.teacher_attention == "bidirectional"
+        d = cfg.to_dict()
+        assert d["linear_scale"] is True and ReHyAtConfig.from_dict(d) == cfg
+        old = {k: v for k, v in d.items() if k not in ("linear_scale", "teacher_attention")}
+        assert ReHyAtConfig.from_dict(old) == ReHyAtConfig(blocks=[0], chunk_frames=2, overlap_frames=1,
+                                                           linear_scale=False)
+
+    def test_old_folder_without_the_key_loads_without_scale(self, teacher, tmp_path):
+        """A folder written before the scale existed (settings only in rehyat_config.json, no linear_scale key, no
+        scale weights) loads with linear_scale False, bit for bit; so does the shipped student (TestDiffusersSave)."""
+        old = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1, linear_scale=False)
+        save_rehyat(old, tmp_path / "m")
+        _strip_settings(tmp_path / "m")
+        settings = {k: v for k, v in get_rehyat_config(old).to_dict().items()
+                    if k not in ("linear_scale", "teacher_attention")}
+        (tmp_path / "m" / "rehyat_config.json").write_text(json.dumps(settings))
+        loaded = load_transformer(tmp_path / "m")
+        assert get_rehyat_config(loaded).linear_scale is False
+        assert loaded.blocks[0].attn1.processor.linear_log_scale is None
+        _assert_same_weights(loaded, old)
+
+    def test_scale_weights_without_the_key_are_refused(self, teacher, tmp_path):
+        # a folder with the scales whose settings lost the key reads as "no scale": its weights do not fit
+        model = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1)
+        save_rehyat(model, tmp_path / "m")
+        _strip_settings(tmp_path / "m")
+        settings = {k: v for k, v in get_rehyat_config(model).to_dict().items() if k != "linear_scale"}
+        (tmp_path / "m" / "rehyat_config.json").write_text(json.dumps(settings))
+        with pytest.raises(ValueError, match="linear_log_scale"):
+            load_transformer(tmp_path / "m")
+
+    def test_save_load_keeps_the_scales(self, teacher, tmp_path):
+        model = convert_wan(copy.deepcopy(teacher), blocks=[1], chunk_frames=2, overlap_frames=1)
+        _set_log_scales(model, [1], torch.tensor([0.5, -2.0]))
+        save_rehyat(model, tmp_path / "m")
+        loaded = load_transformer(tmp_path / "m")
+        assert get_rehyat_config(loaded).linear_scale is True
+        _assert_same_weights(loaded, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the joint normaliser's mass goes, recorded in distillation mode
+# ----------------------------------------------------------------------------------------------------------------
+class TestMassRecords:
+    def test_mass_summary(self):
+        from rehyat.models.wan import mass_summary
+
+        mass = {"window": torch.tensor([[[1.0], [2.0]]]), "linear": torch.tensor([[[1.0], [6.0]]]),
+                "teacher_linear": torch.tensor([[[3.0], [2.0]]]), "teacher_rest": torch.tensor([[[4.0], [0.0]]])}
+        s = mass_summary(mass)
+        assert s["linear_share"] == pytest.approx((1 / 2 + 6 / 8) / 2)
+        assert s["teacher_share"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+        assert s["teacher_mass"] == pytest.approx((3 / 8 + 2 / 4) / 2)
+        assert mass_summary(mass, causal_teacher=True)["teacher_mass"] == s["teacher_share"]
+        empty = {k: torch.zeros(1, 0, 2) for k in mass}
+        assert all(v != v for v in mass_summary(empty).values())  # NaN where no query has linear keys
+
+    def test_distill_mode_records_mass_on_request(self, teacher):
+        model = convert_wan(copy.deepcopy(teacher), blocks=[0, 2], chunk_frames=2, overlap_frames=1)
+        from rehyat.models import get_context
+
+        ctx = get_context(model)
+        x, t, e = inputs(frames=5)
+        try:
+            ctx.distill = True
+            run(model, x, t, e)
+            assert set(ctx.records[0]) == {"l1", "rel_error"}
+            ctx.measure_mass, ctx.records = True, {}
+            run(model, x, t, e)
+        finally:
+            ctx.distill = ctx.measure_mass = False
+        for b in (0, 2):
+            r = ctx.records[b]
+            assert 0 < r["teacher_mass"] < r["teacher_share"] < 1 and 0 < r["linear_share"] <= 1
+            # 5 frames of 16 tokens, chunks of 2, overlap 1: chunks 1 and 2 (48 queries) have linear keys
+            assert {k: v.shape for k, v in r["masses"].items()} == {"linear": (1, 48, 2), "teacher_linear": (1, 48, 2)}
+            assert all(v.device.type == "cpu" for v in r["masses"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-causal teachers: a model with no converted block and chunk-causal softmax everywhere, converted further
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def block_causal(teacher):
+    return convert_wan(copy.deepcopy(teacher), blocks=[], softmax_blocks="chunk_causal", chunk_frames=2)
+
+
+def _convert_block_causal(model, **kw):
+    return convert_wan(copy.deepcopy(model), **{**dict(blocks=[1], softmax_blocks="chunk_causal", chunk_frames=2,
+                                                       overlap_frames=1), **kw})
+
+
+def _distill_output(model, x, t, e):
+    from rehyat.models import get_context
+
+    ctx = get_context(model)
+    ctx.distill = True
+    try:
+        return run(model, x, t, e)
+    finally:
+        ctx.distill = False
+
+
+class TestBlockCausalTeacher:
+    def test_teacher_attention_output_is_block_causal_softmax(self):
+        from rehyat.models.wan import teacher_attention_output
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 5 * 3, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        frame = torch.arange(15) // 3
+        allowed = frame[None, :] < (frame[:, None] // 2 + 1) * 2  # key frame before the end of the query's chunk
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
+        want = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+        torch.testing.assert_close(teacher_attention_output(q, k, v, 3, 2), want, rtol=1e-12, atol=1e-12)
+        full = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+        torch.testing.assert_close(teacher_attention_output(q, k, v, 3, None), full, rtol=1e-12, atol=1e-12)
+
+    def test_converted_further_distills_against_block_causal_softmax(self, teacher, block_causal):
+        from rehyat.models import get_context
+
+        student = _convert_block_causal(block_causal)
+        cfg = get_rehyat_config(student)
+        assert (cfg.blocks, cfg.softmax_blocks, cfg.teacher_attention) == ([1], "chunk_causal", "chunk_causal")
+        assert get_context(student).teacher_chunk_frames == 2
+        assert get_rehyat_config(block_causal).blocks == []  # the copy converted, the original untouched
+        x, t, e = inputs(frames=5)
+        ref = run(block_causal, x, t, e)
+        # distillation mode answers as the teacher: the block-causal model's own output (two code paths)
+        assert_outputs_close(_distill_output(student, x, t, e), ref)
+        assert rel(run(student, x, t, e), ref) > 1e-4  # the student itself differs
+        assert rel(run(teacher, x, t, e), ref) > 1e-3  # and block-causal is not bidirectional
+        get_context(student).teacher_chunk_frames = None  # the flag is what makes the difference
+        assert rel(_distill_output(student, x, t, e), ref) > 1e-3
+
+    def test_records_teacher_mass_equal_to_share(self, block_causal):
+        from rehyat.models import get_context
+
+        student = _convert_block_causal(block_causal)
+        ctx = get_context(student)
+        ctx.measure_mass = True
+        x, t, e = inputs(frames=5)
+        _distill_output(student, x, t, e)
+        r = ctx.records[1]
+        assert r["teacher_mass"] == r["teacher_share"] and 0 < r["teacher_share"] < 1
+
+    @pytest.mark.parametrize("kw, match", [
+        (dict(chunk_frames=3), "chunk_frames=2"),
+        (dict(chunk_frames=1), "chunk_frames=2"),
+        (dict(softmax_blocks="bidirectional"), "softmax_blocks='chunk_causal'"),
+        (dict(teacher_attention="bidirectional"), "teacher_attention"),
+        (dict(teacher_attention="causal"), "teacher_attention"),
+    ])
+    def test_wrong_settings_refused(self, block_causal, kw, match):
+        model = copy.deepcopy(block_causal)
+        before = [type(b.attn1.processor) for b in model.blocks]
+        with pytest.raises(ValueError, match=match):
+            _convert_block_causal(model, **kw)
+        assert [type(b.attn1.processor) for b in model.blocks] == before
+        assert get_rehyat_config(model).blocks == []
+
+    def test_models_with_converted_blocks_still_refused(self, teacher, block_causal):
+        student = _convert_block_causal(block_causal)
+        with pytest.raises(ValueError, match="already converted"):
+            convert_wan(student, blocks=[0], softmax_blocks="chunk_causal", chunk_frames=2)
+        # a bidirectional conversion with no converted block is not a block-causal teacher either
+        plain = convert_wan(copy.deepcopy(teacher), blocks=[])
+        with pytest.raises(ValueError, match="already converted"):
+            convert_wan(plain, blocks=[0], softmax_blocks="chunk_causal", chunk_frames=3)
+
+    def test_save_load_keeps_teacher_attention(self, block_causal, tmp_path):
+        from rehyat.models import get_context
+
+        save_rehyat(block_causal, tmp_path / "teacher")
+        loaded_teacher = load_transformer(tmp_path / "teacher")
+        assert get_rehyat_config(loaded_teacher).to_dict() == get_rehyat_config(block_causal).to_dict()
+        student = _convert_block_causal(loaded_teacher)  # a loaded block-causal model converts further too
+        save_rehyat(student, tmp_path / "student")
+        loaded = load_transformer(tmp_path / "student")
+        assert get_rehyat_config(loaded).to_dict() == get_rehyat_config(student).to_dict()
+        assert get_rehyat_config(loaded).teacher_attention == "chunk_causal"
+        assert get_context(loaded).teacher_chunk_frames == 2
+        _assert_same_weights(loaded, student)
+        x, t, e = inputs(frames=5)
+        assert_outputs_close(_distill_output(loaded, x, t, e), run(block_causal, x, t, e))
+        assert_outputs_close(run(loaded, x, t, e), run(student, x, t, e))

@@ -79,3 +79,15 @@ def pixel_dataset(root, pixel_teacher, videos):
     from rehyat.training import prepare_dataset
 
     return prepare_dataset(pixel_teacher, videos, root / "pixel_dataset", progress=False) and root / "pixel_dataset"
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model's weights fails the test: an error the test expects must come first."""
+    import rehyat.training.components as comp
+
+    def refuse(*a, **k):
+        raise AssertionError("model weights were loaded before the error")
+
+    monkeypatch.setattr(comp, "load_model_folder", refuse)
+    monkeypatch.setattr(comp, "load_text_encoder_from_folder", refuse)

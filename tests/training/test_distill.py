@@ -130,3 +130,288 @@ def test_distill_cli_best_n_and_resume_equals_uninterrupted(teacher, prompts, tm
     assert strip(la) == strip(lb)
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The linear branch's share of the joint normaliser: calibration, diagnostic, warnings
+# ----------------------------------------------------------------------------------------------------------------
+def _distill_module():
+    import importlib
+
+    return importlib.import_module("rehyat.training.distill")  # rehyat.training.distill is also the function
+
+
+def _converted_teacher(folder, seed=0, **conversion):
+    from rehyat.models import convert_wan
+    from rehyat.training import prepare_for_distillation
+    from rehyat.training.components import load_model_folder
+
+    pipe = load_model_folder(folder)
+    torch.manual_seed(seed)
+    model = convert_wan(pipe.transformer, blocks="all", **conversion)
+    prepare_for_distillation(model)
+    return pipe, model
+
+
+def _trajectories(folder, pipe, prompts, seed, frames=4):
+    from rehyat.training import TeacherTrajectories, resolve_prompt_pool
+    from rehyat.training.distributed import DistEnv
+
+    pool = resolve_prompt_pool(folder, prompts=prompts)
+    return TeacherTrajectories(pipe.scheduler, pool, (3, frames, 4, 4), batch_size=2, sampling_steps=3,
+                               guidance_scale=5.0, seed=seed, env=DistEnv())
+
+
+def _scales(model):
+    return {b: model.blocks[b].attn1.processor.linear_log_scale.detach().clone() for b in range(len(model.blocks))}
+
+
+def test_calibration_brings_the_linear_share_to_softmax_share(teacher, prompts):
+    from rehyat.training import evaluate_blocks
+
+    calibrate_linear_scale = _distill_module().calibrate_linear_scale
+    pipe, model = _converted_teacher(teacher, chunk_frames=1, overlap_frames=0)
+    before = evaluate_blocks(model, _trajectories(teacher, pipe, prompts, seed=1))
+    for b, r in before.items():  # fresh feature maps: the linear branch swamps the window
+        assert r["linear_share"] > 0.95 and r["linear_share"] - r["teacher_share"] > 0.3, (b, r)
+    scales = _scales(model)
+    gaps = calibrate_linear_scale(model, _trajectories(teacher, pipe, prompts, seed=2))
+    assert set(gaps) == {0, 1} and all(len(g) == 2 and all(x < -1 for x in g) for g in gaps.values()), gaps
+    for b, g in gaps.items():  # the returned change is what was added to each head's scale
+        torch.testing.assert_close(_scales(model)[b] - scales[b], torch.tensor(g, dtype=torch.float32))
+    after = evaluate_blocks(model, _trajectories(teacher, pipe, prompts, seed=1))  # the same held-out inputs
+    for b, r in after.items():
+        assert abs(r["linear_share"] - r["teacher_share"]) < 0.1, (b, r)
+        assert r["teacher_share"] == pytest.approx(before[b]["teacher_share"], rel=1e-6)  # the teacher's, unchanged
+        assert r["rel_error"] < 0.95 * before[b]["rel_error"], (b, before[b], r)
+
+
+def test_calibration_leaves_alone_what_it_cannot_measure(teacher, prompts):
+    from rehyat.training import evaluate_blocks
+
+    m = _distill_module()
+    _, no_scale = _converted_teacher(teacher, chunk_frames=1, overlap_frames=0, linear_scale=False)
+    pipe, one_chunk = _converted_teacher(teacher, chunk_frames=4, overlap_frames=1)  # 4 frames: no linear keys
+    assert m.calibrate_linear_scale(no_scale, _trajectories(teacher, pipe, prompts, seed=2)) == {}
+    gaps = m.calibrate_linear_scale(one_chunk, _trajectories(teacher, pipe, prompts, seed=2))
+    assert gaps == {0: [0.0, 0.0], 1: [0.0, 0.0]}
+    assert all(torch.equal(s, torch.zeros(2)) for s in _scales(one_chunk).values())
+    rec = evaluate_blocks(one_chunk, _trajectories(teacher, pipe, prompts, seed=1))
+    assert all(r[k] != r[k] for r in rec.values() for k in m.MASS_KEYS)  # NaN: nothing measured
+    assert m.mass_warnings(rec) == []
+
+
+def test_mass_warnings_lists_exactly_the_blocks_beyond_the_gap():
+    mass_warnings = _distill_module().mass_warnings
+    records = {
+        0: {"l1": 1.0, "linear_share": 0.99, "teacher_share": 0.40},  # 0.59 apart
+        1: {"l1": 1.0, "linear_share": 0.50, "teacher_share": 0.40},  # 0.10
+        2: {"l1": 1.0, "linear_share": 0.20, "teacher_share": 0.40},  # 0.20, the linear branch too small
+        3: {"l1": 1.0},  # not measured
+        4: {"l1": 1.0, "linear_share": float("nan"), "teacher_share": float("nan")},  # no query had linear keys
+        5: {"l1": 1.0, "linear_share": 0.54, "teacher_share": 0.40},  # 0.14
+    }
+    warned = mass_warnings(records)
+    assert [w.split(":")[0] for w in warned] == ["block 0", "block 2"]
+    assert "0.990" in warned[0] and "0.400" in warned[0] and "\n" not in warned[0]
+    assert [w.split(":")[0] for w in mass_warnings(records, gap=0.12)] == ["block 0", "block 2", "block 5"]
+    assert mass_warnings(records, gap=0.6) == []
+
+
+def _md_rows(md: str) -> dict[int, list[str]]:
+    rows = [line.strip("|").split("|") for line in md.splitlines() if line.startswith("| ") and "block" not in line]
+    return {int(r[0]): [c.strip() for c in r] for r in rows if r[0].strip().isdigit()}
+
+
+def test_distill_reports_and_logs_the_mass_diagnostic(teacher, prompts, tmp_path, monkeypatch, capsys):
+    m = _distill_module()
+    real = m.mass_warnings
+    gaps = {}
+
+    def one_warning(records):  # a gap between the two blocks' (calibrated, small) gaps: the larger one is warned
+        gaps.update({b: abs(r["linear_share"] - r["teacher_share"]) for b, r in records.items()})
+        return real(records, gap=min(gaps.values()))
+
+    monkeypatch.setattr(m, "mass_warnings", one_warning)
+    out = tmp_path / "student"
+    steps, lr = 4, 1e-3
+    res = distill(teacher, out, prompts=prompts, **GEOM, chunk_frames=1, overlap_frames=0, sampling_steps=2,
+                  steps=steps, lr=lr, batch_size=2, mass_every=2, checkpoint_every=steps, progress=False)
+    # the report: mass columns before / after, softmax's share and the bidirectional teacher's mass
+    md = (out / "distill_report.md").read_text()
+    assert "| linear share before | linear share after | softmax share | teacher mass |" in md
+    rows = _md_rows(md)
+    assert set(rows) == {0, 1}
+    for b, row in rows.items():
+        assert row[7:11] == [f"{res.before[b]['linear_share']:.4f}", f"{res.after[b]['linear_share']:.4f}",
+                             f"{res.after[b]['teacher_share']:.4f}", f"{res.after[b]['teacher_mass']:.4f}"]
+        assert res.before[b]["linear_share"] > 0.95 and abs(res.after[b]["linear_share"]
+                                                            - res.after[b]["teacher_share"]) < 0.1
+        assert res.after[b]["teacher_mass"] < res.after[b]["teacher_share"]  # it also attends to future frames
+    report = json.loads((out / "distill_report.json").read_text())
+    for b in ("0", "1"):
+        assert all(set(m.MASS_KEYS) <= set(report["blocks"][b][when]) for when in ("before", "after"))
+    # warnings: exactly the blocks past the gap, in the JSON, the Markdown and on stdout
+    expected = real(res.after, gap=min(gaps.values()))
+    assert len(expected) == 1 and expected[0].startswith(f"block {max(gaps, key=gaps.get)}:")
+    assert report["mass_warnings"] == expected
+    assert [line[len("- warning: "):] for line in md.splitlines() if line.startswith("- warning: ")] == expected
+    printed = capsys.readouterr().out
+    assert "rehyat distill: warning:" in printed and expected[0] in printed
+    # the calibration: one log scale per head and block, and what the saved student's scales started from
+    cal = report["linear_log_scale_calibration"]
+    assert set(cal) == {"0", "1"} and all(len(g) == 2 and all(x < -1 for x in g) for g in cal.values())
+    saved = _weights(out)
+    for b, g in cal.items():
+        trained = saved[f"blocks.{b}.attn1.processor.linear_log_scale"]
+        assert (trained - torch.tensor(g)).abs().max() <= 1.5 * steps * lr, (trained, g)  # Adam moves ~lr a step
+    # the log: the mass diagnostic on steps 1, 3 (every mass_every steps, the first included)
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    for r in log:
+        measured = r["step"] in (1, 3)
+        assert ("linear_share" in r) == measured and ("teacher_share" in r) == measured, r
+        if measured:
+            assert set(r["linear_share"]) == set(r["teacher_share"]) == {"0", "1"}
+    assert [set(h[0]) >= {"linear_share"} for h in res.history] == [True, False, True, False]
+
+
+def test_mass_every_zero_logs_none(teacher, prompts, tmp_path):
+    res = distill(teacher, tmp_path / "s", prompts=prompts, **GEOM, chunk_frames=1, overlap_frames=0,
+                  sampling_steps=2, steps=2, batch_size=2, mass_every=0, eval_trajectories=0, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "s" / "train" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and not any("linear_share" in r for r in log)
+    assert all("linear_share" not in h[0] for h in res.history)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_bad_mass_every_refused_up_front(teacher, prompts, tmp_path, capsys, no_weights, bad):
+    with pytest.raises(ValueError, match="--mass-every"):
+        distill(teacher, tmp_path / "o", prompts=prompts, **GEOM, mass_every=bad, progress=False)
+    assert not (tmp_path / "o").exists()
+    code = main(["distill", "--model", str(teacher), "--prompts", str(prompts), "--frames", "4", "--height", "4",
+                 "--width", "4", "--out", str(tmp_path / "o"), "--mass-every", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mass-every" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_distillation_calibrates_its_fresh_conversion(teacher, prompts):
+    """short_distillation (best:N ranking, knapsack pricing) calibrates before its steps: with 0 steps its linear
+    scales are the calibration of its feature maps on the calibration trajectory, redone here."""
+    from rehyat.training import resolve_prompt_pool
+    from rehyat.training.distributed import DistEnv
+
+    m = _distill_module()
+    conversion = m._conversion_kwargs(1, 0, True, "lse", "polynomial", None, "rotated", "bidirectional")
+    pool = resolve_prompt_pool(teacher, prompts=prompts)
+    errors, state = m.short_distillation(teacher, conversion, "all", pool, (3, 4, 4, 4), steps=0, lr=1e-3,
+                                         batch_size=2, sampling_steps=2, guidance=5.0, seed=0, env=DistEnv(),
+                                         dtype=torch.float32)
+    pipe, model = _converted_teacher(teacher, chunk_frames=1, overlap_frames=0)
+    with torch.no_grad():  # its feature maps, scales back at 0
+        for n, p in model.named_parameters():
+            if ".attn1.processor.feature_map_" in n:
+                p.copy_(state[n])
+    assert all(torch.equal(s, torch.zeros(2)) for s in _scales(model).values())
+    calib = m.TeacherTrajectories(pipe.scheduler, pool, (3, 4, 4, 4), batch_size=2, sampling_steps=2,
+                                  guidance_scale=5.0, seed=m.CALIBRATION_SEED_OFFSET, env=DistEnv())
+    gaps = m.calibrate_linear_scale(model, calib)
+    for b in (0, 1):
+        got = state[f"blocks.{b}.attn1.processor.linear_log_scale"]
+        torch.testing.assert_close(got, torch.tensor(gaps[b], dtype=torch.float32), rtol=1e-5, atol=1e-5)
+        assert abs(errors[b]["linear_share"] - errors[b]["teacher_share"]) < 0.1, errors[b]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-causal teachers (a model trained block-causal, rehyat finetune --chunk-causal)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def block_causal_teacher(root, teacher):
+    """The tiny teacher made block-causal (chunks of 2 frames), saved as a model folder with its components."""
+    from rehyat.models import convert_wan
+    from rehyat.training.components import load_model_folder, save_model_folder
+
+    folder = root / "block_causal_teacher"
+    if not folder.exists():
+        tr = load_model_folder(teacher).transformer
+        convert_wan(tr, blocks=[], softmax_blocks="chunk_causal", chunk_frames=2)
+        save_model_folder(tr, folder, components_from=teacher)
+    return folder
+
+
+def test_distill_a_block_causal_teacher(block_causal_teacher, prompts, tmp_path):
+    from rehyat.models import get_context
+    from rehyat.pipelines import ReHyAtVideoPipeline
+
+    out = tmp_path / "student"
+    # 6 frames, chunks of 2, overlap 1: the queries of chunk 1 have linear keys (frame 0) and future frames (4, 5)
+    res = distill(block_causal_teacher, out, prompts=prompts, frames=6, height=4, width=4, chunk_frames=2,
+                  overlap_frames=1, softmax_blocks="chunk_causal", sampling_steps=2, steps=2, batch_size=2,
+                  progress=False)
+    report = json.loads((out / "distill_report.json").read_text())
+    for b in ("0", "1"):
+        after = report["blocks"][b]["after"]
+        # the block-causal teacher attends to exactly the hybrid's keys: its mass on the linear keys is the share
+        assert after["teacher_mass"] == pytest.approx(after["teacher_share"], rel=1e-12, abs=0)
+        assert 0 < after["teacher_share"] < 1
+    assert set(report["linear_log_scale_calibration"]) == {"0", "1"}
+    pipe = ReHyAtVideoPipeline.from_pretrained(out)
+    cfg = pipe.transformer.rehyat_config
+    assert (cfg.blocks, cfg.softmax_blocks, cfg.chunk_frames, cfg.teacher_attention) == \
+           ([0, 1], "chunk_causal", 2, "chunk_causal")
+    assert get_context(pipe.transformer).teacher_chunk_frames == 2
+    assert res.after[0]["rel_error"] < 1
+
+
+def test_block_causal_teacher_with_other_settings_refused_up_front(block_causal_teacher, prompts, tmp_path, capsys,
+                                                                  no_weights):
+    common = ["--model", str(block_causal_teacher), "--prompts", str(prompts), "--frames", "6", "--height", "4",
+              "--width", "4", "--out", str(tmp_path / "o")]
+    for cmd, extra, named in [
+        ("distill", ["--chunk-frames", "3", "--softmax-blocks", "chunk_causal"], "--chunk-frames 2"),
+        ("distill", ["--chunk-frames", "2"], "--softmax-blocks chunk_causal"),
+        ("convert", ["--chunk-frames", "1", "--softmax-blocks", "chunk_causal"], "--chunk-frames 2"),
+    ]:
+        code = main([cmd] + common + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and named in err and str(block_causal_teacher) in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="--chunk-frames"):
+        distill(block_causal_teacher, tmp_path / "o", prompts=prompts, frames=6, height=4, width=4, chunk_frames=3,
+                softmax_blocks="chunk_causal", progress=False)
+
+
+def test_resume_keeps_the_calibration(teacher, prompts, tmp_path):
+    """A resumed run neither calibrates again (the trained scales come from the checkpoint) nor loses the
+    calibration from its report."""
+    kw = dict(prompts=prompts, **GEOM, chunk_frames=1, overlap_frames=0, sampling_steps=2, steps=3, batch_size=2,
+              checkpoint_every=1, eval_trajectories=0, progress=False)
+    distill(teacher, tmp_path / "a", **kw)
+
+    def kill(step, rec):
+        if step == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        distill(teacher, tmp_path / "b", callback=kill, **kw)
+    distill(teacher, tmp_path / "b", resume=True, **kw)
+    ra, rb = (json.loads((tmp_path / x / "distill_report.json").read_text()) for x in ("a", "b"))
+    assert ra["linear_log_scale_calibration"] == rb["linear_log_scale_calibration"] is not None
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.endswith("linear_log_scale"))
+
+
+def test_an_already_converted_folder_is_not_calibrated_again(pixel_student, prompts, tmp_path):
+    """Only a fresh conversion is calibrated: a converted folder's scales (here 0, as converted) are its own,
+    and distillation only trains them."""
+    steps, lr = 2, 1e-3
+    distill(pixel_student, tmp_path / "s", prompts=prompts, **GEOM, sampling_steps=2, steps=steps, lr=lr,
+            batch_size=2, eval_trajectories=0, progress=False)
+    assert json.loads((tmp_path / "s" / "distill_report.json").read_text())["linear_log_scale_calibration"] is None
+    before, after = _weights(pixel_student), _weights(tmp_path / "s")
+    keys = [k for k in after if k.endswith(".attn1.processor.linear_log_scale")]
+    assert len(keys) == 2
+    for k in keys:
+        assert torch.equal(before[k], torch.zeros(2)) and (after[k] - before[k]).abs().max() <= 1.5 * steps * lr

@@ -167,3 +167,69 @@ def test_bf16_autocast_and_checkpointing_run(pixel_student, pixel_dataset, tmp_p
     assert all(torch.isfinite(torch.tensor(res.losses)))
     w = _weights(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in w.values())  # saved in float32
+
+
+def _fresh_config(folder, num_layers=2):
+    cfg = folder / "cfg.json"
+    cfg.write_text(json.dumps({"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2],
+                               "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 3,
+                               "out_channels": 3, "text_dim": 64, "freq_dim": 32, "ffn_dim": 64,
+                               "num_layers": num_layers}))
+    return cfg
+
+
+def _outputs_with_other_later_frames(transformer):
+    """The transformer's outputs ``[1, 3, 5, 8, 8]`` on latents and on the same latents with frames 2-4 redrawn."""
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(1, 3, 5, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 8, 64, generator=g)
+    later = x.clone()
+    later[:, :, 2:] = torch.randn(1, 3, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        return tuple(transformer(v, t, e, return_dict=False)[0] for v in (x, later))
+
+
+def test_chunk_causal_trains_a_block_causal_model_that_streams(pixel_dataset, tmp_path):
+    from rehyat.cli import main
+    from rehyat.models import get_rehyat_config
+    from rehyat.pipelines import ReHyAtVideoPipeline
+
+    out = tmp_path / "causal"
+    assert main(["finetune", "--config", str(_fresh_config(tmp_path)), "--data", str(pixel_dataset), "--out", str(out),
+                 "--steps", "1", "--batch-size", "2", "--chunk-causal", "2", "--eval-batches", "0",
+                 "--no-progress"]) == 0
+    settings = json.loads((out / "transformer" / "rehyat_config.json").read_text())
+    assert (settings["blocks"], settings["softmax_blocks"], settings["chunk_frames"]) == ([], "chunk_causal", 2)
+    assert json.loads((out / "train" / "run_config.json").read_text())["chunk_causal"] == 2
+    pipe = ReHyAtVideoPipeline.from_pretrained(out)
+    cfg = get_rehyat_config(pipe.transformer)
+    assert (cfg.blocks, cfg.softmax_blocks, cfg.chunk_frames) == ([], "chunk_causal", 2)
+    y, y_later = _outputs_with_other_later_frames(pipe.transformer)
+    # block-causal: the first chunk's output does not depend on later frames
+    torch.testing.assert_close(y_later[:, :, :2], y[:, :, :2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(y_later[:, :, 2:], y[:, :, 2:], atol=1e-3)
+    # and it generates chunk by chunk: streaming and recurrent give the parallel video (float32 rounding over steps)
+    kw = dict(num_frames=5, height=8, width=8, num_inference_steps=2, guidance_scale=2.0, seed=0, progress=False)
+    videos = {m: pipe("a red circle moving left", mode=m, **kw).latents for m in ("parallel", "recurrent", "streaming")}
+    assert videos["parallel"].shape == (1, 3, 5, 8, 8)
+    for m in ("recurrent", "streaming"):
+        torch.testing.assert_close(videos[m], videos["parallel"], rtol=1e-4, atol=1e-4, msg=m)
+
+
+def test_without_chunk_causal_the_fresh_model_is_bidirectional(pixel_dataset, tmp_path):
+    # the converse of the test above: without --chunk-causal the model is plain (and not streamable)
+    from rehyat.models import load_transformer
+
+    finetune(tmp_path / "plain", config=_fresh_config(tmp_path), data=pixel_dataset, steps=1, batch_size=2,
+             eval_batches=0, progress=False)
+    assert not (tmp_path / "plain" / "transformer" / "rehyat_config.json").exists()
+    y, y_later = _outputs_with_other_later_frames(load_transformer(tmp_path / "plain" / "transformer"))
+    assert not torch.allclose(y_later[:, :, :2], y[:, :, :2], atol=1e-3)
+
+
+@pytest.mark.parametrize("how, value", [("model", 2), ("config", 0), ("config", -1), ("config", 1.5), ("config", "2")])
+def test_bad_chunk_causal_refused_up_front(pixel_student, pixel_dataset, tmp_path, no_weights, how, value):
+    source = dict(model=pixel_student) if how == "model" else dict(config=_fresh_config(tmp_path))
+    with pytest.raises(ValueError, match="--chunk-causal") as e:
+        finetune(tmp_path / "o", data=pixel_dataset, chunk_causal=value, steps=1, progress=False, **source)
+    assert ("with --model" in str(e.value)) == (how == "model")
+    assert not (tmp_path / "o").exists()

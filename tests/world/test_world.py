@@ -390,3 +390,28 @@ def test_export_refuses_non_empty_folder(tmp_path):
 def test_read_video_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_video(tmp_path / "nope.mp4")
+
+
+def test_sample_scene_starts_near_the_centre_by_default():
+    scenes = [sample_scene(s) for s in range(300)]
+    for s in scenes:
+        assert 0.4 <= s.x0 <= 0.6 and 0.4 <= s.y0 <= 0.6, s
+    xs, ys = [s.x0 for s in scenes], [s.y0 for s in scenes]
+    assert min(xs) < 0.42 and max(xs) > 0.58 and min(ys) < 0.42 and max(ys) > 0.58  # the whole range is used
+    assert sample_scene(3) == sample_scene(3, position_range=(0.4, 0.6))
+
+
+def test_sample_scene_position_range():
+    scenes = [sample_scene(s, position_range=(0, 1)) for s in range(300)]
+    xs, ys = [s.x0 for s in scenes], [s.y0 for s in scenes]
+    assert all(0 <= v < 1 for v in xs + ys)
+    assert min(xs) < 0.05 and max(xs) > 0.95 and min(ys) < 0.05 and max(ys) > 0.95  # spans the frame
+    assert {(s.x0, s.y0) for s in (sample_scene(k, position_range=(0.25, 0.25)) for k in range(5))} == {(0.25, 0.25)}
+    narrow = [sample_scene(s, position_range=(0.1, 0.2)) for s in range(50)]
+    assert all(0.1 <= s.x0 <= 0.2 and 0.1 <= s.y0 <= 0.2 for s in narrow)
+
+
+@pytest.mark.parametrize("bad", [(0.6, 0.4), (-0.1, 0.5), (0.5, 1.1), (0.5,), None, ("a", 1), 0.5])
+def test_sample_scene_rejects_bad_position_range(bad):
+    with pytest.raises(ValueError, match="position_range"):
+        sample_scene(0, position_range=bad)
