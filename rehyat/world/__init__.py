@@ -7,7 +7,7 @@ any video, e.g. a generated one, can be scored against its caption
 (:mod:`rehyat.world.checks`).
 """
 
-from .checks import check_video, classify_shape, shape_scores, summarise
+from .checks import check_video, classify_shape, shape_scores, summarise, trim_blob
 from .dataset import export_video_dataset, read_metadata, read_video, scene_seed, write_video
 from .scenes import (
     DIRECTIONS,
@@ -29,6 +29,7 @@ __all__ = [
     "caption",
     "check_video",
     "classify_shape",
+    "trim_blob",
     "export_video_dataset",
     "parse_caption",
     "read_metadata",

@@ -14,6 +14,7 @@ from rehyat.world import (
     caption,
     check_video,
     classify_shape,
+    trim_blob,
     export_video_dataset,
     parse_caption,
     read_metadata,
@@ -210,6 +211,41 @@ def test_classify_shape_on_ideal_masks():
     assert classify_shape(np.ones((21, 21), bool)) == "square"
     assert classify_shape(np.abs(xx) <= (yy + 10) / 2) == "triangle"
     assert classify_shape(np.ones((4, 20), bool)) == "other"
+
+
+def _spurred(mask, spurs):
+    """``mask`` padded by 2 pixels with single pixels set just outside it at ``spurs`` ((row, col) in the padded
+    frame), then cropped to its bounding box, as check_video crops a blob."""
+    m = np.pad(mask, 2)
+    for r, c in spurs:
+        m[r, c] = True
+    ys, xs = np.nonzero(m)
+    return m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def test_classify_shape_ignores_rim_spurs():
+    """One-pixel spurs on a generated square's rim widen its box so that its fill ratio reads as a circle's; the
+    trimmed boxes of the default classifier read a square. Clean and spurred circles and triangles stay what they are."""
+    yy, xx = np.mgrid[0:16, 0:16] - 7.5
+    square, circle, triangle = np.ones((16, 16), bool), xx**2 + yy**2 <= 64, np.abs(xx) <= (yy + 8) / 2
+    spurs = [(0, 9), (19, 5), (8, 0), (12, 19)]  # one pixel beyond each side
+    assert classify_shape(_spurred(square, spurs), trim_quantiles=(0.0,)) == "circle"  # the full box alone
+    assert classify_shape(_spurred(square, spurs)) == "square"
+    assert classify_shape(_spurred(circle, [(1, 9), (18, 9)])) == "circle"
+    assert classify_shape(_spurred(triangle, [(18, 9)])) == "triangle"
+    for clean, name in ((square, "square"), (circle, "circle"), (triangle, "triangle")):
+        assert classify_shape(clean) == name
+
+
+def test_trim_blob():
+    m = _spurred(np.ones((10, 10), bool), [(0, 5)])
+    assert m.shape == (12, 10)
+    assert trim_blob(m, 0.0).shape == (12, 10)
+    np.testing.assert_array_equal(trim_blob(m), np.ones((10, 10), bool))
+    assert trim_blob(np.zeros((3, 3), bool)).shape == (3, 3)
+    for bad in (-0.1, 0.5, 1.0):
+        with pytest.raises(ValueError, match="quantile must be in"):
+            trim_blob(m, bad)
 
 
 def test_checks_reject_time_reversed_video():
