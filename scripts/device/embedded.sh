@@ -2,7 +2,8 @@
 # The embedded models in one device call (one H200): world data, the block-causal teacher from scratch, its ReHyAt
 # student (distil, then fine-tune with the teacher-velocity loss), world checks of both. Each stage has a time
 # limit; a stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as
-# it exists. Env: T_STEPS T_BATCH T_LIMIT D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS.
+# it exists (the student stage is scripts/device/student.sh). Env: T_STEPS T_BATCH T_LIMIT D_STEPS D_BATCH D_LIMIT
+# F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS.
 source scripts/device/common.sh
 T_STEPS=${T_STEPS:-1400} T_BATCH=${T_BATCH:-128} T_LIMIT=${T_LIMIT:-230}
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
@@ -18,22 +19,5 @@ targs=(--config configs/world_teacher.json --components-from configs/world_compo
 timeout -s INT "$T_LIMIT" python3 -m rehyat.cli finetune "${targs[@]}" --out "$W/teacher" --steps "$T_STEPS" \
     --no-progress --overwrite || finish_from_checkpoint finetune "$W/teacher" "${targs[@]}"
 cp "$W/teacher/train/log.jsonl" "$OUT/teacher_log.jsonl"; pack "$W/teacher" teacher
-stamp distill
-dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames 1
-       --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
-       --mass-every 25)
-timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint distill "$W/distilled" "${dargs[@]}"
-pack "$W/distilled" distilled
-stamp finetune
-fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-weight 1.0 --batch-size "$F_BATCH"
-       --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100)
-timeout -s INT "$F_LIMIT" python3 -m rehyat.cli finetune "${fargs[@]}" --out "$W/student" --steps "$F_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint finetune "$W/student" "${fargs[@]}"
-pack "$W/student" student
-stamp eval
-timeout 100 python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \
-    --model "student=$W/student" --model "distilled=$W/distilled" --prompts "$EVAL_PROMPTS" --seeds 0,1 --frames 16 \
-    || echo "eval stopped"
-stamp done
-ls -la "$OUT"
+D_STEPS=$D_STEPS D_BATCH=$D_BATCH D_LIMIT=$D_LIMIT F_STEPS=$F_STEPS F_BATCH=$F_BATCH F_LIMIT=$F_LIMIT \
+    EVAL_PROMPTS=$EVAL_PROMPTS bash scripts/device/student.sh

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The ReHyAt student of the teacher in $W/teacher (after teacher.sh or teacher_resume.sh in the same call): distil
+# every block (chunk 4, overlap 1, block-causal like its teacher), fine-tune with the teacher-velocity loss, world
+# checks of teacher, student and distilled model on the same prompts and noise. Each stage has a time limit; a
+# stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
+# Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT.
+source scripts/device/common.sh
+D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
+F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
+EVAL_PROMPTS=${EVAL_PROMPTS:-32} EVAL_LIMIT=${EVAL_LIMIT:-100}
+stamp distill
+dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames 1
+       --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
+       --mass-every 25)
+timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
+    --no-progress --overwrite || finish_from_checkpoint distill "$W/distilled" "${dargs[@]}"
+pack "$W/distilled" distilled
+stamp finetune
+fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-weight 1.0 --batch-size "$F_BATCH"
+       --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100)
+timeout -s INT "$F_LIMIT" python3 -m rehyat.cli finetune "${fargs[@]}" --out "$W/student" --steps "$F_STEPS" \
+    --no-progress --overwrite || finish_from_checkpoint finetune "$W/student" "${fargs[@]}"
+pack "$W/student" student
+stamp eval
+timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \
+    --model "student=$W/student" --model "distilled=$W/distilled" --prompts "$EVAL_PROMPTS" --seeds 0,1 --frames 16 \
+    || echo "eval stopped"
+stamp done
+ls -la "$OUT"
