@@ -337,6 +337,8 @@ def convert_model(
         ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
             folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
     """
+    import torch
+
     from ..models import convert_wan
     from .common import default_geometry, latent_shape_for, parse_blocks, resolve_dtype
     from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
@@ -409,7 +411,7 @@ def convert_model(
         settings = [(chunk_frames, overlap_frames)] if kind == "best" else cands
         errors, states = {}, {}
         for tc, to in settings:
-            torch_seed(seed)
+            torch.manual_seed(seed)
             conv = dict(conversion, chunk_frames=tc, overlap_frames=to)
             err, st = short_distillation(model, conv, "all", pool, latent_shape, steps=rank_steps, lr=lr,
                                          batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
@@ -448,7 +450,7 @@ def convert_model(
     if fm_state:
         student = build_student(model, chosen, conversion, block_settings, fm_state)
     else:
-        torch_seed(seed)
+        torch.manual_seed(seed)
         student = convert_wan(load_model_folder(model, device="cpu").transformer, blocks=chosen,
                               block_settings=block_settings, **conversion)
     if overwrite and out.is_dir():
@@ -460,9 +462,3 @@ def convert_model(
         (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
         (out / "selection.md").write_text("# Block selection\n\n" + selection_table(selection) + "\n")
     return out, selection
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)

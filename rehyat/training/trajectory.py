@@ -173,10 +173,6 @@ class TeacherTrajectories:
         self.pool_embeds = pad(pool.embeds).to(self.device)
         self.negative = pad(neg).to(self.device)
 
-    @property
-    def local_batch(self) -> int:
-        return self.local.stop - self.local.start
-
     def _start(self) -> None:
         from ..pipelines import initial_noise
 
@@ -200,12 +196,6 @@ class TeacherTrajectories:
             x = torch.cat([x, x])
             e = torch.cat([self.negative.expand(x.shape[0] // 2, -1, -1), e])
         return x.to(self.dtype), t.expand(x.shape[0]).to(self.device), e.to(self.dtype)
-
-    @property
-    def timestep(self):
-        if self.latents is None:
-            self._start()
-        return self.sched.timesteps[self.step]
 
     def guided(self, out: torch.Tensor) -> torch.Tensor:
         """The guided velocity (float32) from the model output on :meth:`inputs`."""
