@@ -89,8 +89,8 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
             without a text encoder and no table, or embeddings whose width is not ``text_dim``.
         FileNotFoundError: a missing file or folder.
     """
+    from ..text_encoder import TextEmbeddingTable
     from .components import load_text_encoder_from_folder, read_pipeline_config
-    from .data import TextEmbeddingTable
 
     model = Path(model)
     if (prompts is not None) + (data is not None) == 2:
