@@ -1,7 +1,7 @@
 """Does a world model use each caption word? Its flow-matching loss on 32 ground-truth world videos with the right
 caption and with one word swapped (shape, direction to the opposite, colour) or the null caption, at several noise
 levels. ``python scripts/probes/caption_probe.py MODEL_FOLDER FRAME_SIZE`` (the caption table in .devcarry/,
-see rehyat/assets/TRAINING.md)."""
+see docs/results/embedded_models/TRAINING.md)."""
 import sys
 
 import torch
