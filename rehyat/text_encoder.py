@@ -8,11 +8,20 @@ The (tokenizer, model) pair also works as the ``tokenizer`` / ``text_encoder`` o
 diffusers ``WanPipeline``: the pipeline calls
 ``text_encoder(input_ids, attention_mask).last_hidden_state``, which ``BertModel``
 supports, and then zeroes the padded positions just like :func:`encode_prompts`.
+
+:class:`TextEmbeddingTable` is a caption-embedding table (``--text-embeddings FILE.safetensors``): prompt
+embeddings computed once on a machine with the text encoder, looked up by caption where the encoder's weights are
+missing (the pipeline, training). One tensor ``"embeds"`` ``[K, L, D]`` and, in the safetensors metadata,
+``"captions"`` = a JSON list of the K captions (row k embeds caption k), plus optional ``"max_sequence_length"``
+and ``"text_encoder"``. :func:`rehyat.training.encode_text_table` writes one.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -116,3 +125,80 @@ def encode_prompts(tokenizer, model, prompts: list[str], max_length: int = 32):
     hidden = model(input_ids, attention_mask).last_hidden_state
     prompt_embeds = hidden * attention_mask[..., None].to(hidden.dtype)
     return prompt_embeds, attention_mask
+
+
+class TextEmbeddingTable:
+    """Captions and their text embeddings, ``embeds [K, L, D]`` (row k embeds ``captions[k]``; float32 as
+    :func:`rehyat.training.encode_text_table` writes them, any dtype accepted).
+
+    Stored as safetensors (see the module docstring): :meth:`save` writes atomically, :meth:`load` reads.
+    ``lookup(captions) -> [B, L, D]`` raises ``ValueError`` naming the captions that are not in the table.
+    ``max_sequence_length`` defaults to L; ``text_encoder`` names the encoder that made the table (``None``: unknown).
+
+    Raises:
+        ValueError: ``embeds`` is not ``[len(captions), L, D]``.
+    """
+
+    def __init__(self, captions: list[str], embeds: torch.Tensor, *, max_sequence_length: int | None = None,
+                 text_encoder: str | None = None) -> None:
+        if embeds.dim() != 3 or embeds.shape[0] != len(captions):
+            raise ValueError(f"embeds must be [K={len(captions)}, L, D], got {tuple(embeds.shape)}")
+        self.captions, self.embeds = list(captions), embeds
+        self.max_sequence_length = max_sequence_length or embeds.shape[1]
+        self.text_encoder = text_encoder
+        self._index = {c: i for i, c in enumerate(self.captions)}
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self._index
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def text_dim(self) -> int:
+        return self.embeds.shape[-1]
+
+    def missing(self, captions: Iterable[str]) -> list[str]:
+        return sorted({c for c in captions if c not in self._index})
+
+    def lookup(self, captions: list[str]) -> torch.Tensor:
+        missing = self.missing(captions)
+        if missing:
+            raise ValueError(f"{len(missing)} captions are not in the text-embedding table, e.g. {missing[:3]}")
+        return self.embeds[torch.tensor([self._index[c] for c in captions], dtype=torch.long)]
+
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"captions": json.dumps(self.captions), "max_sequence_length": str(self.max_sequence_length)}
+        if self.text_encoder:
+            meta["text_encoder"] = self.text_encoder
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"embeds": self.embeds.contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "TextEmbeddingTable":
+        """Raises FileNotFoundError / ValueError for a missing file or one that is not such a table."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text-embedding table {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "embeds" not in f.keys():
+                    raise ValueError(f"{path} has no tensor 'embeds'")
+                embeds = f.get_tensor("embeds")
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+            raise ValueError(f"{path} is not a safetensors file: {e}") from None
+        if "captions" not in meta:
+            raise ValueError(f"{path} has no 'captions' entry in its safetensors metadata")
+        captions = json.loads(meta["captions"])
+        return cls(captions, embeds, max_sequence_length=int(meta.get("max_sequence_length", embeds.shape[1])),
+                   text_encoder=meta.get("text_encoder"))

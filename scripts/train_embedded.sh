@@ -2,8 +2,8 @@
 # Train the project's embedded models with the project's own commands: world data -> teacher from scratch ->
 # convert + distil (stage 1) -> fine-tune on 16-frame clips (stage 2, two runs) -> fine-tune on longer clips
 # (stage 3) -> evaluate. The defaults are the recipe of the shipped models, except that their stage 3 had a first
-# run (1,000 x 32 on 3,000 clips) before this one (rehyat/assets/TRAINING.md has the commands and the times on
-# H200s); every size is an environment variable so a CPU smoke run can shrink it.
+# run (1,000 x 32 on 3,000 clips) before this one (docs/results/embedded_models/TRAINING.md has the commands and the
+# times on H200s); every size is an environment variable so a CPU smoke run can shrink it.
 #
 #   WORK=/tmp/w OUT=/tmp/out bash scripts/train_embedded.sh            # full run
 #   VIDEOS=64 TEACHER_STEPS=4 DISTILL_STEPS=2 FT_STEPS=2 FT2_STEPS=1 LONG_VIDEOS=8 LONG_STEPS=1 EVAL=0 ... # smoke run

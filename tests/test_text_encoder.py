@@ -69,3 +69,12 @@ def test_encode_rejects_bad_arguments(encoder):
         te.encode_prompts(tokenizer, model, [])
     with pytest.raises(ValueError):
         te.encode_prompts(tokenizer, model, PROMPTS, max_length=1)
+
+
+def test_text_embedding_table_keeps_its_old_import_paths():
+    """The table moved from rehyat.training.data down to rehyat.text_encoder; the old paths name the same class."""
+    from rehyat.text_encoder import TextEmbeddingTable
+    from rehyat.training import TextEmbeddingTable as from_training
+    from rehyat.training.data import TextEmbeddingTable as from_data
+
+    assert from_training is TextEmbeddingTable and from_data is TextEmbeddingTable

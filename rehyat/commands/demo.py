@@ -19,16 +19,17 @@ from pathlib import Path
 
 from .evaluate import number_list
 
-#: What the report says of the embedded models (only when both are the embedded ones); numbers in TRAINING.md.
+#: What the report says of the embedded models (only when both are the embedded ones); numbers in
+#: docs/results/embedded_models/TRAINING.md.
 EMBEDDED_NOTE = (
-    "The embedded models are still under-trained (see rehyat/assets/TRAINING.md): the teacher's samples get the "
-    "background right and usually show a ragged blob of the prompted colour, but shape and motion direction are at "
-    "chance, and beyond its 16 training frames it loses the object. The student was fine-tuned on 16-frame clips, "
-    "then on 64-frame clips: at the training length it loses the object at a chunk boundary more often than the "
-    "teacher; in long videos it keeps drawing the prompted colour, but as scattered fragments rather than one object "
-    "(TRAINING.md, 16 videos of 64 frames: colour in 0.66 of the frames, the teacher's 0.30). What the demo shows is "
-    "the mechanics (a long video streamed chunk by chunk, the student measured against its teacher, the cost of a "
-    "denoising step against length), not video quality.")
+    "The embedded models are still under-trained (see docs/results/embedded_models/TRAINING.md in the repository): "
+    "the teacher's samples get the background right and usually show a ragged blob of the prompted colour, but shape "
+    "and motion direction are at chance, and beyond its 16 training frames it loses the object. The student was "
+    "fine-tuned on 16-frame clips, then on 64-frame clips: at the training length it loses the object at a chunk "
+    "boundary more often than the teacher; in long videos it keeps drawing the prompted colour, but as scattered "
+    "fragments rather than one object (TRAINING.md, 16 videos of 64 frames: colour in 0.66 of the frames, the "
+    "teacher's 0.30). What the demo shows is the mechanics (a long video streamed chunk by chunk, the student "
+    "measured against its teacher, the cost of a denoising step against length), not video quality.")
 SWEEP_REPEATS = 3  # timed steps per point of the time/memory plot (their median): one sample misleads on a busy CPU
 HELP = "run the main job on the embedded models: long streamed video, side-by-side, evaluation report and plot"
 

@@ -155,7 +155,7 @@ def run_export(args) -> int:
                              fps=args.fps, overwrite=args.overwrite)
         print(f"wrote {args.num_videos} videos and metadata.jsonl to {out}")
         return 0
-    from ..training.data import TextEmbeddingTable
+    from ..text_encoder import TextEmbeddingTable
 
     if args.text_embeddings is not None:
         table = TextEmbeddingTable.load(args.text_embeddings)

@@ -154,7 +154,6 @@ class RunContext:
 
     Attributes:
         frame_tokens: S, tokens per latent frame of the current forward (set by the transformer's pre-hook).
-        num_frames: latent frames in the current forward.
         frame_offset: absolute index of the first latent frame of the current forward (recurrent mode).
         mode: ``"parallel"`` (all frames at once) or ``"recurrent"`` (this forward is one chunk; states below).
         states: per-block recurrent state (``RecurrentState``), read and replaced by the processors.
@@ -175,7 +174,6 @@ class RunContext:
 
     def __init__(self) -> None:
         self.frame_tokens: int | None = None
-        self.num_frames: int | None = None
         self.frame_offset: int = 0
         self.mode: str = "parallel"
         self.states: dict[int, RecurrentState] = {}
@@ -523,11 +521,10 @@ def _frame_tokens_hook(module, args, kwargs):
     hs = kwargs.get("hidden_states", args[0] if args else None)
     if hs is None or hs.dim() != 5:
         raise ValueError("hidden_states must be latents [B, C, F, H, W]")
-    p_t, p_h, p_w = module.config.patch_size
-    _, _, f, h, w = hs.shape
+    _, p_h, p_w = module.config.patch_size
+    h, w = hs.shape[-2:]
     ctx = module._rehyat_context
     ctx.frame_tokens = (h // p_h) * (w // p_w)
-    ctx.num_frames = f // p_t
 
 
 def _is_wan_transformer(transformer) -> bool:

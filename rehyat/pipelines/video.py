@@ -305,7 +305,7 @@ class ReHyAtVideoPipeline:
                         text_embeddings=None) -> "ReHyAtVideoPipeline":
         """Load a model folder (see the module docstring).
 
-        ``text_embeddings``: a caption table (:class:`rehyat.training.data.TextEmbeddingTable` file) used instead
+        ``text_embeddings``: a caption table (:class:`rehyat.text_encoder.TextEmbeddingTable` file) used instead
         of the folder's text encoder, for machines without its weights. The text encoder itself loads on first use.
         Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, or whose
         transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`), before loading any
@@ -322,7 +322,7 @@ class ReHyAtVideoPipeline:
         cfg = read_pipeline_config(folder)
         table = None
         if text_embeddings is not None:  # read (and fail) before any weights load
-            from ..training.data import TextEmbeddingTable
+            from ..text_encoder import TextEmbeddingTable
 
             table = TextEmbeddingTable.load(text_embeddings)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()

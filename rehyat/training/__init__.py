@@ -15,13 +15,13 @@
 Importing this package is light; diffusers is imported when a function needs it.
 """
 
+from ..text_encoder import TextEmbeddingTable
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (
     DatasetInfo,
     DatasetWriter,
     GlobalBatchSampler,
     LatentDataset,
-    TextEmbeddingTable,
     check_dataset_fits_model,
     encode_text_table,
     load_dataset,

@@ -28,10 +28,9 @@ zero past the prompt's tokens, as diffusers' ``WanPipeline`` makes them. :func:`
 into memory (stacked ``[N, ...]`` tensors, optionally moved to the GPU) so the training loop gathers a batch with
 one indexing op; a dataset larger than ``max_memory_bytes`` is read lazily, a batch at a time.
 
-Caption-embedding table (``--text-embeddings FILE.safetensors``): one tensor ``"embeds"`` ``[K, L, D]`` and, in
-the safetensors metadata, ``"captions"`` = a JSON list of the K captions (row k embeds caption k), plus optional
-``"max_sequence_length"`` and ``"text_encoder"``. It replaces a text encoder on machines that lack its weights
-(:class:`TextEmbeddingTable`, :func:`encode_text_table`).
+Caption-embedding table (``--text-embeddings FILE.safetensors``, format in :mod:`rehyat.text_encoder`): it
+replaces a text encoder on machines that lack its weights. :func:`encode_text_table` writes one; the class,
+:class:`rehyat.text_encoder.TextEmbeddingTable`, is re-exported here.
 """
 
 from __future__ import annotations
@@ -40,9 +39,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
+
+from ..text_encoder import TextEmbeddingTable  # noqa: F401  (re-exported: its path before it moved down a floor)
 
 __all__ = [
     "DATASET_CONFIG",
@@ -453,80 +453,10 @@ class GlobalBatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Caption-embedding table
+# Caption-embedding table (the class lives on the base floor, in rehyat.text_encoder, so that the pipeline can read
+# a table without importing training; re-exported here because `rehyat.training.data.TextEmbeddingTable` was its
+# public path)
 # ----------------------------------------------------------------------------------------------------------------
-class TextEmbeddingTable:
-    """Captions and their text embeddings, ``embeds [K, L, D]`` (row k embeds ``captions[k]``).
-
-    Stored as safetensors (see the module docstring). ``lookup(captions) -> [B, L, D]`` raises ``ValueError``
-    naming the captions that are not in the table.
-    """
-
-    def __init__(self, captions: list[str], embeds: torch.Tensor, *, max_sequence_length: int | None = None,
-                 text_encoder: str | None = None) -> None:
-        if embeds.dim() != 3 or embeds.shape[0] != len(captions):
-            raise ValueError(f"embeds must be [K={len(captions)}, L, D], got {tuple(embeds.shape)}")
-        self.captions, self.embeds = list(captions), embeds
-        self.max_sequence_length = max_sequence_length or embeds.shape[1]
-        self.text_encoder = text_encoder
-        self._index = {c: i for i, c in enumerate(self.captions)}
-
-    def __contains__(self, caption: str) -> bool:
-        return caption in self._index
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    @property
-    def text_dim(self) -> int:
-        return self.embeds.shape[-1]
-
-    def missing(self, captions: Iterable[str]) -> list[str]:
-        return sorted({c for c in captions if c not in self._index})
-
-    def lookup(self, captions: list[str]) -> torch.Tensor:
-        missing = self.missing(captions)
-        if missing:
-            raise ValueError(f"{len(missing)} captions are not in the text-embedding table, e.g. {missing[:3]}")
-        return self.embeds[torch.tensor([self._index[c] for c in captions], dtype=torch.long)]
-
-    def save(self, path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {"captions": json.dumps(self.captions), "max_sequence_length": str(self.max_sequence_length)}
-        if self.text_encoder:
-            meta["text_encoder"] = self.text_encoder
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"embeds": self.embeds.contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path) -> "TextEmbeddingTable":
-        """Raises FileNotFoundError / ValueError for a missing file or one that is not such a table."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text-embedding table {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if "embeds" not in f.keys():
-                    raise ValueError(f"{path} has no tensor 'embeds'")
-                embeds = f.get_tensor("embeds")
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
-            raise ValueError(f"{path} is not a safetensors file: {e}") from None
-        if "captions" not in meta:
-            raise ValueError(f"{path} has no 'captions' entry in its safetensors metadata")
-        captions = json.loads(meta["captions"])
-        return cls(captions, embeds, max_sequence_length=int(meta.get("max_sequence_length", embeds.shape[1])),
-                   text_encoder=meta.get("text_encoder"))
-
-
 def _text_encoder_name(folder: Path) -> str | None:
     from .components import read_pipeline_config
 

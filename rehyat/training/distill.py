@@ -331,13 +331,23 @@ def build_student(model, blocks, conversion: dict | None, block_settings: dict |
     student = load_model_folder(model, device="cpu").transformer
     if blocks is not None:
         convert_wan(student, blocks=blocks, block_settings=block_settings, **conversion)
-    params = dict(feature_map_parameters(student))
+    load_feature_maps(student, feature_maps)
+    return student.eval()
+
+
+@torch.no_grad()
+def load_feature_maps(transformer, feature_maps: dict) -> None:
+    """Copy trained feature maps and linear scales (``{parameter name: tensor}``, as :func:`short_distillation`
+    returns them) into a converted ``transformer``'s :func:`feature_map_parameters`, in place.
+
+    Raises:
+        ValueError: the names are not exactly those of the transformer's converted blocks.
+    """
+    params = dict(feature_map_parameters(transformer))
     if set(params) != set(feature_maps):
         raise ValueError("the trained feature maps do not match the student's converted blocks")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(feature_maps[n])
-    return student.eval()
+    for n, p in params.items():
+        p.copy_(feature_maps[n])
 
 
 def short_distillation(model, conversion: dict, blocks, pool: PromptPool, latent_shape, *, steps: int, lr: float,
@@ -369,6 +379,31 @@ def short_distillation(model, conversion: dict, blocks, pool: PromptPool, latent
     errors = evaluate_blocks(teacher, ev, env)
     state = {n: p.detach().cpu().clone() for n, p in feature_map_parameters(teacher)}
     return errors, state
+
+
+def rank_blocks(model, conversion: dict, n: int, pool: PromptPool, latent_shape, *, rank_steps: int, lr: float,
+                batch_size: int, sampling_steps: int, guidance: float, seed: int, env: DistEnv, dtype: torch.dtype,
+                progress: bool = False, desc: str = "ranking blocks"):
+    """``--blocks best:N``, for ``rehyat distill`` and ``rehyat convert`` alike: a :func:`short_distillation` of
+    every block (``rank_steps`` steps, one setting: ``conversion``, feature maps initialised from ``seed``), then
+    the ``n`` blocks with the lowest relative error on the evaluation trajectory.
+
+    The chosen blocks keep the feature maps and linear scales this short distillation trained (a head start, and
+    the maps whose errors chose them); both commands start from them.
+
+    Returns:
+        ``(chosen, errors, feature_maps)``: the chosen blocks, sorted; every block's ``{"l1", "rel_error", ...}``,
+        ordered from the lowest error to the highest (ties: lower block first); the chosen blocks' feature-map
+        state ``{name: tensor}`` (CPU, float32).
+    """
+    torch.manual_seed(seed)
+    errors, state = short_distillation(model, conversion, "all", pool, latent_shape, steps=rank_steps, lr=lr,
+                                       batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
+                                       seed=seed, env=env, dtype=dtype, progress=progress, desc=desc)
+    order = sorted(errors, key=lambda b: errors[b]["rel_error"])
+    chosen = sorted(order[:n])
+    prefixes = tuple(f"blocks.{b}.attn1.processor." for b in chosen)
+    return chosen, {b: errors[b] for b in order}, {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,7 +462,8 @@ def distill(
             ``text_embeddings``. data: a dataset folder instead (its text embeddings; its latent shape as the
             geometry). text_embeddings: caption table (alone: every caption in it is a prompt).
         blocks: ``"all"``, indices (list or ``"0,3,5"``), or ``"best:N"`` (rank all blocks by their error after
-            ``rank_steps`` steps of distillation, then distil the N best).
+            ``rank_steps`` steps of distillation, then distil the N best, starting from the feature maps and linear
+            scales the ranking trained: :func:`rank_blocks`, as ``rehyat convert --blocks best:N``).
         chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs, feature_map_input,
             softmax_blocks: the conversion (see :func:`rehyat.convert_wan`).
         frames, height, width: video geometry of the trajectories (default: the folder's ``defaults``, else
@@ -444,7 +480,8 @@ def distill(
             are always measured on the evaluation trajectories, and a block whose linear share differs from
             softmax's share of the same keys by more than 0.15 afterwards is warned about (printed and in
             ``distill_report.{md,json}``). A fresh conversion's per-head linear scales are calibrated
-            (:func:`calibrate_linear_scale`) before the first step.
+            (:func:`calibrate_linear_scale`) before the first step (``best:N``: in the ranking run, before its
+            steps; the report's calibration is then null, as for an already converted folder).
         mass_weight: add this times the mean L1 gap between each block's linear share and softmax's share of the
             same keys to its loss (default 0: the output loss alone; the output loss alone lets the linear share
             fall below softmax's, design section 4).
@@ -539,16 +576,14 @@ def distill(
     traj_kw = dict(batch_size=batch_size, sampling_steps=sampling_steps, guidance_scale=guidance, env=env, dtype=dtype)
 
     # ---------------------------------------------------------------- which blocks
-    ranking = None
+    ranking, ranked_maps = None, None
     if ckpt is not None:
         chosen, ranking = ckpt["extra"]["blocks"], ckpt["extra"].get("ranking")
     elif kind == "best":
-        errors, _ = short_distillation(model, conversion, "all", pool, latent_shape, steps=rank_steps, lr=lr,
-                                       batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
-                                       seed=seed, env=env, dtype=dtype, progress=progress, desc="ranking blocks")
-        order = sorted(errors, key=lambda b: errors[b]["rel_error"])
-        chosen = sorted(order[:bval])
-        ranking = {"rank_steps": rank_steps, "errors": {str(b): errors[b] for b in order}}
+        chosen, errors, ranked_maps = rank_blocks(
+            model, conversion, bval, pool, latent_shape, rank_steps=rank_steps, lr=lr, batch_size=batch_size,
+            sampling_steps=sampling_steps, guidance=guidance, seed=seed, env=env, dtype=dtype, progress=progress)
+        ranking = {"rank_steps": rank_steps, "errors": {str(b): e for b, e in errors.items()}}
     else:
         chosen = bval
 
@@ -558,6 +593,8 @@ def distill(
     if converted_cfg is None:
         torch.manual_seed(seed)
         convert_wan(teacher, blocks=chosen, **conversion)
+        if ranked_maps is not None:  # best:N: the maps the ranking trained, as `rehyat convert --blocks best:N`
+            load_feature_maps(teacher, ranked_maps)
     prepare_for_distillation(teacher, dtype)
     rcfg = get_rehyat_config(teacher)
     block_settings = {b: rcfg.settings_for(b) for b in rcfg.blocks}
@@ -585,7 +622,7 @@ def distill(
     elif eval_trajectories > 0:
         before = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps)
     calibration = ckpt["extra"].get("calibration") if ckpt is not None else None
-    if ckpt is None and converted_cfg is None:  # a fresh conversion: calibrate the linear scales first
+    if ckpt is None and converted_cfg is None and ranked_maps is None:  # a fresh conversion: calibrate first
         calibration = calibrate_linear_scale(teacher, TeacherTrajectories(
             pipe.scheduler, pool, latent_shape, seed=seed + CALIBRATION_SEED_OFFSET, **traj_kw), env)
 

@@ -66,14 +66,6 @@ class DistEnv:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init_distributed(device=None) -> DistEnv:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RunLog", "truncate_log", "read_log", "peak_memory_gib"]
+__all__ = ["RunLog", "truncate_log", "peak_memory_gib"]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -40,11 +40,6 @@ def truncate_log(path, last_step: int) -> None:
         if rec.get("step", 0) <= last_step:
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
-
-
-def read_log(path) -> list[dict]:
-    """The records of a JSONL log."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _value(v):

@@ -337,26 +337,73 @@ def convert_model(
         ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
             folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
     """
-    from ..models import convert_wan
-    from .common import default_geometry, latent_shape_for, parse_blocks, resolve_dtype
-    from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
-    from .data import check_dataset_fits_model, prepare_output_folder, read_dataset_info
-    from .distill import (_conversion_kwargs, _probe_conversion, block_causal_chunk, build_student,
-                          check_block_causal_teacher, short_distillation)
+    from .common import resolve_dtype
+    from .components import read_pipeline_config
+    from .data import prepare_output_folder
     from .distributed import init_distributed
-    from .trajectory import read_prompt_file, resolve_prompt_pool
+    from .trajectory import resolve_prompt_pool
 
     model, out = Path(model), Path(out)
+    tcfg, kind, bval, conversion = _check_conversion(model, blocks, chunk_frames, overlap_frames, causal, stabilizer,
+                                                     feature_map, feature_map_kwargs, feature_map_input, softmax_blocks)
+    cands = _check_selection_args(kind, blocks, budget, candidates, prompts, data, text_embeddings,
+                                  rank_steps=rank_steps, sampling_steps=sampling_steps, batch_size=batch_size)
+    latent_shape = _latent_shape(model, tcfg, data, frames, height, width)
+    costs = _BlockCosts(tcfg, latent_shape, conversion)
+    if kind == "auto":  # FLOP counts alone decide whether the budget can be met: check before any distillation
+        check_budget(budget, num_blocks=costs.num_blocks, flops={c: costs.converted(c) for c in cands},
+                     softmax_flops=costs.softmax, teacher_flops_per_block=costs.teacher)
+    prepare_output_folder(out, overwrite=overwrite)
+
+    selection, feature_maps, block_settings, chosen = None, {}, None, bval
+    if kind in ("best", "auto"):
+        env = init_distributed(device)
+        if guidance is None:
+            guidance = read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0)
+        run = dict(pool=resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
+                                            device=env.device, text_dim=tcfg["text_dim"]),
+                   latent_shape=latent_shape, lr=lr, batch_size=batch_size, sampling_steps=sampling_steps,
+                   guidance=float(guidance), seed=seed, env=env, dtype=resolve_dtype(precision, env.device),
+                   progress=progress)
+        if kind == "best":
+            selection, feature_maps = _ranked_selection(model, conversion, bval, costs, rank_steps, run)
+        else:
+            selection, feature_maps = _budget_selection(model, conversion, cands, costs, budget, rank_steps, run)
+            block_settings = {b: {"chunk_frames": tc, "overlap_frames": to}
+                              for b, (tc, to) in selection.converted.items()}
+        chosen = sorted(selection.converted)
+        if not env.is_main:
+            return out, selection
+    _write_converted(model, out, chosen, conversion, block_settings, feature_maps, selection, seed=seed,
+                     overwrite=overwrite)
+    return out, selection
+
+
+def _check_conversion(model: Path, blocks, *conversion_args):
+    """``(transformer config, blocks kind, its value, conversion kwargs)`` after checking that ``model`` is a teacher
+    (or a block-causal teacher converted with its own chunk) and that the conversion settings are valid."""
+    from .common import parse_blocks
+    from .components import read_transformer_config
+    from .distill import _conversion_kwargs, _probe_conversion, block_causal_chunk, check_block_causal_teacher
+
+    chunk_frames, softmax_blocks = conversion_args[0], conversion_args[-1]
     tcfg = read_transformer_config(model)
     if block_causal_chunk(tcfg["rehyat"]) is not None:  # a block-causal teacher: its blocks are converted here
         check_block_causal_teacher(model, tcfg["rehyat"], chunk_frames, softmax_blocks)
     elif tcfg["rehyat"] is not None:
         raise ValueError(f"{model} is already converted to ReHyAt; convert the teacher folder")
-    nb = tcfg["num_layers"]
-    kind, bval = parse_blocks(blocks, nb, allow=("all", "list", "best", "auto"))
-    conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
-                                    feature_map_input, softmax_blocks)
+    kind, bval = parse_blocks(blocks, tcfg["num_layers"], allow=("all", "list", "best", "auto"))
+    conversion = _conversion_kwargs(*conversion_args)
     _probe_conversion(conversion, tcfg["attention_head_dim"])
+    return tcfg, kind, bval, conversion
+
+
+def _check_selection_args(kind: str, blocks, budget, candidates, prompts, data, text_embeddings, *,
+                          rank_steps, sampling_steps, batch_size) -> list[tuple[int, int]] | None:
+    """The candidate settings of ``--blocks auto`` (``None`` otherwise), after checking the arguments of a ranked
+    or budgeted selection. Raises ValueError naming the argument."""
+    from .trajectory import read_prompt_file
+
     cands = None
     if kind == "auto":
         if budget is None or not 0 < budget < 1:
@@ -366,8 +413,7 @@ def convert_model(
             if not isinstance(candidates, list) else [tuple(c) for c in candidates]
     elif budget is not None or candidates is not None:
         raise ValueError("--budget and --candidates go with --blocks auto")
-    needs_distill = kind in ("best", "auto")
-    if needs_distill:
+    if kind in ("best", "auto"):
         if prompts is not None:
             read_prompt_file(prompts)
         elif data is None and text_embeddings is None:
@@ -376,79 +422,103 @@ def convert_model(
         for name, v in (("--rank-steps", rank_steps), ("--sampling-steps", sampling_steps), ("--batch-size", batch_size)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return cands
+
+
+def _latent_shape(model: Path, tcfg: dict, data, frames, height, width) -> tuple[int, int, int, int]:
+    """``(C, F, H, W)`` of the target geometry: the dataset's (checked against the model), else the given or the
+    folder's default video size."""
+    from .common import default_geometry, latent_shape_for
+    from .data import check_dataset_fits_model, read_dataset_info
+
     if data is not None:
         info = read_dataset_info(data)
         check_dataset_fits_model(info, tcfg)
-        latent_shape = info.latent_shape
-    else:
-        latent_shape = latent_shape_for(model, *default_geometry(model, frames, height, width))
-    _, F, H, W = latent_shape
-    S = (H // tcfg["patch_size"][1]) * (W // tcfg["patch_size"][2])
-    heads, hd = tcfg["num_attention_heads"], tcfg["attention_head_dim"]
-    fm_kw = dict(feature_map=feature_map, feature_map_kwargs=feature_map_kwargs)
-    teacher_block = attention_flops(F, S, heads, hd, None)
-    softmax_cost = teacher_block if softmax_blocks == "bidirectional" else \
-        attention_flops(F, S, heads, hd, None, softmax=("chunk_causal", chunk_frames))
-    if kind == "auto":  # FLOP counts alone decide whether the budget can be met: check before any distillation
-        cand_flops = {c: attention_flops(F, S, heads, hd, c, **fm_kw) for c in cands}
-        check_budget(budget, num_blocks=nb, flops=cand_flops, softmax_flops=softmax_cost,
-                     teacher_flops_per_block=teacher_block)
-    prepare_output_folder(out, overwrite=overwrite)
+        return info.latent_shape
+    return latent_shape_for(model, *default_geometry(model, frames, height, width))
 
-    selection = None
-    fm_state: dict = {}
-    block_settings = None
-    if not needs_distill:
-        chosen = bval
-    else:
-        env = init_distributed(device)
-        dtype = resolve_dtype(precision, env.device)
-        guidance = float(guidance if guidance is not None else read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0))
-        pool = resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
-                                   device=env.device, text_dim=tcfg["text_dim"])
-        settings = [(chunk_frames, overlap_frames)] if kind == "best" else cands
-        errors, states = {}, {}
-        for tc, to in settings:
-            torch_seed(seed)
-            conv = dict(conversion, chunk_frames=tc, overlap_frames=to)
-            err, st = short_distillation(model, conv, "all", pool, latent_shape, steps=rank_steps, lr=lr,
-                                         batch_size=batch_size, sampling_steps=sampling_steps, guidance=guidance,
-                                         seed=seed, env=env, dtype=dtype, progress=progress,
-                                         desc=f"short distillation T_c={tc}, T_o={to}")
-            errors[(tc, to)] = {b: err[b]["rel_error"] for b in err}
-            states[(tc, to)] = st
-        if kind == "best":
-            errs = errors[(chunk_frames, overlap_frames)]
-            order = sorted(errs, key=lambda b: errs[b])
-            chosen = sorted(order[:bval])
-            cost = attention_flops(F, S, heads, hd, (chunk_frames, overlap_frames), **fm_kw)
-            choices = [BlockChoice(b, (chunk_frames, overlap_frames) if b in chosen else None,
-                                   errs[b] if b in chosen else 0.0, cost if b in chosen else softmax_cost,
-                                   {"softmax": {"rel_error": 0.0, "flops": softmax_cost},
-                                    f"{chunk_frames},{overlap_frames}": {"rel_error": errs[b], "flops": cost}})
-                       for b in range(nb)]
-            selection = Selection(choices, sum(c.error for c in choices), sum(c.flops for c in choices),
-                                  teacher_block * nb, None, f"best:{bval} (ranked after {rank_steps} steps)")
-        else:
-            # (check_budget above guarantees at least one converted block)
-            selection = select_blocks_budget(errors, num_blocks=nb, flops=cand_flops, softmax_flops=softmax_cost,
-                                             teacher_flops_per_block=teacher_block, budget=budget)
-            selection.method = f"knapsack over {len(cands)} candidates + softmax, errors after {rank_steps} steps"
-            chosen = sorted(selection.converted)
-        # feature maps of the chosen setting's short distillation
-        sel_settings = {b: s for b, s in ((c.block, c.setting) for c in selection.choices) if s is not None}
-        for b, (tc, to) in sel_settings.items():
-            prefix = f"blocks.{b}.attn1.processor."
-            fm_state.update({n: t for n, t in states[(tc, to)].items() if n.startswith(prefix)})
-        if kind == "auto":
-            block_settings = {b: {"chunk_frames": tc, "overlap_frames": to} for b, (tc, to) in sel_settings.items()}
-        if not env.is_main:
-            return out, selection
 
-    if fm_state:
-        student = build_student(model, chosen, conversion, block_settings, fm_state)
+class _BlockCosts:
+    """Self-attention FLOPs of one of the model's ``num_blocks`` blocks at the target geometry
+    (:func:`attention_flops`): ``teacher`` (bidirectional softmax), ``softmax`` (a block left unconverted: bidirectional or chunk-causal, as ``softmax_blocks`` says) and
+    :meth:`converted` (a ReHyAt block with a ``(chunk_frames, overlap_frames)`` setting)."""
+
+    def __init__(self, tcfg: dict, latent_shape, conversion: dict) -> None:
+        _, F, H, W = latent_shape
+        S = (H // tcfg["patch_size"][1]) * (W // tcfg["patch_size"][2])
+        self.num_blocks = tcfg["num_layers"]
+        self._shape = (F, S, tcfg["num_attention_heads"], tcfg["attention_head_dim"])
+        self._fm = dict(feature_map=conversion["feature_map"], feature_map_kwargs=conversion["feature_map_kwargs"])
+        self.teacher = attention_flops(*self._shape, None)
+        self.softmax = self.teacher if conversion["softmax_blocks"] == "bidirectional" else \
+            attention_flops(*self._shape, None, softmax=("chunk_causal", conversion["chunk_frames"]))
+
+    def converted(self, setting: tuple[int, int]) -> int:
+        return attention_flops(*self._shape, setting, **self._fm)
+
+
+def _ranked_selection(model, conversion: dict, n: int, costs: _BlockCosts, rank_steps: int, run: dict):
+    """``best:N``: :func:`rehyat.training.distill.rank_blocks` as a :class:`Selection`, and the chosen blocks'
+    trained feature maps."""
+    from .distill import rank_blocks
+
+    setting = (conversion["chunk_frames"], conversion["overlap_frames"])
+    chosen, errors, feature_maps = rank_blocks(model, conversion, n, rank_steps=rank_steps,
+                                               desc=f"short distillation T_c={setting[0]}, T_o={setting[1]}", **run)
+    cost = costs.converted(setting)
+    choices = []
+    for b in sorted(errors):
+        err = errors[b]["rel_error"]
+        options = {"softmax": {"rel_error": 0.0, "flops": costs.softmax},
+                   f"{setting[0]},{setting[1]}": {"rel_error": err, "flops": cost}}
+        choices.append(BlockChoice(b, setting, err, cost, options) if b in chosen
+                       else BlockChoice(b, None, 0.0, costs.softmax, options))
+    selection = Selection(choices, sum(c.error for c in choices), sum(c.flops for c in choices),
+                          costs.teacher * len(choices), None, f"best:{n} (ranked after {rank_steps} steps)")
+    return selection, feature_maps
+
+
+def _budget_selection(model, conversion: dict, cands: list, costs: _BlockCosts, budget: float, rank_steps: int,
+                      run: dict):
+    """``auto``: one short distillation per candidate setting, the exact knapsack over their errors; the selection
+    and every converted block's feature maps from its chosen setting's short distillation."""
+    import torch
+
+    from .distill import short_distillation
+
+    errors, states = {}, {}
+    for tc, to in cands:
+        torch.manual_seed(run["seed"])
+        err, states[(tc, to)] = short_distillation(model, dict(conversion, chunk_frames=tc, overlap_frames=to), "all",
+                                                   steps=rank_steps, desc=f"short distillation T_c={tc}, T_o={to}",
+                                                   **run)
+        errors[(tc, to)] = {b: err[b]["rel_error"] for b in err}
+    # (check_budget in convert_model guarantees at least one converted block)
+    selection = select_blocks_budget(errors, num_blocks=costs.num_blocks,
+                                     flops={c: costs.converted(c) for c in cands}, softmax_flops=costs.softmax,
+                                     teacher_flops_per_block=costs.teacher, budget=budget)
+    selection.method = f"knapsack over {len(cands)} candidates + softmax, errors after {rank_steps} steps"
+    feature_maps = {}
+    for b, setting in selection.converted.items():
+        prefix = f"blocks.{b}.attn1.processor."
+        feature_maps.update({k: v for k, v in states[setting].items() if k.startswith(prefix)})
+    return selection, feature_maps
+
+
+def _write_converted(model: Path, out: Path, chosen, conversion: dict, block_settings, feature_maps: dict,
+                     selection: Selection | None, *, seed: int, overwrite: bool) -> None:
+    """Write the converted model folder (with ``feature_maps`` if any, else freshly initialised ones from ``seed``)
+    and, for a selection, ``selection.{json,md}``."""
+    import torch
+
+    from ..models import convert_wan
+    from .components import load_model_folder, save_model_folder
+    from .distill import build_student
+
+    if feature_maps:
+        student = build_student(model, chosen, conversion, block_settings, feature_maps)
     else:
-        torch_seed(seed)
+        torch.manual_seed(seed)
         student = convert_wan(load_model_folder(model, device="cpu").transformer, blocks=chosen,
                               block_settings=block_settings, **conversion)
     if overwrite and out.is_dir():
@@ -459,10 +529,3 @@ def convert_model(
     if selection is not None:
         (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
         (out / "selection.md").write_text("# Block selection\n\n" + selection_table(selection) + "\n")
-    return out, selection
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)

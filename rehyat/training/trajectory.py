@@ -89,8 +89,8 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
             without a text encoder and no table, or embeddings whose width is not ``text_dim``.
         FileNotFoundError: a missing file or folder.
     """
+    from ..text_encoder import TextEmbeddingTable
     from .components import load_text_encoder_from_folder, read_pipeline_config
-    from .data import TextEmbeddingTable
 
     model = Path(model)
     if (prompts is not None) + (data is not None) == 2:
@@ -173,10 +173,6 @@ class TeacherTrajectories:
         self.pool_embeds = pad(pool.embeds).to(self.device)
         self.negative = pad(neg).to(self.device)
 
-    @property
-    def local_batch(self) -> int:
-        return self.local.stop - self.local.start
-
     def _start(self) -> None:
         from ..pipelines import initial_noise
 
@@ -200,12 +196,6 @@ class TeacherTrajectories:
             x = torch.cat([x, x])
             e = torch.cat([self.negative.expand(x.shape[0] // 2, -1, -1), e])
         return x.to(self.dtype), t.expand(x.shape[0]).to(self.device), e.to(self.dtype)
-
-    @property
-    def timestep(self):
-        if self.latents is None:
-            self._start()
-        return self.sched.timesteps[self.step]
 
     def guided(self, out: torch.Tensor) -> torch.Tensor:
         """The guided velocity (float32) from the model output on :meth:`inputs`."""

@@ -49,7 +49,7 @@ MIN_CONTRAST = 140.0
 
 #: Default object speed (pixels per frame) and size (fraction of the shorter side). At the embedded models' 40x40
 #: frames and 4x4 patches the object spans 3.5-4.5 patches and moves 0.5-0.6 patch per frame: shape and motion are
-#: not sub-patch detail (rehyat/assets/TRAINING.md, "the world").
+#: not sub-patch detail (docs/results/embedded_models/TRAINING.md, "the world").
 DEFAULT_SPEED_RANGE = (2.0, 2.5)
 DEFAULT_SIZE_RANGE = (0.35, 0.45)
 #: Default start position (bounding-box centre in frame 0, fraction of each side). Near the centre, so a caption

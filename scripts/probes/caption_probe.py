@@ -1,7 +1,7 @@
 """Does a world model use each caption word? Its flow-matching loss on 32 ground-truth world videos with the right
 caption and with one word swapped (shape, direction to the opposite, colour) or the null caption, at several noise
 levels. ``python scripts/probes/caption_probe.py MODEL_FOLDER FRAME_SIZE`` (the caption table in .devcarry/,
-see rehyat/assets/TRAINING.md)."""
+see docs/results/embedded_models/TRAINING.md)."""
 import sys
 
 import torch
@@ -11,7 +11,7 @@ from rehyat.world import sample_scene, render_video, caption, Scene, SHAPES, DIR
 from rehyat.training.finetune import flow_matching_inputs
 torch.set_num_threads(2)
 folder, H = sys.argv[1], int(sys.argv[2])
-from rehyat.training.data import TextEmbeddingTable
+from rehyat.text_encoder import TextEmbeddingTable
 table = TextEmbeddingTable.load(".devcarry/world_text_embeddings.safetensors")
 m = load_transformer(folder).eval()
 scenes = [sample_scene(20_000 + i) for i in range(32)]

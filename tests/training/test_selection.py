@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from rehyat.cli import main
 from rehyat.training import attention_flops, brute_force_mckp, parse_candidates, solve_mckp
@@ -131,3 +132,31 @@ def test_check_budget():
     # chunk-causal softmax blocks may already fit the budget: nothing would be converted
     with pytest.raises(ValueError, match="keeps every block softmax"):
         check_budget(0.5, flops={(3, 1): 20}, num_blocks=4, softmax_flops=40, teacher_flops_per_block=100)
+
+
+def test_best_n_keeps_the_ranking_feature_maps_in_convert_and_distill(teacher, prompts, tmp_path):
+    """``best:N`` has one behaviour: the chosen blocks start from the feature maps (and linear scales) that the
+    ranking's short distillation trained, in ``rehyat convert`` and in ``rehyat distill`` alike; so distilling
+    ``best:1`` from the teacher is ``convert --blocks best:1`` followed by distilling that folder."""
+    from safetensors.torch import load_file
+
+    from rehyat.training import convert_model, distill
+
+    kw = dict(prompts=prompts, frames=4, height=4, width=4, sampling_steps=2, batch_size=2, lr=1e-2, seed=3,
+              progress=False)
+    conv = dict(chunk_frames=2, overlap_frames=1)
+    _, sel = convert_model(teacher, tmp_path / "best", blocks="best:1", rank_steps=3, **conv, **kw)
+    ranked = {c.block: c.options["2,1"]["rel_error"] for c in sel.choices}
+    (block,) = sel.converted
+    assert block == min(ranked, key=ranked.get)
+    a = distill(tmp_path / "best", tmp_path / "a", steps=3, eval_trajectories=1, **kw)
+    b = distill(teacher, tmp_path / "b", blocks="best:1", rank_steps=3, steps=3, eval_trajectories=1, **conv, **kw)
+    assert a.blocks == b.blocks == [block]
+    assert b.ranking["errors"][str(block)]["rel_error"] == pytest.approx(ranked[block], rel=1e-5)
+    # distill's 'before' is measured on the held-out trajectories the ranking measured: the ranking's maps
+    for res in (a, b):
+        assert res.before[block]["rel_error"] == pytest.approx(ranked[block], rel=1e-4)
+    wa, wb = (load_file(p / "transformer" / "diffusion_pytorch_model.safetensors") for p in (tmp_path / "a", tmp_path / "b"))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # the same computation in two runs (two model objects): float32 rounding apart at most
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
