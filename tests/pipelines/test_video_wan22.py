@@ -18,13 +18,7 @@ from rehyat.testing import (GEOMETRIES, assert_outputs_close, tiny_pipeline_fold
                             tiny_wan_transformer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, above all on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only wait on each other
 
 
 @pytest.fixture(scope="module")
