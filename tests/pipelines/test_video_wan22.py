@@ -168,3 +168,17 @@ def test_diffusers_ti2v_folder_generates_what_wan_pipeline_generates(tmp_path, c
         # tolerance: two code paths (per-token and per-video timestep; a batch of two guidance branches against
         # two calls) and, in streaming mode, the recurrent form, through 3 sampler steps
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=mode)
+
+
+def test_cli_converts_and_streams_a_wan22_teacher(tmp_path):
+    """``rehyat convert`` then ``rehyat generate --mode streaming`` on a plain Wan2.2-geometry teacher folder."""
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False, geometry="wan2.2")
+    student = tmp_path / "student"
+    assert main(["convert", "--model", str(teacher), "--out", str(student), "--blocks", "all", "--chunk-frames", "2",
+                 "--overlap-frames", "1", "--no-progress"]) == 0
+    assert (student / "vae" / "config.json").is_file()
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", str(student), "--prompt", "a red circle", "--frames", "13", "--height", "64",
+                 "--width", "32", "--steps", "1", "--mode", "streaming", "--save-latents", str(tmp_path / "z.pt"),
+                 "--out", str(out)]) == 0
+    assert out.is_file() and torch.load(tmp_path / "z.pt").shape == (1, 48, 4, 4, 2)
