@@ -3,7 +3,14 @@
 Usage (from the repository root):
 
     python benchmarks/bench_end_to_end.py [--out DIR] [--frames 81 321] [--repeats 3] [--compile] [--sdpa cudnn]
+    python benchmarks/bench_end_to_end.py --geometry wan2.2-5b [--out DIR]     # Wan2.2-TI2V-5B, 704x1280
     python benchmarks/bench_end_to_end.py --device cpu --quick [--out DIR]     # tiny model, CPU smoke test, seconds
+
+``--geometry wan2.2-5b``: the same rows on Wan2.2-TI2V-5B's transformer (24 heads x 128, FFN 14336, 48 latent
+channels, 5.0B parameters, random weights) at 704x1280 (its VAE compresses 16x: latents 44x80, 880 tokens per latent
+frame), 121 and 481 frames (31 and 121 latent frames, 27,280 and 106,480 tokens), the teacher beside it in the same
+run; no speed-up targets (the claim below is the 1.3B's). With ``--quick`` it builds a tiny model of the 5B's channels
+and VAE compression instead.
 
 On an H200 the default run (eager, 81 and 321 frames) should take about 2 minutes: the teacher forward is about
 0.6 s at 21 latent frames and 6.2 s at 81 (measured by bench_memory.py), 4 forwards per row. ``--compile`` adds
@@ -57,8 +64,8 @@ import sys
 import torch
 
 from wan_bench_common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    WAN_1_3B, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames, log, probe_sdpa,
-    sdpa_context, short, timed_call,
+    GEOMETRIES, add_geometry_argument, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames,
+    log, probe_sdpa, sdpa_context, short, timed_call,
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -66,11 +73,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # --quick: a tiny model of the same family (4 blocks, so "half" is 2 of 4) for a CPU smoke test.
 QUICK_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=4, text_dim=64,
                        freq_dim=32)
-VAE_T, VAE_S = 4, 8  # Wan VAE strides: 4k+1 frames -> k+1 latent frames; 8x8 pixels -> one latent
 CHECK_TOL = 1e-2  # chunk_frames >= frames must equal the teacher
 RECURRENT_TOL = 5e-2  # recurrent vs parallel of the 30/30 model, after 30 random bfloat16 blocks
-# (variant, video frames) -> minimum speed-up against the teacher (the issue's targets)
+# (variant, video frames) -> minimum speed-up against the teacher (the issue's targets, for the 1.3B geometry)
 TARGETS = {("ReHyAt 30/30", 81): 2.5, ("ReHyAt 30/30", 321): 8.0, ("ReHyAt 15/30", 81): 1.5}
+
+
+def targets_of(geometry: str) -> dict:
+    """The speed-up targets of a ``--geometry``: the 1.3B's claims, none for another geometry."""
+    return TARGETS if geometry == "wan2.1-1.3b" else {}
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,7 +96,7 @@ class Bench:
     def __init__(self, args, device: torch.device, config: dict, dtype: torch.dtype):
         self.args, self.device, self.config, self.dtype = args, device, config, dtype
         self.cuda = device.type == "cuda"
-        self.lat_h, self.lat_w = args.height // VAE_S, args.width // VAE_S
+        self.lat_h, self.lat_w = GEOMETRIES[args.geometry].latent_size(args.height, args.width)
         self.frame_tokens = (self.lat_h // 2) * (self.lat_w // 2)
         g = torch.Generator().manual_seed(args.seed + 1)
         self.embeds = torch.randn(1, args.text_len, config["text_dim"], generator=g).to(device, dtype)
@@ -173,11 +184,13 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
     from rehyat.models import convert_wan
 
     device = torch.device(args.device)
-    config = dict(WAN_1_3B, **QUICK_OVERRIDES) if args.quick else WAN_1_3B
+    geometry = GEOMETRIES[args.geometry]
+    config = dict(geometry.config, **QUICK_OVERRIDES) if args.quick else geometry.config
+    targets = targets_of(args.geometry)
     dtype = getattr(torch, args.dtype)
     n_blocks = config["num_layers"]
     args.sdpa = probe_sdpa(args.sdpa, device)
-    log(f"building the {'tiny (--quick)' if args.quick else 'Wan2.1-1.3B-geometry'} transformer "
+    log(f"building the {'tiny (--quick)' if args.quick else geometry.name + '-geometry'} transformer "
         f"(random weights, {dtype}) on {device}")
     teacher = build_model(config, device, dtype, args.seed, args.keep_fp32_modules)
     n_params = sum(p.numel() for p in teacher.parameters())
@@ -259,9 +272,10 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
             free_memory(device)
         compiled_rows(bench, "teacher", teacher, frames)
 
-    speedups(bench.rows, all_name, half_name, args.quick)
+    speedups(bench.rows, all_name, half_name, args.quick, targets)
+    quick = f"tiny (--quick): NOT the {geometry.name} geometry, its {config['in_channels']} latent channels"
     meta = {
-        "model": f"{'tiny (--quick): NOT the 1.3B geometry' if args.quick else 'Wan2.1-T2V-1.3B geometry'}, random "
+        "model": f"{quick if args.quick else geometry.name + ' geometry'}, random "
                  f"weights, {n_params / 1e6:,.1f}M parameters, "
                  + (f"{args.dtype}, float32 where from_pretrained keeps it (--keep-fp32-modules)"
                     if args.keep_fp32_modules else f"all {args.dtype} (.to({args.dtype}))"),
@@ -275,7 +289,7 @@ def run(args) -> tuple[dict, list[dict], list[dict], list[str]]:
         "sdpa": args.sdpa, "timing": f"CUDA events, {args.warmup} warm-up, median of {args.repeats}"
         if bench.cuda else f"perf_counter, {args.warmup} warm-up, median of {args.repeats}",
     }
-    return meta, bench.rows, checks, verdicts(bench.rows, all_name, half_name, args.quick)
+    return meta, bench.rows, checks, verdicts(bench.rows, all_name, half_name, args.quick, targets)
 
 
 def compiled_rows(bench: Bench, variant: str, model, frames: list[int], recurrent: bool = False) -> None:
@@ -316,7 +330,7 @@ def target_frames(frames: list[int], quick: bool) -> dict[int, int]:
     return {f: f for f in frames}
 
 
-def speedups(rows: list[dict], all_name: str, half_name: str, quick: bool) -> None:
+def speedups(rows: list[dict], all_name: str, half_name: str, quick: bool, targets: dict) -> None:
     tf = target_frames(sorted({r["video_frames"] for r in rows}), quick)
     teacher = {(r["compiled"], r["video_frames"]): r["ms"] for r in rows
                if r["variant"] == "teacher" and r["ms"] is not None}
@@ -324,7 +338,7 @@ def speedups(rows: list[dict], all_name: str, half_name: str, quick: bool) -> No
         base = teacher.get((r["compiled"], r["video_frames"]))
         r["speedup"] = base / r["ms"] if base and r["ms"] and r["variant"] != "teacher" else None
         key = {all_name: "ReHyAt 30/30", half_name: "ReHyAt 15/30"}.get(r["variant"])
-        target = TARGETS.get((key, tf.get(r["video_frames"])))
+        target = targets.get((key, tf.get(r["video_frames"])))
         r["target"] = target
         if target is None or r["variant"] == "teacher":
             r["result"] = ""
@@ -336,10 +350,10 @@ def speedups(rows: list[dict], all_name: str, half_name: str, quick: bool) -> No
             r["result"] = "PASS" if r["speedup"] >= target else "FAIL"
 
 
-def verdicts(rows: list[dict], all_name: str, half_name: str, quick: bool) -> list[str]:
-    out = []
+def verdicts(rows: list[dict], all_name: str, half_name: str, quick: bool, targets: dict) -> list[str]:
+    out = [] if targets else ["no speed-up targets for this geometry (the targets are the 1.3B's): speed-ups only"]
     measured = {v: k for k, v in target_frames(sorted({r["video_frames"] for r in rows}), quick).items()}
-    for (key, tvf), target in TARGETS.items():
+    for (key, tvf), target in targets.items():
         variant = {"ReHyAt 30/30": all_name, "ReHyAt 15/30": half_name}[key]
         vf = measured.get(tvf)
         rs = [r for r in rows if r["variant"] == variant and r["video_frames"] == vf and r.get("speedup")]
@@ -387,10 +401,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU smoke test, seconds)")
-    p.add_argument("--frames", type=int, nargs="+", default=None, help="video frames, 4k+1 (default 81 321; "
-                   "--quick: 17 33)")
-    p.add_argument("--height", type=int, default=None, help="default 480 (--quick: 128)")
-    p.add_argument("--width", type=int, default=None, help="default 832 (--quick: 128)")
+    add_geometry_argument(p)
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="video frames, 4k+1 (default 81 321, "
+                   "wan2.2-5b: 121 481; --quick: 17 33)")
+    p.add_argument("--height", type=int, default=None, help="default 480, wan2.2-5b: 704 (--quick: 128)")
+    p.add_argument("--width", type=int, default=None, help="default 832, wan2.2-5b: 1280 (--quick: 128)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default 512; --quick: 16)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 (--quick on the CPU: float32)")
@@ -418,9 +433,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device is None:
         if not torch.cuda.is_available() and not args.quick:
-            raise SystemExit("bench_end_to_end.py: no CUDA device, and the default sizes (a Wan2.1-1.3B-geometry model at "
-                             "480x832) would take hours on the CPU: pass --quick for the CPU smoke test, or --device "
-                             "cpu to run them anyway")
+            raise SystemExit("bench_end_to_end.py: no CUDA device, and the default sizes (a Wan2.1-1.3B- or "
+                             "Wan2.2-5B-geometry model at 480x832 or 704x1280) would take hours on the CPU: pass "
+                             "--quick for the CPU smoke test, or --device cpu to run them anyway")
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -428,16 +443,18 @@ def main(argv=None) -> int:
     q = args.quick
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    args.frames = args.frames or ([17, 33] if q else [81, 321])
+    geometry = GEOMETRIES[args.geometry]
+    args.frames = args.frames or ([17, 33] if q else list(geometry.frames))
     for f in args.frames:
         latent_frames(f)
-    args.height = args.height or (128 if q else 480)
-    args.width = args.width or (128 if q else 832)
+    args.height = args.height or (128 if q else geometry.height)
+    args.width = args.width or (128 if q else geometry.width)
+    geometry.latent_size(args.height, args.width)  # SystemExit for a size the geometry cannot take
     args.text_len = args.text_len or (16 if q else 512)
     args.dtype = args.dtype or ("float32" if q and device.type == "cpu" else "bfloat16")
     args.check_frames = args.check_frames or (3 if q else 5)
     if device.type == "cpu" and not q:
-        log("warning: the full 1.3B geometry on the CPU takes hours; use --quick")
+        log(f"warning: the full {geometry.name} geometry on the CPU takes hours; use --quick")
 
     command = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
     log(f"bench_end_to_end: device {args.device}, frames {args.frames}, {args.dtype}")

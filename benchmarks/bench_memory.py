@@ -5,6 +5,7 @@ Usage (from the repository root):
     python benchmarks/bench_memory.py [--out DIR] [--frames 81 321 1281] [--steps 2] [--max-seconds 60] [--cfg]
     python benchmarks/bench_memory.py --device cpu [--out DIR]        # tiny model, one subprocess per row, ~1 min
     python benchmarks/bench_memory.py --device cpu --smoke            # the GPU code path, tiny model (a script check)
+    python benchmarks/bench_memory.py --geometry wan2.2-5b [--out DIR] # Wan2.2-TI2V-5B geometry, 704x1280
 
 On an H200 the default GPU run takes about 2-3 minutes (one measured run of an earlier version: 2 steps,
 teacher 0.63 / 6.2 s per step at 21 / 81 latent frames, teacher at 321 latent frames skipped, est. ~200 s).
@@ -36,6 +37,12 @@ bytes a state's tensors cover (``TransformerState.nbytes()``) and the bytes thei
 bigger buffer keeps all of it alive), the notes the streaming total for 50 steps (est.). ``--keep-fp32-modules``
 casts like ``from_pretrained(torch_dtype=torch.bfloat16)`` instead of ``.to(torch.bfloat16)``.
 
+``--geometry wan2.2-5b``: the same rows on Wan2.2-TI2V-5B's transformer (24 heads x 128, FFN 14336, 48 latent
+channels, 5.0B parameters, random weights, text_dim 4096) at 704x1280 (its VAE compresses 16x: latents 44x80, 880
+tokens per latent frame), videos of 121 / 481 / 1,921 frames = 31 / 121 / 481 latent frames (27,280 / 106,480 /
+423,280 tokens), the teacher beside it. In CPU mode and with ``--smoke`` it takes the tiny models of that
+geometry (48 latent channels; in CPU mode the tiny Wan2.2-style VAE, 16x).
+
 CPU mode (``--device cpu``): the tiny Wan transformer of ``rehyat.testing`` (2 blocks, all converted, chunk 2,
 overlap 1) with the tiny causal VAE, at 64x64 pixels, videos of 17 / 65 / 257 / 1,025 frames. Resident memory
 peaks are process-wide, so each (mode, length, phase) runs in its own child process (forked from a server that
@@ -63,8 +70,8 @@ import time
 import torch
 
 from wan_bench_common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    WAN_1_3B, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames, log, probe_sdpa,
-    sdpa_context,
+    GEOMETRIES, add_geometry_argument, build_model, device_name, feature_map_dtype, free_memory, gib, latent_frames,
+    log, probe_sdpa, sdpa_context,
 )
 
 from rehyat.evaluation.isolation import isolated_context, peak_rss, proc_status, reset_peak_rss, run_isolated
@@ -74,7 +81,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 MODES = ("teacher parallel", "ReHyAt parallel", "ReHyAt recurrent", "ReHyAt streaming")
 PIPELINE_MODE = {"teacher parallel": "parallel", "ReHyAt parallel": "parallel", "ReHyAt recurrent": "recurrent",
                  "ReHyAt streaming": "streaming"}
-from wan_bench_common import VAE_S  # noqa: E402
 FULL_STEPS = 50
 # --smoke: the GPU code path with a tiny model (runs on the CPU in seconds; checks the script, measures nothing).
 SMOKE_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64,
@@ -234,15 +240,16 @@ def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16
-    config = dict(WAN_1_3B, **SMOKE_OVERRIDES) if args.smoke else WAN_1_3B
+    geo = GEOMETRIES[args.geometry]
+    config = dict(geo.config, **SMOKE_OVERRIDES) if args.smoke else geo.config
     text_len = 16 if args.smoke else 512
     height, width = args.height, args.width
-    lat_h, lat_w = height // VAE_S, width // VAE_S
+    lat_h, lat_w = geo.latent_size(height, width)
     frame_tokens = (lat_h // 2) * (lat_w // 2)
     chunk = args.chunk_frames
     args.sdpa = probe_sdpa(args.sdpa, device)
 
-    what = "tiny smoke-test" if args.smoke else "Wan2.1-1.3B-geometry"
+    what = "tiny smoke-test" if args.smoke else f"{geo.name}-geometry"
     log(f"building the {what} transformer (random weights, {dtype}) on {device}")
     model = build_model(config, device, dtype, args.seed, args.keep_fp32_modules)
     n_params = sum(p.numel() for p in model.parameters())
@@ -296,7 +303,8 @@ def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
             "model": f"{what}, random weights, {n_params / 1e6:,.1f}M parameters, "
                      + ("bfloat16, float32 where from_pretrained keeps it (--keep-fp32-modules)" if args.keep_fp32_modules
                         else "all bfloat16 (.to(bfloat16))")
-                     + (" (--smoke: NOT the 1.3B geometry)" if args.smoke else ""),
+                     + (f" (--smoke: NOT the {geo.name} geometry, its {config['in_channels']} latent channels)"
+                        if args.smoke else ""),
             "conversion": f"all {config['num_layers']} blocks, chunk_frames={chunk}, "
                           f"overlap_frames={args.overlap_frames}, causal, polynomial feature maps (random, {fm_dtype})",
             "text embeddings": f"random [1, {text_len}, {config['text_dim']}]",
@@ -345,14 +353,15 @@ def _cpu_child(task: dict) -> dict:
     reset_ok = reset_peak_rss()
     from rehyat.models import convert_wan
     from rehyat.pipelines import ReHyAtVideoPipeline
-    from rehyat.testing import tiny_wan_transformer, tiny_wan_vae
+    from rehyat.testing import tiny_vae, tiny_wan_transformer
 
     label, phase = task["mode"], task["phase"]
+    vae = tiny_vae(task["tiny_geometry"], seed=task["seed"])
     # rope_max_seq_len=1024: the teacher's RoPE table must cover the longest video (converted models compute RoPE).
-    model = tiny_wan_transformer(seed=task["seed"], rope_max_seq_len=1024)
+    model = tiny_wan_transformer(seed=task["seed"], rope_max_seq_len=1024, in_channels=vae.config.z_dim)
     if label != "teacher parallel":
         convert_wan(model, blocks="all", chunk_frames=task["chunk_frames"], overlap_frames=task["overlap_frames"])
-    pipe = ReHyAtVideoPipeline(model, vae=tiny_wan_vae(seed=task["seed"]), max_sequence_length=16)
+    pipe = ReHyAtVideoPipeline(model, vae=vae, max_sequence_length=16)
     g = torch.Generator().manual_seed(task["seed"])
     embeds = torch.randn(1, 16, model.config.text_dim, generator=g)
     mode = PIPELINE_MODE[label]
@@ -380,8 +389,8 @@ def _cpu_child(task: dict) -> dict:
 
 
 def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
-    size = args.size
-    lat = size // VAE_S
+    size, geo = args.size, GEOMETRIES[args.geometry]
+    lat = geo.latent_size(size, size)[0]
     frame_tokens = (lat // 2) * (lat // 2)
     ctx = isolated_context(["rehyat.testing"])
     rows = []
@@ -392,7 +401,8 @@ def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
             for phase in phases:
                 task = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T, "size": size,
                         "steps": args.steps, "guidance": args.guidance, "chunk_frames": args.chunk_frames,
-                        "overlap_frames": args.overlap_frames, "seed": args.seed, "threads": args.threads}
+                        "overlap_frames": args.overlap_frames, "seed": args.seed, "threads": args.threads,
+                        "tiny_geometry": geo.tiny}
                 res = run_isolated(ctx, _cpu_child, task, args.max_seconds)
                 row = {"mode": label, "phase": phase, "video_frames": vf, "latent_frames": T,
                        "tokens": T * frame_tokens, "note": "", **res}
@@ -404,8 +414,8 @@ def run_cpu(args) -> tuple[list[dict], dict, list[str]]:
                 else:
                     log(f"  {label} {vf} frames [{phase}]: {row['status']} {row['note']}")
     meta = {"geometry": f"{size}x{size} pixels -> latents {lat}x{lat}, {frame_tokens} tokens per latent frame",
-            "model": "rehyat.testing tiny Wan transformer (2 blocks, 2 heads x 32, FFN 128) + tiny causal Wan VAE, "
-                     "float32",
+            "model": f"rehyat.testing tiny Wan transformer (2 blocks, 2 heads x 32, FFN 128) + tiny causal Wan VAE "
+                     f"of the {geo.tiny} geometry (tiny_vae('{geo.tiny}'), {geo.spatial}x spatial), float32",
             "conversion": f"all blocks, chunk_frames={args.chunk_frames}, overlap_frames={args.overlap_frames}",
             "guidance": "CFG 5.0, batch 2" if args.cfg else "guidance off, batch 1",
             "steps": args.steps, "threads": args.threads}
@@ -498,8 +508,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip a row whose predicted run time exceeds this (GPU, default 60); CPU: per-child limit "
                         "(default 120)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_geometry_argument(p)
+    p.add_argument("--height", type=int, default=None, help="GPU: pixels (default 480, wan2.2-5b: 704; --smoke: 64)")
+    p.add_argument("--width", type=int, default=None, help="GPU: pixels (default 832, wan2.2-5b: 1280; --smoke: 64)")
     p.add_argument("--size", type=int, default=64, help="CPU mode: square video size in pixels (default 64)")
     p.add_argument("--chunk-frames", type=int, default=None, help="T_c (default GPU 3, CPU 2)")
     p.add_argument("--overlap-frames", type=int, default=1)
@@ -519,10 +530,12 @@ def main(argv=None) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = torch.device(args.device).type == "cpu" and not args.smoke
-    if args.smoke:
-        args.height, args.width = (64, 64) if (args.height, args.width) == (480, 832) else (args.height, args.width)
+    geo = GEOMETRIES[args.geometry]
+    args.height = args.height or (64 if args.smoke else geo.height)
+    args.width = args.width or (64 if args.smoke else geo.width)
+    geo.latent_size(*((args.size, args.size) if cpu else (args.height, args.width)))  # SystemExit for a bad size
     if args.frames is None:
-        args.frames = [17, 65, 257, 1025] if cpu else [9, 17, 33] if args.smoke else [81, 321, 1281]
+        args.frames = [17, 65, 257, 1025] if cpu else [9, 17, 33] if args.smoke else list(geo.memory_frames)
     for f in args.frames:
         latent_frames(f)
     if args.max_seconds is None:

@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: those that build a Wan2.1-geometry transformer (bench_memory,
-bench_end_to_end) and, for :func:`timed_call`, the operator benchmarks and A/B scripts.
+"""Helpers shared by the benchmark scripts: those that build a Wan-geometry transformer (bench_memory,
+bench_end_to_end: Wan2.1-T2V-1.3B's or, with ``--geometry wan2.2-5b``, Wan2.2-TI2V-5B's) and, for
+:func:`timed_call`, the operator benchmarks and A/B scripts.
 
 Not part of the library: logging with elapsed time, device description, SDPA backend preference, building a
 randomly initialised ``WanTransformer3DModel`` directly on the GPU, and timing one call.
@@ -12,15 +13,65 @@ import gc
 import os
 import platform
 import time
+from dataclasses import dataclass
 
 import torch
 
 T0 = time.perf_counter()
-VAE_T, VAE_S = 4, 8  # Wan VAE strides (time, space): 4k+1 frames -> k+1 latent frames, 8x8 pixels -> 1 latent
+VAE_T = 4  # Wan VAE temporal stride (Wan2.1 and Wan2.2): 4k+1 frames -> k+1 latent frames; spatial: Geometry.spatial
 # Wan2.1-T2V-1.3B transformer config (diffusers' Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# Wan2.2-TI2V-5B's transformer as a diffusers WanTransformer3DModel config (Wan's wan/configs/wan_ti2v_5B.py: dim
+# 3072 = 24 heads x 128, ffn_dim 14336, freq_dim 256, 30 layers, text_dim 4096, in_dim 48, patch (1, 2, 2)): 5.0B
+# parameters. Its VAE (z_dim 48, a 2x2 pixel patch) compresses 16x in space, 4x in time.
+WAN_2_2_5B = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                  out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A model geometry of ``--geometry``: the transformer config, the VAE's spatial compression (``spatial``; the
+    temporal one is 4 for both) and the default size and lengths (``frames``: bench_end_to_end; ``memory_frames``:
+    bench_memory), the 5B's chosen to give about the 1.3B's token counts."""
+
+    name: str
+    config: dict
+    spatial: int
+    tiny: str  # the tiny geometry of rehyat.testing with this VAE compression and these latent channels
+    height: int
+    width: int
+    frames: tuple[int, ...]
+    memory_frames: tuple[int, ...]
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(rows, columns)`` of latents of ``height x width`` pixels; ``SystemExit`` for a size that is not a
+        multiple of VAE stride x patch (16 for Wan2.1, 32 for Wan2.2-TI2V-5B)."""
+        mult = self.spatial * self.config["patch_size"][1]
+        for name, val in (("--height", height), ("--width", width)):
+            if val < mult or val % mult:
+                raise SystemExit(f"{name} must be a positive multiple of {mult} for the {self.name} geometry "
+                                 f"(VAE stride {self.spatial} x patch {self.config['patch_size'][1]}), got {val}")
+        return height // self.spatial, width // self.spatial
+
+
+# 1.3B: 480x832, 1,560 tokens per latent frame, 81 / 321 / 1,281 frames = 21 / 81 / 321 latent frames.
+# 5B: 704x1280 (Wan2.2-TI2V-5B's 720p size), 880 tokens per latent frame; 121 frames (its default, 31 latent frames,
+# 27,280 tokens), 481 (121 latent frames, 106,480 tokens) and 1,921 (481 latent frames, 423,280 tokens).
+GEOMETRIES = {
+    "wan2.1-1.3b": Geometry("Wan2.1-T2V-1.3B", WAN_1_3B, 8, "wan2.1", 480, 832, (81, 321), (81, 321, 1281)),
+    "wan2.2-5b": Geometry("Wan2.2-TI2V-5B", WAN_2_2_5B, 16, "wan2.2", 704, 1280, (121, 481), (121, 481, 1921)),
+}
+
+
+def add_geometry_argument(parser) -> None:
+    """``--geometry`` (default ``wan2.1-1.3b``): which model's transformer config, VAE compression, size and lengths."""
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="wan2.1-1.3b",
+                        help="model geometry, random weights: wan2.1-1.3b (Wan2.1-T2V-1.3B, 16 latent channels, VAE "
+                             "8x, default 480x832) or wan2.2-5b (Wan2.2-TI2V-5B, 48 latent channels, VAE 16x, default "
+                             "704x1280, frames 121 / 481 (/ 1921 in bench_memory))")
 
 
 def log(msg: str) -> None:

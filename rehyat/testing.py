@@ -68,6 +68,40 @@ def tiny_wan_vae(seed: int = 0):
                             temperal_downsample=[False, True, True]).eval()
 
 
+def tiny_wan22_vae(seed: int = 0, z_dim: int = 48):
+    """A random causal ``AutoencoderKLWan`` with Wan2.2's structure (the VAE of Wan2.2-TI2V-5B, scaled down): residual
+    up/down blocks (``is_residual=True``), a 2x2 pixel patch folded into 12 channels (``patch_size=2``), so 16x spatial
+    compression (8x from the convolutions x the patch), 4x temporal, ``z_dim`` latent channels (48 as in Wan2.2), a
+    wider decoder than encoder (Wan2.2: 160 / 256; here 4 / 8) and per-channel ``latents_mean`` / ``latents_std`` of
+    ``z_dim`` entries (seeded, not Wan2.2's values).
+
+    Video ``[B, 3, 4k+1, H, W]`` <-> latents ``[B, z_dim, k+1, H/16, W/16]`` (H, W multiples of 16).
+    """
+    from diffusers import AutoencoderKLWan
+
+    g = torch.Generator().manual_seed(seed + 1)
+    mean, std = (0.5 * torch.randn(z_dim, generator=g)).tolist(), (0.5 + torch.rand(z_dim, generator=g)).tolist()
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                            latents_mean=mean, latents_std=std).eval()
+
+
+#: The tiny geometries of :func:`tiny_vae` and :func:`tiny_pipeline_folder`, name -> latent ``channels`` and
+#: ``spatial`` compression: ``"wan2.1"`` (16 channels, 8x: with the transformer's 2x2 patch, sizes are multiples of
+#: 16) and ``"wan2.2"`` (Wan2.2-TI2V-5B's VAE: 48 channels, 16x: sizes multiples of 32). Both compress time 4x.
+GEOMETRIES = {"wan2.1": dict(channels=16, spatial=8), "wan2.2": dict(channels=48, spatial=16)}
+
+
+def tiny_vae(geometry: str = "wan2.1", seed: int = 0):
+    """:func:`tiny_wan_vae` (``"wan2.1"``) or :func:`tiny_wan22_vae` (``"wan2.2"``); ``ValueError`` for another
+    name. The transformer that goes with it takes ``vae.config.z_dim`` channels."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {geometry!r}")
+    return tiny_wan_vae(seed) if geometry == "wan2.1" else tiny_wan22_vae(seed)
+
+
 def tiny_text_encoder(text_dim: int = 64, seed: int = 0):
     """A word-level tokenizer and a tiny ``UMT5EncoderModel`` (hidden ``text_dim``), both built in code.
 
@@ -87,11 +121,13 @@ def tiny_text_encoder(text_dim: int = 64, seed: int = 0):
 
 
 def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, chunk_frames: int = 2,
-                         overlap_frames: int = 1, num_layers: int = 2):
+                         overlap_frames: int = 1, num_layers: int = 2, geometry: str = "wan2.1"):
     """Write a complete tiny model folder (transformer, scheduler, optional VAE, tokenizer, text encoder).
 
     With ``converted=True`` every block is converted to ReHyAt (a fully causal model); with ``vae=False`` the model
-    works in pixel space (3 channels), like the project's embedded model. Returns the folder.
+    works in pixel space (3 channels), like the project's embedded model. ``geometry`` (with ``vae=True``): the VAE
+    of :func:`tiny_vae`, the transformer taking its ``z_dim`` channels. Default size 9 frames of 32 x 32 pixels.
+    Returns the folder.
     """
     from pathlib import Path
 
@@ -100,10 +136,11 @@ def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, ch
 
     folder = Path(folder)
     tokenizer, text_encoder = tiny_text_encoder()
-    transformer = tiny_wan_transformer(num_layers=num_layers, in_channels=16 if vae else 3)
+    autoencoder = tiny_vae(geometry) if vae else None
+    transformer = tiny_wan_transformer(num_layers=num_layers, in_channels=autoencoder.config.z_dim if vae else 3)
     if converted:
         convert_wan(transformer, blocks="all", chunk_frames=chunk_frames, overlap_frames=overlap_frames)
-    pipe = ReHyAtVideoPipeline(transformer, vae=tiny_wan_vae() if vae else None, tokenizer=tokenizer,
+    pipe = ReHyAtVideoPipeline(transformer, vae=autoencoder, tokenizer=tokenizer,
                                text_encoder=text_encoder, max_sequence_length=16, fps=8,
                                defaults=dict(frames=9 if vae else 8, height=32, width=32, steps=2, guidance=2.0))
     pipe.save_pretrained(folder)

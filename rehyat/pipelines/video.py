@@ -22,7 +22,10 @@ Model folder layout (``from_pretrained``): ``transformer/`` (required; a plain W
 ``scheduler/`` (optional, default as above), ``vae/`` (optional; without it latents are pixels in [-1, 1]),
 ``tokenizer/`` + ``text_encoder/`` (optional), and ``rehyat_pipeline.json`` (optional: ``{"text_encoder":
 "minilm", "max_sequence_length": 32, "fps": 8, "negative_prompt": ""}``). A diffusers Wan2.1 folder
-(``Wan2.1-T2V-1.3B-Diffusers``) loads as it is.
+(``Wan2.1-T2V-1.3B-Diffusers``) loads as it is, and so does a Wan2.2 TI2V one (``Wan2.2-TI2V-5B-Diffusers``: 48
+latent channels, 16x spatial compression) for text-to-video: its transformer takes one timestep per token
+(``expand_timesteps``), all equal without an image, which is the one timestep per video given here. Its
+image-to-video mode (the first latent frame replaced by an encoded image, held at timestep 0) is not supported.
 """
 
 from __future__ import annotations
@@ -81,27 +84,54 @@ def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_fra
     return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
-def vae_factors(vae_config: dict) -> tuple[int, int]:
-    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` from its config dict; where the config omits
-    them, derived from ``temperal_downsample`` as ``AutoencoderKLWan`` does (Wan's default: 4 and 8)."""
-    down = vae_config.get("temperal_downsample", [False, True, True])
-    return (vae_config.get("scale_factor_temporal", 2 ** sum(down)),
-            vae_config.get("scale_factor_spatial", 2 ** len(down)))
+def vae_factors(vae_config) -> tuple[int, int]:
+    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` from its config (a dict or ``vae.config``):
+    ``scale_factor_temporal`` / ``scale_factor_spatial``; where the config omits them (or sets them to null),
+    derived from its down-sampling stages and pixel patch: ``2 ** sum(temperal_downsample)`` and
+    ``2 ** len(temperal_downsample) * patch_size`` (Wan2.1's VAE: 4 and 8; Wan2.2's, with ``patch_size=2``: 4 and
+    16). The one reader of a VAE's geometry (its latent channels are ``z_dim``: :func:`check_vae_channels`)."""
+    down = vae_config.get("temperal_downsample") or [False, True, True]
+    temporal, spatial = vae_config.get("scale_factor_temporal"), vae_config.get("scale_factor_spatial")
+    return (int(temporal) if temporal is not None else 2 ** sum(down),
+            int(spatial) if spatial is not None else 2 ** len(down) * (vae_config.get("patch_size") or 1))
+
+
+def check_vae_channels(vae_config, in_channels: int) -> None:
+    """``ValueError`` when a VAE's latents (``z_dim`` channels, default 16) are not what the transformer takes
+    (``in_channels``): a VAE and a transformer of two models, e.g. Wan2.2-TI2V-5B's VAE (48) with a Wan2.1
+    transformer (16). ``vae_config``: a dict or ``vae.config``."""
+    z_dim = vae_config.get("z_dim", 16)
+    if z_dim != in_channels:
+        raise ValueError(f"the VAE makes {z_dim}-channel latents (z_dim={z_dim}) but the transformer takes "
+                         f"in_channels={in_channels}: they belong to two models (Wan2.1's VAE has 16 channels, "
+                         "Wan2.2-TI2V-5B's 48); use the VAE the transformer was trained with")
+
+
+def folder_vae_config(folder) -> dict | None:
+    """A model folder's ``vae/config.json``, or ``None`` without that file (pixel space). Raises ``ValueError``
+    naming the file for malformed JSON."""
+    from ..io import read_json_object
+
+    cfg = Path(folder) / "vae" / "config.json"
+    return read_json_object(cfg) if cfg.is_file() else None
 
 
 def folder_vae_factors(folder) -> tuple[int, int]:
     """:func:`vae_factors` of a model folder's ``vae/config.json``; ``(1, 1)`` without that file (pixel space).
     Raises ``ValueError`` naming the file for malformed JSON."""
-    from ..io import read_json_object
-
-    cfg = Path(folder) / "vae" / "config.json"
-    return vae_factors(read_json_object(cfg)) if cfg.is_file() else (1, 1)
+    cfg = folder_vae_config(folder)
+    return vae_factors(cfg) if cfg is not None else (1, 1)
 
 
 def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded)."""
+    """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded).
+    Raises ``ValueError`` as :func:`latent_shape` does, or when its VAE's latents are not the transformer's input
+    (:func:`check_vae_channels`)."""
     tcfg = read_transformer_config(folder)
-    temporal, spatial = folder_vae_factors(folder)
+    vcfg = folder_vae_config(folder)
+    if vcfg is not None:
+        check_vae_channels(vcfg, tcfg["in_channels"])
+    temporal, spatial = vae_factors(vcfg) if vcfg is not None else (1, 1)
     return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
 
 
@@ -227,7 +257,7 @@ class StreamingDecoder:
         """Raises :class:`NonFiniteOutputError` naming the first decoded frame with NaN or Inf (checked before the
         clamp to [-1, 1], which would turn Inf into a plain white or black frame)."""
         out = self._decode(latents)
-        temporal = 1 if self.vae is None else int(self.vae.config.scale_factor_temporal)
+        temporal = 1 if self.vae is None else vae_factors(self.vae.config)[0]
         check_finite(out, kind="frames", frame_start=self.frames_out, temporal=temporal)
         self.frames_out += out.shape[2]
         return out.clamp(-1, 1)
@@ -282,11 +312,19 @@ class ReHyAtVideoPipeline:
         negative_prompt: default negative prompt for guidance.
         defaults: the model's default generation settings, saved in ``rehyat_pipeline.json`` (``frames``,
             ``height``, ``width``, ``steps``, ``guidance``; the CLI falls back on Wan2.1's 81 x 480 x 832, 50, 5.0).
+
+    The geometry comes from the VAE's config (:func:`vae_factors`): Wan2.1's VAE (16 latent channels, 8x spatial,
+    sizes multiples of 16) and Wan2.2-TI2V-5B's (48 channels, 16x, sizes multiples of 32) alike.
+
+    Raises:
+        ValueError: the VAE's latents (``z_dim``) are not the transformer's input (``in_channels``).
     """
 
     def __init__(self, transformer, scheduler=None, vae=None, tokenizer=None, text_encoder=None, *,
                  max_sequence_length: int = 512, fps: int = 16, negative_prompt: str = "",
                  defaults: dict | None = None) -> None:
+        if vae is not None:
+            check_vae_channels(vae.config, transformer.config.in_channels)
         self.transformer = transformer
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
         self.vae = vae
@@ -307,10 +345,11 @@ class ReHyAtVideoPipeline:
 
         ``text_embeddings``: a caption table (:class:`rehyat.text_encoder.TextEmbeddingTable` file) used instead
         of the folder's text encoder, for machines without its weights. The text encoder itself loads on first use.
-        Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, or whose
-        transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`), before loading any
-        weights. A folder written by diffusers' ``WanPipeline.save_pretrained`` with a converted transformer loads
-        converted (the settings are in ``transformer/config.json``)."""
+        Raises ``FileNotFoundError``/``ValueError`` for a folder that is not a Wan or ReHyAt checkpoint, whose
+        transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`) or whose VAE's latents
+        are not its transformer's input (:func:`check_vae_channels`), before loading any weights. A folder written
+        by diffusers' ``WanPipeline.save_pretrained`` with a converted transformer loads converted (the settings are
+        in ``transformer/config.json``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"--model folder {folder} does not exist")
@@ -320,6 +359,9 @@ class ReHyAtVideoPipeline:
                 "WanTransformer3DModel folder) inside it"
             )
         cfg = read_pipeline_config(folder)
+        vae_config = folder_vae_config(folder)
+        if vae_config is not None:  # a VAE of another model: refused before any weights load
+            check_vae_channels(vae_config, read_transformer_config(folder)["in_channels"])
         table = None
         if text_embeddings is not None:  # read (and fail) before any weights load
             from ..text_encoder import TextEmbeddingTable
@@ -373,11 +415,13 @@ class ReHyAtVideoPipeline:
     # ------------------------------------------------------------------------------------------------ geometry
     @property
     def temporal_factor(self) -> int:
-        return 1 if self.vae is None else int(self.vae.config.scale_factor_temporal)
+        """The VAE's temporal compression (:func:`vae_factors`; Wan: 4), 1 in pixel space."""
+        return 1 if self.vae is None else vae_factors(self.vae.config)[0]
 
     @property
     def spatial_factor(self) -> int:
-        return 1 if self.vae is None else int(self.vae.config.scale_factor_spatial)
+        """The VAE's spatial compression (:func:`vae_factors`; Wan2.1: 8, Wan2.2-TI2V-5B: 16), 1 in pixel space."""
+        return 1 if self.vae is None else vae_factors(self.vae.config)[1]
 
     @property
     def device(self) -> torch.device:
@@ -480,7 +524,7 @@ class ReHyAtVideoPipeline:
             prompt / prompt_embeds: the text, or its embeddings ``[1, L, text_dim]``.
             negative_prompt / negative_prompt_embeds: for classifier-free guidance (default: the folder's).
             num_frames: video frames (``4k+1`` with Wan's VAE; any count in pixel space).
-            height, width: pixels, multiples of VAE stride x patch (16 for Wan).
+            height, width: pixels, multiples of VAE stride x patch (16 for Wan2.1, 32 for Wan2.2-TI2V-5B).
             num_inference_steps, guidance_scale: sampler steps and CFG scale (guidance off at <= 1).
             Unset sizes and settings come from the folder's ``defaults`` (``rehyat_pipeline.json``), else
             Wan2.1's: 81 frames, 480 x 832, 50 steps, guidance 5.0.

@@ -11,13 +11,27 @@ import torch
 from rehyat.models import convert_wan
 from rehyat.pipelines import NonFiniteOutputError, ReHyAtVideoPipeline, StreamingDecoder, initial_noise
 from rehyat.pipelines.video import check_finite
-from rehyat.testing import assert_outputs_close, tiny_pipeline_folder, tiny_wan_transformer, tiny_wan_vae
+from rehyat.testing import (GEOMETRIES, assert_outputs_close, tiny_pipeline_folder, tiny_vae, tiny_wan_transformer,
+                            tiny_wan_vae)
+
+
+def geometry_pipe(geometry: str) -> ReHyAtVideoPipeline:
+    """A fully causal tiny model with the tiny VAE of ``geometry`` (Wan2.1: 16 channels, 8x; Wan2.2: 48, 16x)."""
+    vae = tiny_vae(geometry)
+    model = convert_wan(tiny_wan_transformer(in_channels=vae.config.z_dim), blocks="all", chunk_frames=2,
+                        overlap_frames=1)
+    return ReHyAtVideoPipeline(model, vae=vae)
 
 
 @pytest.fixture(scope="module")
 def causal_pipe():
-    model = convert_wan(tiny_wan_transformer(), blocks="all", chunk_frames=2, overlap_frames=1)
-    return ReHyAtVideoPipeline(model, vae=tiny_wan_vae())
+    return geometry_pipe("wan2.1")
+
+
+@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def geometry_pipes(request):
+    """``(pipeline, size)``: a causal pipeline of each geometry and a size giving it 4 x 4 latents."""
+    return geometry_pipe(request.param), 4 * GEOMETRIES[request.param]["spatial"]
 
 
 def embeds(seed=0):
@@ -25,15 +39,18 @@ def embeds(seed=0):
     return torch.randn(1, 6, 64, generator=g), torch.randn(1, 6, 64, generator=g)
 
 
+@pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only wait on each other
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_three_modes_same_video(causal_pipe, guidance):
+def test_three_modes_same_video(geometry_pipes, guidance):
+    pipe, size = geometry_pipes
     pos, neg = embeds()
     outs = {}
     for mode in ("parallel", "recurrent", "streaming"):
-        outs[mode] = causal_pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_frames=21, height=32, width=32,
-                                 num_inference_steps=4, guidance_scale=guidance, seed=3, mode=mode, progress=False)
+        outs[mode] = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_frames=21, height=size, width=size,
+                          num_inference_steps=4, guidance_scale=guidance, seed=3, mode=mode, progress=False)
     ref = outs["parallel"]
-    assert ref.video.shape == (21, 32, 32, 3) and ref.video.dtype == np.uint8
+    assert ref.video.shape == (21, size, size, 3) and ref.video.dtype == np.uint8
+    assert ref.latents.shape == (1, pipe.vae.config.z_dim, 6, 4, 4)
     for mode in ("recurrent", "streaming"):
         torch.testing.assert_close(outs[mode].latents, ref.latents, rtol=1e-4, atol=1e-4)
         # identical up to rounding to 8 bits
@@ -49,19 +66,24 @@ def test_seed_changes_video(causal_pipe):
     assert not torch.equal(a.latents, b.latents)
 
 
-def test_streaming_emits_frames_per_chunk(causal_pipe):
+@pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only wait on each other
+def test_streaming_emits_frames_per_chunk(geometry_pipes):
+    pipe, size = geometry_pipes
     pos, _ = embeds()
     blocks = []
-    out = causal_pipe(prompt_embeds=pos, num_frames=13, height=32, width=32, num_inference_steps=2,
-                      guidance_scale=1.0, mode="streaming", on_frames=blocks.append, keep_video=False, progress=False)
+    out = pipe(prompt_embeds=pos, num_frames=13, height=size, width=size, num_inference_steps=2,
+               guidance_scale=1.0, mode="streaming", on_frames=blocks.append, keep_video=False, progress=False)
     assert out.video is None
     # 4 latent frames, chunks of 2: the first chunk decodes to 1 + 4 frames, the second to 8
-    assert [len(b) for b in blocks] == [5, 8]
+    assert [len(b) for b in blocks] == [5, 8] and blocks[0].shape[1:] == (size, size, 3)
 
 
-def test_streaming_decoder_equals_vae_decode():
-    vae = tiny_wan_vae()
-    z = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+@pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only wait on each other
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_streaming_decoder_equals_vae_decode(geometry):
+    # Wan2.2's VAE adds residual up-blocks (which treat the first chunk apart) and the 2x2 pixel patch
+    vae = tiny_vae(geometry)
+    z = torch.randn(1, vae.config.z_dim, 5, 4, 4, generator=torch.Generator().manual_seed(0))
     from rehyat.pipelines.video import _denormalize
 
     with torch.no_grad():
