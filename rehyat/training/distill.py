@@ -19,6 +19,7 @@ behind ``rehyat distill``: folders, checkpoints, resume, logs, reports, several 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -151,22 +152,26 @@ def _teacher_forced(transformer, trajectories: TeacherTrajectories, num_steps: i
     """Teacher forwards along ``trajectories`` in distillation mode with the mass diagnostic, no gradient for the
     student (its parameters' ``requires_grad`` put back afterwards): yields each forward's per-block records.
     ``num_steps`` default: one whole trajectory."""
-    from ..models import get_context
+    from ..models import distill_mode
 
-    ctx = get_context(transformer)
-    params = [p for _, p in feature_map_parameters(transformer)]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)  # no graph for the student: records only
-    try:
+    with _no_grad_for([p for _, p in feature_map_parameters(transformer)]):  # no graph for the student: records only
         for _ in range(trajectories.steps if num_steps is None else num_steps):
-            ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
-            x, t, e = trajectories.inputs()
-            out = transformer(x, t, e, return_dict=False)[0]
+            with distill_mode(transformer, measure_mass=True) as ctx:
+                x, t, e = trajectories.inputs()
+                out = transformer(x, t, e, return_dict=False)[0]
             yield ctx.records
             trajectories.advance(out)
+
+
+@contextmanager
+def _no_grad_for(params: list[torch.nn.Parameter]):
+    """``requires_grad`` off for ``params`` inside the block, each put back as it was on exit."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
-        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
         for p, f in zip(params, flags):
             p.requires_grad_(f)
 
@@ -213,17 +218,13 @@ class Distiller:
         self.step_count = 0
 
     def step(self) -> dict[int, dict[str, float]]:
-        ctx = self.ctx
+        from ..models import distill_mode
+
         x, t, e = self.traj.inputs()
         measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
-        ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, True, measure, {}
-        ctx.mass_weight = self.mass_weight
-        try:
+        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight) as ctx:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
-        finally:
-            ctx.distill = ctx.distill_backward = ctx.measure_mass = False
-            ctx.mass_weight = 0.0
         missing = [b for b in self.blocks if b not in ctx.records]
         if missing:
             raise RuntimeError(f"blocks {missing} recorded no distillation error: is the model called in distill mode?")
