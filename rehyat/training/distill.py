@@ -35,6 +35,7 @@ from .common import (
     parse_blocks,
     resolve_dtype,
 )
+from .conversion import ConversionSettings
 from .distributed import DistEnv, average_gradients, init_distributed
 from .run import TrainingRun
 from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
@@ -300,14 +301,10 @@ class DistillResult:
     steps: int = 0
 
 
-def _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
-                       feature_map_input, softmax_blocks) -> dict:
-    if feature_map_kwargs is not None and not isinstance(feature_map_kwargs, dict):
-        raise ValueError(f"--feature-map-kwargs must be a JSON object like '{{\"feature_dim\": 64}}', "
-                         f"got {feature_map_kwargs!r}")
-    return dict(chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal, stabilizer=stabilizer,
-                feature_map=feature_map, feature_map_kwargs=dict(feature_map_kwargs or {}),
-                feature_map_input=feature_map_input, softmax_blocks=softmax_blocks)
+def _conversion_kwargs(*settings) -> dict:
+    """The conversion keyword dict of the eight settings, given in :class:`~.conversion.ConversionSettings`'s
+    order (ValueError for a bad ``feature_map_kwargs``)."""
+    return ConversionSettings(*settings).to_kwargs()
 
 
 def build_student(model, blocks, conversion: dict | None, block_settings: dict | None, feature_maps: dict):
@@ -541,11 +538,9 @@ class DistillArgs:
     def __post_init__(self) -> None:
         self.model, self.out = Path(self.model), Path(self.out)
 
-    def conversion(self) -> dict:
-        """The conversion settings (:func:`_conversion_kwargs`; ValueError for a bad ``feature_map_kwargs``)."""
-        return _conversion_kwargs(self.chunk_frames, self.overlap_frames, self.causal, self.stabilizer,
-                                  self.feature_map, self.feature_map_kwargs, self.feature_map_input,
-                                  self.softmax_blocks)
+    def conversion(self) -> ConversionSettings:
+        """The eight conversion settings, as one object."""
+        return ConversionSettings.from_kwargs(vars(self))
 
 
 class _DistillJob:
@@ -571,9 +566,9 @@ class _DistillJob:
         self.latent_shape, geometry = self._geometry()
         pdefaults = read_pipeline_config(a.model).get("defaults", {})
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
-        self.conversion = a.conversion()
+        self.conversion = a.conversion().to_kwargs()  # the run_config.json entry and convert_wan's keywords
         if self.converted_cfg is None:
-            _probe_conversion(self.conversion, tcfg["attention_head_dim"])  # bad settings fail before loading weights
+            a.conversion().check(tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
         self.run = TrainingRun.open(a.out, self._settings(geometry), steps=a.steps,
                                     checkpoint_every=a.checkpoint_every, log_every=a.log_every, resume=a.resume,
                                     overwrite=a.overwrite, desc="distill", progress=a.progress)
@@ -786,28 +781,3 @@ def check_block_causal_teacher(model, rehyat_cfg: dict, chunk_frames: int, softm
         raise ValueError(f"{model} is a block-causal teacher with chunk_frames {chunk}: distil it with "
                          f"--chunk-frames {chunk} --softmax-blocks chunk_causal (got --chunk-frames {chunk_frames} "
                          f"--softmax-blocks {softmax_blocks})")
-
-
-def _probe_conversion(conversion: dict, head_dim: int = 8) -> None:
-    """Check conversion settings without a model: builds one feature map (one head of ``head_dim``, the model's
-    attention head size) from ``feature_map`` and ``feature_map_kwargs``.
-
-    Raises:
-        ValueError: a bad setting, naming its CLI argument (an unknown or bad ``--feature-map-kwargs`` key too).
-    """
-    from ..modules import make_feature_map
-    from ..ops._checks import check_settings
-
-    check_settings(frame_tokens=1, chunk_frames=conversion["chunk_frames"], overlap_frames=conversion["overlap_frames"],
-                   stabilizer=conversion["stabilizer"])
-    from ..models.wan import FEATURE_MAP_INPUTS, SOFTMAX_BLOCKS
-
-    if conversion["feature_map_input"] not in FEATURE_MAP_INPUTS:
-        raise ValueError(f"feature_map_input must be one of {FEATURE_MAP_INPUTS}")
-    if conversion["softmax_blocks"] not in SOFTMAX_BLOCKS:
-        raise ValueError(f"--softmax-blocks must be one of {SOFTMAX_BLOCKS}")
-    kw = conversion["feature_map_kwargs"]
-    try:
-        make_feature_map(conversion["feature_map"], 1, head_dim, **kw)
-    except (TypeError, ValueError) as e:  # TypeError: a keyword the feature map does not take
-        raise ValueError(f"--feature-map {conversion['feature_map']} --feature-map-kwargs {kw!r}: {e}") from None
