@@ -106,23 +106,20 @@ def block_diagnostics(pipe, prompt_embeds: torch.Tensor, num_frames: int, height
     (keys :data:`BLOCK_KEYS`; the shares NaN where no query has linear keys); ``ValueError`` for a model that is
     not converted.
     """
-    from ..models.wan import get_context
+    from ..models.wan import distill_mode, get_context
 
     ctx = get_context(pipe.transformer)
     shape = pipe.latent_shape(num_frames, height, width)
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=g)
     recs: dict[int, list[dict]] = {}
-    ctx.distill, ctx.distill_backward, ctx.measure_mass = True, False, True
-    try:
+    with distill_mode(ctx, measure_mass=True):
         for t in timesteps:
             x = x0.to(pipe.device, pipe.transformer.dtype)
             pipe.transformer(x, torch.tensor([t], device=pipe.device), prompt_embeds.to(pipe.device, pipe.transformer.dtype))
             for b, rec in ctx.records.items():
                 recs.setdefault(b, []).append(rec)
-    finally:
-        ctx.distill = ctx.measure_mass = False
-        ctx.records = {}
+    ctx.records = {}
     return {b: {k: float(np.mean([r[k] for r in rs])) for k in BLOCK_KEYS} for b, rs in sorted(recs.items())}
 
 

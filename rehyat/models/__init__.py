@@ -8,16 +8,18 @@ from .wan import (
     ReHyAtConfig,
     RunContext,
     convert_wan,
+    distill_mode,
     get_context,
     get_rehyat_config,
     load_transformer,
     read_rehyat_settings,
+    recurrent_mode,
     runner_chunk_frames,
     save_rehyat,
 )
 
 __all__ = [
     "ChunkCausalAttnProcessor", "ReHyAtAttnProcessor", "ReHyAtConfig", "RunContext", "TransformerState",
-    "check_recurrent", "compile_blocks", "convert_wan", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
-    "read_rehyat_settings", "recurrent_forward", "runner_chunk_frames", "save_rehyat",
+    "check_recurrent", "compile_blocks", "convert_wan", "distill_mode", "forward_chunk", "get_context", "get_rehyat_config", "load_transformer",
+    "read_rehyat_settings", "recurrent_forward", "recurrent_mode", "runner_chunk_frames", "save_rehyat",
 ]

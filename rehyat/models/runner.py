@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import RecurrentState
-from .wan import get_context, get_rehyat_config, runner_chunk_frames
+from .wan import get_rehyat_config, recurrent_mode, runner_chunk_frames
 
 __all__ = ["TransformerState", "check_recurrent", "forward_chunk", "recurrent_forward"]
 
@@ -78,13 +78,9 @@ def forward_chunk(
     """
     check_recurrent(transformer)
     state = TransformerState() if state is None else state
-    ctx = get_context(transformer)
-    ctx.mode, ctx.frame_offset, ctx.states = "recurrent", state.frames_seen, dict(state.block_states)
-    try:
+    with recurrent_mode(transformer, frame_offset=state.frames_seen, states=dict(state.block_states)) as ctx:
         out = transformer(latents, timestep, encoder_hidden_states, return_dict=False)[0]
         new_states = ctx.states
-    finally:
-        ctx.mode, ctx.frame_offset, ctx.states = "parallel", 0, {}
     return out, TransformerState(new_states, state.frames_seen + latents.shape[2])
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from ..ops._checks import check_settings
 __all__ = [
     "ReHyAtConfig",
     "RunContext",
+    "distill_mode",
+    "recurrent_mode",
     "AbsoluteRotaryPosEmbed",
     "ReHyAtAttnProcessor",
     "ChunkCausalAttnProcessor",
@@ -184,6 +187,50 @@ class RunContext:
         self.measure_mass: bool = False
         self.mass_weight: float = 0.0
         self.teacher_chunk_frames: int | None = None
+
+
+def _context_of(model_or_context) -> RunContext:
+    return model_or_context if isinstance(model_or_context, RunContext) else get_context(model_or_context)
+
+
+@contextmanager
+def distill_mode(model_or_context, *, backward: bool = False, measure_mass: bool = False, mass_weight: float = 0.0):
+    """Run a converted transformer in distillation mode inside the ``with`` block (:class:`RunContext`
+    ``distill``; see there): teacher forcing, every converted block records its error in ``records`` (emptied on
+    entry, kept on exit for the caller to read).
+
+    Args:
+        model_or_context: a converted transformer or its :class:`RunContext` (ValueError for a plain transformer).
+        backward: each block also backpropagates its loss into its feature maps (``distill_backward``).
+        measure_mass: record the mass diagnostic too (``measure_mass``).
+        mass_weight: weight of the mass term in each block's loss (``mass_weight``).
+
+    On exit, also by an exception, ``distill``, ``distill_backward`` and ``measure_mass`` are False and
+    ``mass_weight`` is 0 again. Yields the context.
+    """
+    ctx = _context_of(model_or_context)
+    ctx.distill, ctx.distill_backward, ctx.measure_mass = True, bool(backward), bool(measure_mass)
+    ctx.mass_weight, ctx.records = float(mass_weight), {}
+    try:
+        yield ctx
+    finally:
+        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
+        ctx.mass_weight = 0.0
+
+
+@contextmanager
+def recurrent_mode(model_or_context, *, frame_offset: int, states: dict):
+    """Run a converted transformer in recurrent mode inside the ``with`` block: each forward is one chunk whose
+    first latent frame is ``frame_offset``, starting from the per-block ``states`` (:class:`RunContext` ``mode``,
+    ``frame_offset``, ``states``; the processors replace ``ctx.states`` with the states after the chunk, read them
+    inside the block). On exit, also by an exception, the context is back in parallel mode (offset 0, no states).
+    Yields the context; ValueError for a plain transformer."""
+    ctx = _context_of(model_or_context)
+    ctx.mode, ctx.frame_offset, ctx.states = "recurrent", frame_offset, states
+    try:
+        yield ctx
+    finally:
+        ctx.mode, ctx.frame_offset, ctx.states = "parallel", 0, {}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,9 +40,11 @@ def add_conversion_args(p) -> None:
 
 
 def conversion_kwargs(args) -> dict:
-    return dict(chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames, causal=not args.bidirectional,
-                stabilizer=args.stabilizer, feature_map=args.feature_map, feature_map_kwargs=args.feature_map_kwargs,
-                feature_map_input=args.feature_map_input, softmax_blocks=args.softmax_blocks)
+    """The eight conversion keyword arguments of ``rehyat distill`` / ``convert`` from parsed arguments (as given:
+    :func:`~rehyat.training.distill` and :func:`~rehyat.training.convert_model` check them)."""
+    from .conversion import ConversionSettings
+
+    return ConversionSettings.from_cli(args).fields()
 
 
 def add_run_args(p, *, checkpoint_every: int, log_every: int) -> None:

@@ -553,8 +553,6 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from ..io import first_line, read_json_object
-    from ..pipelines.video import vae_factors
     from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
 
     model, videos = Path(model), Path(videos)
@@ -569,6 +567,49 @@ def prepare_dataset(
     prepare_output_folder(out, overwrite=overwrite)
     tcfg = read_transformer_config(model)
     pcfg = read_pipeline_config(model)
+    rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
+    has_vae = (model / "vae").is_dir()
+    first = _read_video(videos / rows[0]["file_name"])
+    F = num_frames if num_frames is not None else first.shape[0]
+    H, W = first.shape[1:3]
+    tf, sf, C = _check_geometry(model, tcfg, rows, F, H, W)
+    text_encoder = None
+    if table is None:
+        text_encoder = load_text_encoder_from_folder(model, device=device)  # ValueError without one
+    L = table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512)
+    info = DatasetInfo(
+        latent_channels=C, latent_frames=(F - 1) // tf + 1, latent_height=H // sf, latent_width=W // sf,
+        text_dim=tcfg["text_dim"], max_sequence_length=L, latent_space="vae" if has_vae else "pixel",
+        num_frames=F, height=H, width=W, num_samples=len(rows), fps=rows[0].get("fps", pcfg.get("fps")),
+        text_encoder=(table.text_encoder if table is not None else _text_encoder_name(model)),
+        source_model=str(model.resolve()),
+    )
+    encode_video = _video_encoder(model, device) if has_vae else (lambda x: x)
+
+    def embed(captions):
+        if table is not None:
+            return table.lookup(captions)
+        from ..text_encoder import encode_prompts
+
+        return encode_prompts(*text_encoder, captions, max_length=L)[0].float().cpu()
+
+    writer = DatasetWriter(out, info, overwrite=overwrite)
+    try:
+        neg = pcfg.get("negative_prompt", "")
+        if table is None or neg in table:
+            writer.set_null_embeds(embed([neg])[0])
+        read = lambda r: first if r is rows[0] else _read_video(videos / r["file_name"])  # noqa: E731
+        _write_samples(writer, rows, read, encode_video, embed, (F, H, W), batch_size=batch_size, device=device,
+                       progress=progress)
+        return writer.close()
+    except BaseException:
+        writer.abort()  # no half-written dataset left to block the retry
+        raise
+
+
+def _check_videos_and_captions(videos: Path, text_embeddings, tcfg: dict):
+    """``(metadata rows, caption table or None)`` of a videofolder: it lists videos, they exist, and the caption
+    table (if any) holds every caption at the model's ``text_dim``."""
     rows = read_metadata(videos)
     if not rows:
         raise ValueError(f"{videos / METADATA_FILE} lists no videos")
@@ -582,10 +623,16 @@ def prepare_dataset(
             raise ValueError(f"{len(absent)} captions are not in {text_embeddings}, e.g. {absent[:3]}")
         if table.text_dim != tcfg["text_dim"]:
             raise ValueError(f"{text_embeddings} holds {table.text_dim}-dim embeddings, the model takes text_dim={tcfg['text_dim']}")
+    return rows, table
+
+
+def _check_geometry(model: Path, tcfg: dict, rows: list[dict], F: int, H: int, W: int) -> tuple[int, int, int]:
+    """``(temporal factor, spatial factor, latent channels)`` of the model's VAE (``(1, 1, 3)`` in pixel space),
+    after checking that ``F x H x W`` videos fit it and the model, and that every row's stated size fits."""
+    from ..io import read_json_object
+    from ..pipelines.video import vae_factors
+
     has_vae = (model / "vae").is_dir()
-    first = _read_video(videos / rows[0]["file_name"])
-    F = num_frames if num_frames is not None else first.shape[0]
-    H, W = first.shape[1:3]
     p_h = tcfg["patch_size"][1]
     if has_vae:
         vcfg = read_json_object(model / "vae" / "config.json")
@@ -604,65 +651,50 @@ def prepare_dataset(
         if r.get("num_frames", F) < F or (r.get("height", H), r.get("width", W)) != (H, W):
             raise ValueError(f"{r['file_name']} is {r.get('width')}x{r.get('height')} with {r.get('num_frames')} frames; "
                              f"every video must be {W}x{H} with at least {F} frames")
-    text_encoder = None
-    if table is None:
-        text_encoder = load_text_encoder_from_folder(model, device=device)  # ValueError without one
-    L = table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512)
-    info = DatasetInfo(
-        latent_channels=C, latent_frames=(F - 1) // tf + 1, latent_height=H // sf, latent_width=W // sf,
-        text_dim=tcfg["text_dim"], max_sequence_length=L, latent_space="vae" if has_vae else "pixel",
-        num_frames=F, height=H, width=W, num_samples=len(rows), fps=rows[0].get("fps", pcfg.get("fps")),
-        text_encoder=(table.text_encoder if table is not None else _text_encoder_name(model)),
-        source_model=str(model.resolve()),
-    )
-    vae = None
-    if has_vae:
-        from diffusers import AutoencoderKLWan
+    return tf, sf, C
 
-        try:
-            vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
-        except OSError as e:  # e.g. a corrupt safetensors file
-            raise ValueError(f"cannot load the VAE in {model / 'vae'}: {first_line(e)}") from None
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
 
-    def embed(captions):
-        if table is not None:
-            return table.lookup(captions)
-        from ..text_encoder import encode_prompts
+def _video_encoder(model: Path, device):
+    """``encode(videos [B, 3, F, H, W]) -> normalised latents [B, C, f, h, w]`` with the folder's VAE (float32,
+    on ``device``; the latents normalised by its ``latents_mean`` / ``latents_std``). ValueError for a VAE that
+    cannot be loaded."""
+    from diffusers import AutoencoderKLWan
 
-        return encode_prompts(*text_encoder, captions, max_length=L)[0].float().cpu()
+    from ..io import first_line
 
+    try:
+        vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
+    except OSError as e:  # e.g. a corrupt safetensors file
+        raise ValueError(f"cannot load the VAE in {model / 'vae'}: {first_line(e)}") from None
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
+    return lambda x: (vae.encode(x).latent_dist.mode() - mean) / std
+
+
+def _write_samples(writer, rows: list[dict], read, encode_video, embed, size, *, batch_size: int, device,
+                   progress: bool) -> None:
+    """Encode the videos ``rows`` name (``read(row)``: frames ``[F', H, W, 3]``; the first ``F`` of them, each
+    checked against ``size = (F, H, W)``) and their captions (``embed``) in batches into ``writer``."""
     from tqdm.auto import tqdm
 
-    writer = DatasetWriter(out, info, overwrite=overwrite)
-    try:
-        neg = pcfg.get("negative_prompt", "")
-        if table is None or neg in table:
-            writer.set_null_embeds(embed([neg])[0])
-        bar = tqdm(total=len(rows), desc="prepare-data", disable=not progress)
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size]
-            clips = []
-            for r in batch:
-                frames = first if r is rows[0] else _read_video(videos / r["file_name"])
-                if frames.shape[0] < F:
-                    raise ValueError(f"{r['file_name']} has {frames.shape[0]} frames, fewer than {F}")
-                if frames.shape[1:3] != (H, W):
-                    raise ValueError(f"{r['file_name']} is {frames.shape[2]}x{frames.shape[1]}, the first video is {W}x{H}")
-                clips.append(_video_tensor(frames[:F]))
-            x = torch.stack(clips).to(device)
-            if vae is not None:
-                x = (vae.encode(x).latent_dist.mode() - mean) / std
-            emb = embed([r["text"] for r in batch])
-            for j, r in enumerate(batch):
-                writer.add(x[j], emb[j], r["text"])
-            bar.update(len(batch))
-        bar.close()
-        return writer.close()
-    except BaseException:
-        writer.abort()  # no half-written dataset left to block the retry
-        raise
+    F, H, W = size
+    bar = tqdm(total=len(rows), desc="prepare-data", disable=not progress)
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size]
+        clips = []
+        for r in batch:
+            frames = read(r)
+            if frames.shape[0] < F:
+                raise ValueError(f"{r['file_name']} has {frames.shape[0]} frames, fewer than {F}")
+            if frames.shape[1:3] != (H, W):
+                raise ValueError(f"{r['file_name']} is {frames.shape[2]}x{frames.shape[1]}, the first video is {W}x{H}")
+            clips.append(_video_tensor(frames[:F]))
+        x = encode_video(torch.stack(clips).to(device))
+        emb = embed([r["text"] for r in batch])
+        for j, r in enumerate(batch):
+            writer.add(x[j], emb[j], r["text"])
+        bar.update(len(batch))
+    bar.close()
 
 
 def _read_video(path: Path):

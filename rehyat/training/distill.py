@@ -19,7 +19,7 @@ behind ``rehyat distill``: folders, checkpoints, resume, logs, reports, several 
 from __future__ import annotations
 
 import json
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,27 +27,17 @@ from typing import Callable
 import torch
 
 from ..models.wan import mass_warnings
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .common import (
-    CHECKPOINT_NAME,
     cast_frozen_model,
-    CONFIG_NAME,
-    LOG_NAME,
-    TRAIN_DIR,
-    check_resume_config,
-    check_resume_steps,
-    clear_run_outputs,
     default_geometry,
     feature_map_parameters,
     latent_shape_for,
     parse_blocks,
-    prepare_run_folder,
     resolve_dtype,
-    run_config,
 )
+from .conversion import ConversionSettings
 from .distributed import DistEnv, average_gradients, init_distributed
-from .interrupt import GracefulStop
-from .progress import RunLog, truncate_log
+from .run import TrainingRun
 from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
 
 __all__ = ["Distiller", "evaluate_blocks", "prepare_for_distillation", "distill", "DistillResult", "error_table"]
@@ -163,22 +153,26 @@ def _teacher_forced(transformer, trajectories: TeacherTrajectories, num_steps: i
     """Teacher forwards along ``trajectories`` in distillation mode with the mass diagnostic, no gradient for the
     student (its parameters' ``requires_grad`` put back afterwards): yields each forward's per-block records.
     ``num_steps`` default: one whole trajectory."""
-    from ..models import get_context
+    from ..models import distill_mode
 
-    ctx = get_context(transformer)
-    params = [p for _, p in feature_map_parameters(transformer)]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)  # no graph for the student: records only
-    try:
+    with _no_grad_for([p for _, p in feature_map_parameters(transformer)]):  # no graph for the student: records only
         for _ in range(trajectories.steps if num_steps is None else num_steps):
-            ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, False, True, {}
-            x, t, e = trajectories.inputs()
-            out = transformer(x, t, e, return_dict=False)[0]
+            with distill_mode(transformer, measure_mass=True) as ctx:
+                x, t, e = trajectories.inputs()
+                out = transformer(x, t, e, return_dict=False)[0]
             yield ctx.records
             trajectories.advance(out)
+
+
+@contextmanager
+def _no_grad_for(params: list[torch.nn.Parameter]):
+    """``requires_grad`` off for ``params`` inside the block, each put back as it was on exit."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
-        ctx.distill = ctx.distill_backward = ctx.measure_mass = False
         for p, f in zip(params, flags):
             p.requires_grad_(f)
 
@@ -225,17 +219,13 @@ class Distiller:
         self.step_count = 0
 
     def step(self) -> dict[int, dict[str, float]]:
-        ctx = self.ctx
+        from ..models import distill_mode
+
         x, t, e = self.traj.inputs()
         measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
-        ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.records = True, True, measure, {}
-        ctx.mass_weight = self.mass_weight
-        try:
+        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight) as ctx:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
-        finally:
-            ctx.distill = ctx.distill_backward = ctx.measure_mass = False
-            ctx.mass_weight = 0.0
         missing = [b for b in self.blocks if b not in ctx.records]
         if missing:
             raise RuntimeError(f"blocks {missing} recorded no distillation error: is the model called in distill mode?")
@@ -311,14 +301,10 @@ class DistillResult:
     steps: int = 0
 
 
-def _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
-                       feature_map_input, softmax_blocks) -> dict:
-    if feature_map_kwargs is not None and not isinstance(feature_map_kwargs, dict):
-        raise ValueError(f"--feature-map-kwargs must be a JSON object like '{{\"feature_dim\": 64}}', "
-                         f"got {feature_map_kwargs!r}")
-    return dict(chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal, stabilizer=stabilizer,
-                feature_map=feature_map, feature_map_kwargs=dict(feature_map_kwargs or {}),
-                feature_map_input=feature_map_input, softmax_blocks=softmax_blocks)
+def _conversion_kwargs(*settings) -> dict:
+    """The conversion keyword dict of the eight settings, given in :class:`~.conversion.ConversionSettings`'s
+    order (ValueError for a bad ``feature_map_kwargs``)."""
+    return ConversionSettings(*settings).to_kwargs()
 
 
 def build_student(model, blocks, conversion: dict | None, block_settings: dict | None, feature_maps: dict):
@@ -500,214 +486,283 @@ def distill(
             ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
             checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
     """
-    from ..models import convert_wan, get_rehyat_config
-    from .components import load_model_folder, read_pipeline_config, read_transformer_config, save_model_folder
-    from .data import check_dataset_fits_model, read_dataset_info
+    job = _DistillJob(DistillArgs(**locals()))
+    job.open()
+    job.build()
+    job.train()
+    return job.finish()
 
-    # ---------------------------------------------------------------- checks, before any weights are loaded
-    model, out = Path(model), Path(out)
-    tcfg = read_transformer_config(model)
-    nb = tcfg["num_layers"]
-    converted_cfg = tcfg["rehyat"]
-    if block_causal_chunk(converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
-        check_block_causal_teacher(model, converted_cfg, chunk_frames, softmax_blocks)
-        converted_cfg = None
-    if converted_cfg is None:
-        kind, bval = parse_blocks(blocks, nb)
-    else:
-        if blocks != "all":
-            raise ValueError(f"{model} is already converted (blocks {converted_cfg['blocks']}): its blocks are "
-                             f"distilled as they are, so --blocks {blocks} cannot apply; pass the teacher instead")
-        kind, bval = "list", sorted(converted_cfg["blocks"])
-        if not bval:
-            raise ValueError(f"{model}'s transformer is converted but has no converted block to distil")
-    if prompts is not None:
-        read_prompt_file(prompts)
-    if prompts is None and data is None and text_embeddings is None:
-        raise ValueError("no prompts: pass a prompt file (--prompts), --data DATASET or --text-embeddings TABLE")
-    for name, v in (("--steps", steps), ("--sampling-steps", sampling_steps), ("--batch-size", batch_size),
-                    ("--checkpoint-every", checkpoint_every)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if not isinstance(mass_every, int) or mass_every < 0:
-        raise ValueError(f"--mass-every must be an int >= 0, got {mass_every!r}")
-    if not mass_weight >= 0:
-        raise ValueError(f"--mass-weight must be >= 0, got {mass_weight!r}")
-    if not lr > 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    if data is not None:
-        info = read_dataset_info(data)
-        check_dataset_fits_model(info, tcfg)
-        latent_shape = info.latent_shape
-        geometry = {"data": str(Path(data).resolve()), "latent_shape": list(latent_shape)}
-    else:
-        f, h, w = default_geometry(model, frames, height, width)
-        latent_shape = latent_shape_for(model, f, h, w)
-        geometry = {"frames": f, "height": h, "width": w}
-    pdefaults = read_pipeline_config(model).get("defaults", {})
-    guidance = float(guidance if guidance is not None else pdefaults.get("guidance", 5.0))
-    conversion = _conversion_kwargs(chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
-                                    feature_map_input, softmax_blocks)
-    if converted_cfg is None:
-        _probe_conversion(conversion, tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
-    prepare_run_folder(out, overwrite=overwrite, resume=resume)
-    settings = run_config({
-        "model": str(model.resolve()), "prompts": prompts and str(Path(prompts).resolve()),
-        "text_embeddings": text_embeddings and str(Path(text_embeddings).resolve()), **geometry,
-        "blocks": blocks if isinstance(blocks, str) else list(blocks), "conversion": conversion,
-        "sampling_steps": sampling_steps, "guidance": guidance, "steps": steps, "lr": lr, "warmup_steps": warmup_steps,
-        "max_grad_norm": max_grad_norm, "batch_size": batch_size, "rank_steps": rank_steps,
-        "eval_trajectories": eval_trajectories, "seed": seed, "checkpoint_every": checkpoint_every,
-        "log_every": log_every, "precision": precision, "mass_weight": mass_weight,
-    })
-    ckpt_path = out / TRAIN_DIR / CHECKPOINT_NAME
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(ckpt["config"], settings)
-        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
-    # ---------------------------------------------------------------- processes, prompts
-    env = init_distributed(device)
-    dtype = resolve_dtype(precision, env.device)
-    torch.manual_seed(seed)
-    pool = resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
-                               device=env.device, text_dim=tcfg["text_dim"])
-    traj_kw = dict(batch_size=batch_size, sampling_steps=sampling_steps, guidance_scale=guidance, env=env, dtype=dtype)
+@dataclass
+class DistillArgs:
+    """:func:`distill`'s arguments, typed (see its docstring for each)."""
 
-    # ---------------------------------------------------------------- which blocks
-    ranking, ranked_maps = None, None
-    if ckpt is not None:
-        chosen, ranking = ckpt["extra"]["blocks"], ckpt["extra"].get("ranking")
-    elif kind == "best":
+    model: Path
+    out: Path
+    prompts: Path | None
+    data: Path | None
+    text_embeddings: Path | None
+    blocks: object
+    chunk_frames: int
+    overlap_frames: int
+    causal: bool
+    stabilizer: str
+    feature_map: str
+    feature_map_kwargs: dict | None
+    feature_map_input: str
+    softmax_blocks: str
+    frames: int | None
+    height: int | None
+    width: int | None
+    sampling_steps: int
+    guidance: float | None
+    steps: int
+    lr: float
+    warmup_steps: int
+    max_grad_norm: float | None
+    batch_size: int
+    rank_steps: int
+    eval_trajectories: int
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    mass_every: int
+    mass_weight: float
+    device: object
+    precision: str
+    overwrite: bool
+    resume: bool
+    progress: bool
+    callback: Callable[[int, dict], None] | None
+
+    def __post_init__(self) -> None:
+        self.model, self.out = Path(self.model), Path(self.out)
+
+    def conversion(self) -> ConversionSettings:
+        """The eight conversion settings, as one object."""
+        return ConversionSettings.from_kwargs(vars(self))
+
+
+class _DistillJob:
+    """The steps of one :func:`distill` run, in order: :meth:`open` (checks and settings, no weights),
+    :meth:`build` (processes, blocks, the converted teacher, resume), :meth:`train`, :meth:`finish` (reports)."""
+
+    def __init__(self, a: DistillArgs) -> None:
+        self.a = a
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def open(self) -> None:
+        """Every check and the run's settings, before any weights are loaded."""
+        from .components import read_pipeline_config, read_transformer_config
+
+        a = self.a
+        self.tcfg = tcfg = read_transformer_config(a.model)
+        self.converted_cfg = tcfg["rehyat"]
+        if block_causal_chunk(self.converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
+            check_block_causal_teacher(a.model, self.converted_cfg, a.chunk_frames, a.softmax_blocks)
+            self.converted_cfg = None
+        self.kind, self.bval = self._block_choice()
+        self._check_numbers()
+        self.latent_shape, geometry = self._geometry()
+        pdefaults = read_pipeline_config(a.model).get("defaults", {})
+        self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
+        self.conversion = a.conversion().to_kwargs()  # the run_config.json entry and convert_wan's keywords
+        if self.converted_cfg is None:
+            a.conversion().check(tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
+        self.run = TrainingRun.open(a.out, self._settings(geometry), steps=a.steps,
+                                    checkpoint_every=a.checkpoint_every, log_every=a.log_every, resume=a.resume,
+                                    overwrite=a.overwrite, desc="distill", progress=a.progress)
+
+    def _block_choice(self):
+        a, converted_cfg = self.a, self.converted_cfg
+        if converted_cfg is None:
+            return parse_blocks(a.blocks, self.tcfg["num_layers"])
+        if a.blocks != "all":
+            raise ValueError(f"{a.model} is already converted (blocks {converted_cfg['blocks']}): its blocks are "
+                             f"distilled as they are, so --blocks {a.blocks} cannot apply; pass the teacher instead")
+        if not converted_cfg["blocks"]:
+            raise ValueError(f"{a.model}'s transformer is converted but has no converted block to distil")
+        return "list", sorted(converted_cfg["blocks"])
+
+    def _check_numbers(self) -> None:
+        a = self.a
+        if a.prompts is not None:
+            read_prompt_file(a.prompts)
+        if a.prompts is None and a.data is None and a.text_embeddings is None:
+            raise ValueError("no prompts: pass a prompt file (--prompts), --data DATASET or --text-embeddings TABLE")
+        for name, v in (("--steps", a.steps), ("--sampling-steps", a.sampling_steps), ("--batch-size", a.batch_size),
+                        ("--checkpoint-every", a.checkpoint_every)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(a.mass_every, int) or a.mass_every < 0:
+            raise ValueError(f"--mass-every must be an int >= 0, got {a.mass_every!r}")
+        if not a.mass_weight >= 0:
+            raise ValueError(f"--mass-weight must be >= 0, got {a.mass_weight!r}")
+        if not a.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {a.lr}")
+
+    def _geometry(self):
+        from .data import check_dataset_fits_model, read_dataset_info
+
+        a = self.a
+        if a.data is not None:
+            info = read_dataset_info(a.data)
+            check_dataset_fits_model(info, self.tcfg)
+            return info.latent_shape, {"data": str(Path(a.data).resolve()), "latent_shape": list(info.latent_shape)}
+        f, h, w = default_geometry(a.model, a.frames, a.height, a.width)
+        return latent_shape_for(a.model, f, h, w), {"frames": f, "height": h, "width": w}
+
+    def _settings(self, geometry: dict) -> dict:
+        a = self.a
+        return {
+            "model": str(a.model.resolve()), "prompts": a.prompts and str(Path(a.prompts).resolve()),
+            "text_embeddings": a.text_embeddings and str(Path(a.text_embeddings).resolve()), **geometry,
+            "blocks": a.blocks if isinstance(a.blocks, str) else list(a.blocks), "conversion": self.conversion,
+            "sampling_steps": a.sampling_steps, "guidance": self.guidance, "steps": a.steps, "lr": a.lr,
+            "warmup_steps": a.warmup_steps, "max_grad_norm": a.max_grad_norm, "batch_size": a.batch_size,
+            "rank_steps": a.rank_steps, "eval_trajectories": a.eval_trajectories, "seed": a.seed,
+            "checkpoint_every": a.checkpoint_every, "log_every": a.log_every, "precision": a.precision,
+            "mass_weight": a.mass_weight,
+        }
+
+    # ------------------------------------------------------------------------------------------------ models
+    def build(self) -> None:
+        """Processes, prompts, the chosen blocks, the converted teacher, its trajectories and :class:`Distiller`;
+        then the resumed state, or the evaluation before training and the calibration of a fresh conversion."""
+        a = self.a
+        env = self.env = self.run.attach(init_distributed(a.device))
+        self.dtype = resolve_dtype(a.precision, env.device)
+        torch.manual_seed(a.seed)
+        self.pool = resolve_prompt_pool(a.model, prompts=a.prompts, data=a.data, text_embeddings=a.text_embeddings,
+                                        device=env.device, text_dim=self.tcfg["text_dim"])
+        self.chosen, self.ranking, ranked_maps = self._choose_blocks()
+        self._build_teacher(ranked_maps)
+        self.traj = self._trajectories(a.seed)
+        self.distiller = Distiller(self.teacher, self.traj, lr=a.lr, warmup_steps=a.warmup_steps,
+                                   max_grad_norm=a.max_grad_norm, env=env, mass_every=a.mass_every,
+                                   mass_weight=a.mass_weight)
+        ckpt = self.run.checkpoint
+        self.before, self.calibration = None, None
+        if ckpt is not None:
+            from .checkpoint import load_trainable_state
+
+            load_trainable_state(self.teacher, ckpt["model"])
+            self.distiller.load_state_dict(ckpt["optimizer_state"])
+            self.run.restore(self.traj)
+            self.before, self.calibration = ckpt["extra"].get("before"), ckpt["extra"].get("calibration")
+            return
+        if a.eval_trajectories > 0:
+            self.before = self._evaluate()
+        if self.converted_cfg is None and ranked_maps is None:  # a fresh conversion: calibrate first
+            self.calibration = calibrate_linear_scale(self.teacher, self._trajectories(a.seed + CALIBRATION_SEED_OFFSET),
+                                                      env)
+
+    def _choose_blocks(self):
+        """``(chosen blocks, ranking or None, the ranking's feature maps or None)``."""
+        a, ckpt = self.a, self.run.checkpoint
+        if ckpt is not None:
+            return ckpt["extra"]["blocks"], ckpt["extra"].get("ranking"), None
+        if self.kind != "best":
+            return self.bval, None, None
         chosen, errors, ranked_maps = rank_blocks(
-            model, conversion, bval, pool, latent_shape, rank_steps=rank_steps, lr=lr, batch_size=batch_size,
-            sampling_steps=sampling_steps, guidance=guidance, seed=seed, env=env, dtype=dtype, progress=progress)
-        ranking = {"rank_steps": rank_steps, "errors": {str(b): e for b, e in errors.items()}}
-    else:
-        chosen = bval
+            a.model, self.conversion, self.bval, self.pool, self.latent_shape, rank_steps=a.rank_steps, lr=a.lr,
+            batch_size=a.batch_size, sampling_steps=a.sampling_steps, guidance=self.guidance, seed=a.seed,
+            env=self.env, dtype=self.dtype, progress=a.progress)
+        return chosen, {"rank_steps": a.rank_steps, "errors": {str(b): e for b, e in errors.items()}}, ranked_maps
 
-    # ---------------------------------------------------------------- the model
-    pipe = load_model_folder(model, device=env.device)
-    teacher = pipe.transformer
-    if converted_cfg is None:
-        torch.manual_seed(seed)
-        convert_wan(teacher, blocks=chosen, **conversion)
-        if ranked_maps is not None:  # best:N: the maps the ranking trained, as `rehyat convert --blocks best:N`
-            load_feature_maps(teacher, ranked_maps)
-    prepare_for_distillation(teacher, dtype)
-    rcfg = get_rehyat_config(teacher)
-    block_settings = {b: rcfg.settings_for(b) for b in rcfg.blocks}
-    traj = TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed, **traj_kw)
-    eval_traj = lambda: TeacherTrajectories(pipe.scheduler, pool, latent_shape, seed=seed + EVAL_SEED_OFFSET, **traj_kw)  # noqa: E731
-    distiller = Distiller(teacher, traj, lr=lr, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, env=env,
-                          mass_every=mass_every, mass_weight=mass_weight)
-    before = None
-    start = 0
-    if ckpt is not None:
-        from .checkpoint import load_trainable_state
+    def _build_teacher(self, ranked_maps) -> None:
+        from ..models import convert_wan, get_rehyat_config
+        from .components import load_model_folder
 
-        load_trainable_state(teacher, ckpt["model"])
-        distiller.load_state_dict(ckpt["optimizer_state"])
-        if ckpt["world_size"] != env.world_size and ckpt["data"]["trajectories"][0]["latents"] is not None:
-            raise ValueError(f"--resume: the checkpoint was written by {ckpt['world_size']} processes mid-trajectory; "
-                             f"resume with {ckpt['world_size']} processes")
-        traj.load_state_dict(ckpt["data"]["trajectories"][min(env.rank, len(ckpt["data"]["trajectories"]) - 1)])
-        if len(ckpt["rng"]) == env.world_size:
-            set_rng_state(ckpt["rng"][env.rank])
-        before = ckpt["extra"].get("before")
-        start = ckpt["step"]
-        if env.is_main:
-            truncate_log(out / TRAIN_DIR / LOG_NAME, start)
-    elif eval_trajectories > 0:
-        before = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps)
-    calibration = ckpt["extra"].get("calibration") if ckpt is not None else None
-    if ckpt is None and converted_cfg is None and ranked_maps is None:  # a fresh conversion: calibrate first
-        calibration = calibrate_linear_scale(teacher, TeacherTrajectories(
-            pipe.scheduler, pool, latent_shape, seed=seed + CALIBRATION_SEED_OFFSET, **traj_kw), env)
+        self.pipe = load_model_folder(self.a.model, device=self.env.device)
+        teacher = self.teacher = self.pipe.transformer
+        if self.converted_cfg is None:
+            torch.manual_seed(self.a.seed)
+            convert_wan(teacher, blocks=self.chosen, **self.conversion)
+            if ranked_maps is not None:  # best:N: the maps the ranking trained, as `rehyat convert --blocks best:N`
+                load_feature_maps(teacher, ranked_maps)
+        prepare_for_distillation(teacher, self.dtype)
+        self.rcfg = get_rehyat_config(teacher)
+        self.block_settings = {b: self.rcfg.settings_for(b) for b in self.rcfg.blocks}
 
-    def checkpoint(step: int) -> None:
-        trajs = env.gather_objects(traj.state_dict())
-        rngs = env.gather_objects(rng_state())
-        if env.is_main:
-            from .checkpoint import trainable_state
+    def _trajectories(self, seed: int) -> TeacherTrajectories:
+        a = self.a
+        return TeacherTrajectories(self.pipe.scheduler, self.pool, self.latent_shape, seed=seed,
+                                   batch_size=a.batch_size, sampling_steps=a.sampling_steps,
+                                   guidance_scale=self.guidance, env=self.env, dtype=self.dtype)
 
-            save_checkpoint(ckpt_path, {
-                "step": step, "model": trainable_state(teacher), "optimizer_state": distiller.state_dict(),
-                "rng": rngs, "data": {"trajectories": trajs}, "world_size": env.world_size, "config": settings,
-                "extra": {"blocks": chosen, "ranking": ranking, "before": before, "calibration": calibration},
-            })
-        env.barrier()
+    def _evaluate(self) -> dict:
+        a = self.a
+        return evaluate_blocks(self.teacher, self._trajectories(a.seed + EVAL_SEED_OFFSET), self.env,
+                               num_steps=a.eval_trajectories * a.sampling_steps)
 
-    # ---------------------------------------------------------------- training
-    # --out is written only now, with everything loaded: a run that fails before leaves it as it was
-    if env.is_main and not resume:
-        if overwrite:
-            clear_run_outputs(out)
-        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    env.barrier()
-    samples_per_step = batch_size * (2 if guidance > 1.0 else 1)
-    log = RunLog(out / TRAIN_DIR / LOG_NAME, is_main=env.is_main, device=env.device, total_steps=steps,
-                 start_step=start, samples_per_step=samples_per_step, log_every=log_every, desc="distill",
-                 progress=progress)
-    history = []
-    stop = GracefulStop(env, save=checkpoint, path=ckpt_path, start=start, steps=steps, resumed=resume, flush=log.flush)
-    t0 = time.perf_counter()
-    try:
-        with stop:
-            for step in range(start + 1, steps + 1):
-                with stop.step(step):
-                    rec = distiller.step()
-                history.append(rec)
-                rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
-                mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
-                worst = max(rec, key=lambda b: rec[b]["rel_error"])
-                log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
-                                "rel_error": rels, "lr": distiller.lr_scheduler.get_last_lr()[0],
-                                "trajectory": traj.trajectory, "sampling_step": traj.step, **_mass_log(rec)},
-                         postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
-                if callback is not None:
-                    callback(step, rec)
-                if step % checkpoint_every == 0 or step == steps:
-                    log.flush()
-                    stop.save(step)
-                    log.reset_timer()
-                stop.check()
-    finally:
-        log.close()
-    train_s = time.perf_counter() - t0
-    after = evaluate_blocks(teacher, eval_traj(), env, num_steps=eval_trajectories * sampling_steps) \
-        if eval_trajectories > 0 else (history[-1] if history else None)
+    # ------------------------------------------------------------------------------------------------ training
+    def _checkpoint(self, step: int) -> None:
+        trajs = self.env.gather_objects(self.traj.state_dict())
+        self.run.save_checkpoint(step, self.teacher, optimizer_state=self.distiller.state_dict(),
+                                 data={"trajectories": trajs},
+                                 extra={"blocks": self.chosen, "ranking": self.ranking, "before": self.before,
+                                        "calibration": self.calibration})
 
-    # ---------------------------------------------------------------- outputs
-    report = error_table(rcfg.blocks, block_settings, before, after) if after else ""
-    warnings = mass_warnings(after) if after else []
-    if warnings and env.is_main:
-        print("rehyat distill: warning: " + "\n  ".join(["the linear branch's mass differs from softmax's:"] + warnings))
-    if env.is_main:
-        fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(teacher)}
-        student = build_student(model, None if converted_cfg is not None else chosen, conversion, None, fm_state)
-        save_model_folder(student, out, components_from=model)
+    def _record(self, step: int, rec: dict, log) -> None:
+        self.history.append(rec)
+        rels = {str(b): round(r["rel_error"], 6) for b, r in rec.items()}
+        mean_rel = sum(r["rel_error"] for r in rec.values()) / len(rec)
+        worst = max(rec, key=lambda b: rec[b]["rel_error"])
+        log.step(step, {"loss": sum(r["l1"] for r in rec.values()) / len(rec), "rel_error_mean": mean_rel,
+                        "rel_error": rels, "lr": self.distiller.lr_scheduler.get_last_lr()[0],
+                        "trajectory": self.traj.trajectory, "sampling_step": self.traj.step, **_mass_log(rec)},
+                 postfix={"rel": mean_rel, "worst": f"{worst}:{rec[worst]['rel_error']:.3f}"})
+        if self.a.callback is not None:
+            self.a.callback(step, rec)
+
+    def train(self) -> None:
+        """The steps, then the evaluation after them (or the last step's records without evaluation)."""
+        a = self.a
+        self.run.write_config()
+        self.history = []
+        self.train_s = self.run.train(lambda step: self.distiller.step(), save=self._checkpoint, record=self._record,
+                                      samples_per_step=a.batch_size * (2 if self.guidance > 1.0 else 1))
+        self.after = self._evaluate() if a.eval_trajectories > 0 else (self.history[-1] if self.history else None)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def finish(self) -> "DistillResult":
+        """Warnings, the student model folder and the reports (main process); the result."""
+        a, after, rcfg = self.a, self.after, self.rcfg
+        report = error_table(rcfg.blocks, self.block_settings, self.before, after) if after else ""
+        warnings = mass_warnings(after) if after else []
+        if warnings and self.env.is_main:
+            print("rehyat distill: warning: "
+                  + "\n  ".join(["the linear branch's mass differs from softmax's:"] + warnings))
+        self.run.finish(lambda: self._write_outputs(report, warnings))
+        return DistillResult(out=a.out, blocks=rcfg.blocks, before=self.before, after=after, history=self.history,
+                             ranking=self.ranking, report=report, steps=a.steps)
+
+    def _write_outputs(self, report: str, warnings: list[str]) -> None:
+        from .components import save_model_folder
+
+        a, before, after, bs = self.a, self.before, self.after, self.block_settings
+        fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(self.teacher)}
+        student = build_student(a.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
+                                None, fm_state)
+        save_model_folder(student, a.out, components_from=a.model)
         summary = {
-            "blocks": {str(b): {"chunk_frames": block_settings[b][0], "overlap_frames": block_settings[b][1],
+            "blocks": {str(b): {"chunk_frames": bs[b][0], "overlap_frames": bs[b][1],
                                 "before": before and before.get(b), "after": after and after.get(b)}
-                       for b in rcfg.blocks},
+                       for b in self.rcfg.blocks},
             "mean_rel_error_before": before and sum(v["rel_error"] for v in before.values()) / len(before),
             "mean_rel_error_after": after and sum(v["rel_error"] for v in after.values()) / len(after),
-            "steps": steps, "sampling_steps": sampling_steps, "batch_size": batch_size, "guidance": guidance,
-            "world_size": env.world_size, "train_seconds_this_invocation": round(train_s, 3),
-            "ranking": ranking, "evaluation": f"{eval_trajectories} trajectories x {sampling_steps} steps, seed "
-                                              f"{seed + EVAL_SEED_OFFSET}, not trained on",
-            "linear_log_scale_calibration": calibration and {str(b): g for b, g in calibration.items()},
+            "steps": a.steps, "sampling_steps": a.sampling_steps, "batch_size": a.batch_size,
+            "guidance": self.guidance, "world_size": self.env.world_size,
+            "train_seconds_this_invocation": round(self.train_s, 3),
+            "ranking": self.ranking, "evaluation": f"{a.eval_trajectories} trajectories x {a.sampling_steps} steps, "
+                                                   f"seed {a.seed + EVAL_SEED_OFFSET}, not trained on",
+            "linear_log_scale_calibration": self.calibration and {str(b): g for b, g in self.calibration.items()},
             "mass_warnings": warnings,
         }
-        (out / "distill_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "distill_report.md").write_text("# Distillation: per-block error vs the teacher's attention output\n\n"
-                                               + report + "\n" + "".join(f"\n- warning: {w}" for w in warnings))
-    env.barrier()
-    return DistillResult(out=out, blocks=rcfg.blocks, before=before, after=after, history=history, ranking=ranking,
-                         report=report, steps=steps)
+        (a.out / "distill_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (a.out / "distill_report.md").write_text("# Distillation: per-block error vs the teacher's attention output\n\n"
+                                                 + report + "\n" + "".join(f"\n- warning: {w}" for w in warnings))
 
 
 def block_causal_chunk(rehyat_cfg: dict | None) -> int | None:
@@ -726,28 +781,3 @@ def check_block_causal_teacher(model, rehyat_cfg: dict, chunk_frames: int, softm
         raise ValueError(f"{model} is a block-causal teacher with chunk_frames {chunk}: distil it with "
                          f"--chunk-frames {chunk} --softmax-blocks chunk_causal (got --chunk-frames {chunk_frames} "
                          f"--softmax-blocks {softmax_blocks})")
-
-
-def _probe_conversion(conversion: dict, head_dim: int = 8) -> None:
-    """Check conversion settings without a model: builds one feature map (one head of ``head_dim``, the model's
-    attention head size) from ``feature_map`` and ``feature_map_kwargs``.
-
-    Raises:
-        ValueError: a bad setting, naming its CLI argument (an unknown or bad ``--feature-map-kwargs`` key too).
-    """
-    from ..modules import make_feature_map
-    from ..ops._checks import check_settings
-
-    check_settings(frame_tokens=1, chunk_frames=conversion["chunk_frames"], overlap_frames=conversion["overlap_frames"],
-                   stabilizer=conversion["stabilizer"])
-    from ..models.wan import FEATURE_MAP_INPUTS, SOFTMAX_BLOCKS
-
-    if conversion["feature_map_input"] not in FEATURE_MAP_INPUTS:
-        raise ValueError(f"feature_map_input must be one of {FEATURE_MAP_INPUTS}")
-    if conversion["softmax_blocks"] not in SOFTMAX_BLOCKS:
-        raise ValueError(f"--softmax-blocks must be one of {SOFTMAX_BLOCKS}")
-    kw = conversion["feature_map_kwargs"]
-    try:
-        make_feature_map(conversion["feature_map"], 1, head_dim, **kw)
-    except (TypeError, ValueError) as e:  # TypeError: a keyword the feature map does not take
-        raise ValueError(f"--feature-map {conversion['feature_map']} --feature-map-kwargs {kw!r}: {e}") from None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,26 +35,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, load_trainable_state, rng_state, save_checkpoint, set_rng_state, trainable_state
+from .checkpoint import load_trainable_state
 from .common import (
-    CHECKPOINT_NAME,
     cast_frozen_model,
-    CONFIG_NAME,
-    LOG_NAME,
-    TRAIN_DIR,
-    check_resume_config,
-    check_resume_steps,
-    clear_run_outputs,
     default_geometry,
     latent_shape_for,
-    prepare_run_folder,
     resolve_dtype,
-    run_config,
     set_deterministic,
 )
 from .distributed import DistEnv, init_distributed, local_slice
-from .interrupt import GracefulStop
 from .progress import peak_memory_gib
+from .run import TrainingRun
+from .trajectory import TeacherTrajectories, read_prompt_file, resolve_prompt_pool
 
 __all__ = [
     "TIMESTEP_SAMPLING",
@@ -396,113 +387,216 @@ def finetune(
             ``out`` without ``overwrite``/``resume``; settings that differ from the resumed checkpoint's; ``steps``
             below the checkpoint's.
     """
-    from .components import load_model_folder, read_pipeline_config, read_transformer_config, \
-        same_architecture, save_model_folder
-    from .data import GlobalBatchSampler, check_dataset_fits_model, load_dataset, read_dataset_info
-    from .progress import RunLog, truncate_log
-    from .trajectory import TeacherTrajectories, read_prompt_file, resolve_prompt_pool
+    job = _FinetuneJob(FinetuneArgs(**locals()))
+    job.open()
+    job.build()
+    job.train()
+    return job.finish()
 
-    # ---------------------------------------------------------------- checks, before any weights are loaded
-    out = Path(out)
-    if (model is None) == (config is None):
-        raise ValueError("pass exactly one of --model (a model folder to fine-tune) and --config (a fresh model)")
-    scfg = read_transformer_config(model) if model is not None else transformer_config(config)
-    if chunk_causal is not None and (config is None or not isinstance(chunk_causal, int) or chunk_causal < 1):
-        raise ValueError(f"--chunk-causal goes with --config and must be an int >= 1 (latent frames per chunk), got "
-                         f"{chunk_causal!r}{'' if config is not None else ' with --model'}")
-    if model is not None:
-        read_pipeline_config(model)  # a malformed rehyat_pipeline.json fails here, naming the file
-    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
-                    ("--sampling-steps", sampling_steps)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if not lr > 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    if timestep_sampling not in TIMESTEP_SAMPLING:
-        raise ValueError(f"--timestep-sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
-    if not 0.0 <= text_dropout < 1.0:
-        raise ValueError(f"--text-dropout must be in [0, 1), got {text_dropout}")
-    if lora_rank and (not isinstance(lora_rank, int) or lora_rank < 0):
-        raise ValueError(f"--lora-rank must be an int >= 0, got {lora_rank!r}")
-    if data_device not in ("auto", "cpu", "device"):
-        raise ValueError(f"--data-device must be auto, cpu or device, got {data_device!r}")
-    info = None
-    if data is not None:
-        info = read_dataset_info(data)
-        check_dataset_fits_model(info, scfg)
-    if teacher is not None:
-        tcfg = read_transformer_config(teacher)
-        diff = same_architecture(tcfg, scfg)
-        if diff:
-            detail = ", ".join(f"{k}: teacher {tcfg.get(k)!r} vs student {scfg.get(k)!r}" for k in diff[:4])
-            raise ValueError(f"the teacher and the student have different architectures ({detail})")
-        if not teacher_weight > 0:
-            raise ValueError(f"--teacher-weight must be > 0, got {teacher_weight}")
-    if data is None and teacher is None:
-        raise ValueError("nothing to train on: pass --data DATASET, or --teacher DIR with prompts")
-    latent_shape = info.latent_shape if info is not None else None
-    if data is None:
-        if prompts is not None:
-            read_prompt_file(prompts)
-        elif text_embeddings is None:
-            raise ValueError("the teacher-velocity loss without --data needs prompts: --prompts FILE or --text-embeddings")
-        latent_shape = latent_shape_for(teacher, *default_geometry(teacher, frames, height, width))
-        if latent_shape[0] != scfg["in_channels"]:
-            raise ValueError(f"the teacher's latents have {latent_shape[0]} channels, the student takes {scfg['in_channels']}")
-    if components_from is None:
-        if model is not None:
-            components_from = model
-        elif info is not None and info.source_model and Path(info.source_model).is_dir():
-            components_from = info.source_model
-    prepare_run_folder(out, overwrite=overwrite, resume=resume)
-    pdefaults = read_pipeline_config(teacher).get("defaults", {}) if teacher is not None else {}
-    guidance = float(guidance if guidance is not None else pdefaults.get("guidance", 5.0))
-    settings = run_config({
-        "model": model and str(Path(model).resolve()), "config": scfg if config is not None else None,
-        "data": data and str(Path(data).resolve()), "teacher": teacher and str(Path(teacher).resolve()),
-        "teacher_weight": teacher_weight if teacher is not None else None,
-        "prompts": prompts and str(Path(prompts).resolve()),
-        "text_embeddings": text_embeddings and str(Path(text_embeddings).resolve()),
-        "latent_shape": list(latent_shape), "sampling_steps": sampling_steps if data is None else None,
-        "guidance": guidance if data is None else None, "steps": steps, "batch_size": batch_size,
-        "micro_batch_size": micro_batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-        "lr_schedule": lr_schedule, "min_lr_ratio": min_lr_ratio, "max_grad_norm": max_grad_norm,
-        "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": list(lora_targets),
-        "timestep_sampling": timestep_sampling, "flow_shift": flow_shift, "text_dropout": text_dropout,
-        "seed": seed, "init_seed": init_seed, "chunk_causal": chunk_causal, "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing, "compile": compile, "deterministic": deterministic,
-        "checkpoint_every": checkpoint_every,
-        "log_every": log_every, "eval_batches": eval_batches,
-    })
-    ckpt_path = out / TRAIN_DIR / CHECKPOINT_NAME
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(ckpt["config"], settings)
-        check_resume_steps(ckpt["step"], steps, ckpt_path)
 
-    # ---------------------------------------------------------------- processes, data, models
-    if deterministic:
-        set_deterministic()
-    env = init_distributed(device)
-    dev = env.device
-    local = local_slice(batch_size, env)
-    b_local = local.stop - local.start
-    mb = micro_batch_size or b_local
-    if not isinstance(mb, int) or mb < 1 or b_local % mb != 0:
-        raise ValueError(f"--micro-batch-size {micro_batch_size} must divide the per-process batch {b_local}")
-    autocast_dtype = resolve_dtype(precision, dev)
-    autocast_dtype = None if autocast_dtype == torch.float32 else autocast_dtype
-    pool = None
-    if data is None:
-        pool = resolve_prompt_pool(teacher, prompts=prompts, text_embeddings=text_embeddings, device=dev,
-                                   text_dim=scfg["text_dim"])
-    dataset = None
-    if data is not None:
-        dataset = load_dataset(data)
-        where = data_device
+@dataclass
+class FinetuneArgs:
+    """:func:`finetune`'s arguments, typed (see its docstring for each)."""
+
+    out: Path
+    model: Path | None
+    config: object
+    data: Path | None
+    teacher: Path | None
+    teacher_weight: float
+    prompts: Path | None
+    text_embeddings: Path | None
+    frames: int | None
+    height: int | None
+    width: int | None
+    sampling_steps: int
+    guidance: float | None
+    components_from: Path | None
+    steps: int
+    batch_size: int
+    micro_batch_size: int | None
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    min_lr_ratio: float
+    max_grad_norm: float | None
+    lora_rank: int
+    lora_alpha: float | None
+    lora_targets: tuple
+    timestep_sampling: str
+    flow_shift: float
+    text_dropout: float
+    seed: int
+    init_seed: int | None
+    chunk_causal: int | None
+    precision: str
+    gradient_checkpointing: bool
+    compile: bool
+    deterministic: bool
+    checkpoint_every: int
+    log_every: int
+    eval_batches: int
+    data_device: str
+    device: object
+    overwrite: bool
+    resume: bool
+    progress: bool
+    callback: Callable[[int, float], None] | None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+
+class _FinetuneJob:
+    """The steps of one :func:`finetune` run, in order: :meth:`open` (checks and settings, no weights),
+    :meth:`build` (processes, data, models, optimizer, resume), :meth:`train`, :meth:`finish` (model and report)."""
+
+    def __init__(self, a: FinetuneArgs) -> None:
+        self.a = a
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def open(self) -> None:
+        """Every check and the run's settings, before any weights are loaded."""
+        from .components import read_pipeline_config
+
+        a = self.a
+        self._check_source()
+        self._check_numbers()
+        self._check_data_and_teacher()
+        if a.components_from is None:
+            if a.model is not None:
+                a.components_from = a.model
+            elif self.info is not None and self.info.source_model and Path(self.info.source_model).is_dir():
+                a.components_from = self.info.source_model
+        pdefaults = read_pipeline_config(a.teacher).get("defaults", {}) if a.teacher is not None else {}
+        self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
+        self.run = TrainingRun.open(a.out, self._settings(), steps=a.steps, checkpoint_every=a.checkpoint_every,
+                                    log_every=a.log_every, resume=a.resume, overwrite=a.overwrite, desc="finetune",
+                                    progress=a.progress)
+
+    def _check_source(self) -> None:
+        from .components import read_pipeline_config, read_transformer_config
+
+        a = self.a
+        if (a.model is None) == (a.config is None):
+            raise ValueError("pass exactly one of --model (a model folder to fine-tune) and --config (a fresh model)")
+        self.scfg = read_transformer_config(a.model) if a.model is not None else transformer_config(a.config)
+        cc = a.chunk_causal
+        if cc is not None and (a.config is None or not isinstance(cc, int) or cc < 1):
+            raise ValueError(f"--chunk-causal goes with --config and must be an int >= 1 (latent frames per chunk), "
+                             f"got {cc!r}{'' if a.config is not None else ' with --model'}")
+        if a.model is not None:
+            read_pipeline_config(a.model)  # a malformed rehyat_pipeline.json fails here, naming the file
+
+    def _check_numbers(self) -> None:
+        a = self.a
+        for name, v in (("--steps", a.steps), ("--batch-size", a.batch_size),
+                        ("--checkpoint-every", a.checkpoint_every), ("--sampling-steps", a.sampling_steps)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not a.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {a.lr}")
+        if a.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"--timestep-sampling must be one of {TIMESTEP_SAMPLING}, got {a.timestep_sampling!r}")
+        if a.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule must be constant or cosine, got {a.lr_schedule!r}")
+        if not 0.0 <= a.text_dropout < 1.0:
+            raise ValueError(f"--text-dropout must be in [0, 1), got {a.text_dropout}")
+        if a.lora_rank and (not isinstance(a.lora_rank, int) or a.lora_rank < 0):
+            raise ValueError(f"--lora-rank must be an int >= 0, got {a.lora_rank!r}")
+        if a.data_device not in ("auto", "cpu", "device"):
+            raise ValueError(f"--data-device must be auto, cpu or device, got {a.data_device!r}")
+
+    def _check_data_and_teacher(self) -> None:
+        """The dataset and the teacher fit the student; the latent shape (the dataset's, or the teacher's
+        trajectories')."""
+        from .components import read_transformer_config, same_architecture
+        from .data import check_dataset_fits_model, read_dataset_info
+
+        a, scfg = self.a, self.scfg
+        self.info = None
+        if a.data is not None:
+            self.info = read_dataset_info(a.data)
+            check_dataset_fits_model(self.info, scfg)
+        if a.teacher is not None:
+            tcfg = read_transformer_config(a.teacher)
+            diff = same_architecture(tcfg, scfg)
+            if diff:
+                detail = ", ".join(f"{k}: teacher {tcfg.get(k)!r} vs student {scfg.get(k)!r}" for k in diff[:4])
+                raise ValueError(f"the teacher and the student have different architectures ({detail})")
+            if not a.teacher_weight > 0:
+                raise ValueError(f"--teacher-weight must be > 0, got {a.teacher_weight}")
+        if a.data is None and a.teacher is None:
+            raise ValueError("nothing to train on: pass --data DATASET, or --teacher DIR with prompts")
+        self.latent_shape = self.info.latent_shape if self.info is not None else None
+        if a.data is None:
+            if a.prompts is not None:
+                read_prompt_file(a.prompts)
+            elif a.text_embeddings is None:
+                raise ValueError("the teacher-velocity loss without --data needs prompts: --prompts FILE or "
+                                 "--text-embeddings")
+            self.latent_shape = latent_shape_for(a.teacher, *default_geometry(a.teacher, a.frames, a.height, a.width))
+            if self.latent_shape[0] != scfg["in_channels"]:
+                raise ValueError(f"the teacher's latents have {self.latent_shape[0]} channels, the student takes "
+                                 f"{scfg['in_channels']}")
+
+    def _settings(self) -> dict:
+        a = self.a
+        resolved = lambda p: p and str(Path(p).resolve())  # noqa: E731
+        return {
+            "model": resolved(a.model), "config": self.scfg if a.config is not None else None,
+            "data": resolved(a.data), "teacher": resolved(a.teacher),
+            "teacher_weight": a.teacher_weight if a.teacher is not None else None,
+            "prompts": resolved(a.prompts), "text_embeddings": resolved(a.text_embeddings),
+            "latent_shape": list(self.latent_shape), "sampling_steps": a.sampling_steps if a.data is None else None,
+            "guidance": self.guidance if a.data is None else None, "steps": a.steps, "batch_size": a.batch_size,
+            "micro_batch_size": a.micro_batch_size, "lr": a.lr, "weight_decay": a.weight_decay,
+            "warmup_steps": a.warmup_steps, "lr_schedule": a.lr_schedule, "min_lr_ratio": a.min_lr_ratio,
+            "max_grad_norm": a.max_grad_norm, "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha,
+            "lora_targets": list(a.lora_targets), "timestep_sampling": a.timestep_sampling,
+            "flow_shift": a.flow_shift, "text_dropout": a.text_dropout, "seed": a.seed, "init_seed": a.init_seed,
+            "chunk_causal": a.chunk_causal, "precision": a.precision,
+            "gradient_checkpointing": a.gradient_checkpointing, "compile": a.compile,
+            "deterministic": a.deterministic, "checkpoint_every": a.checkpoint_every, "log_every": a.log_every,
+            "eval_batches": a.eval_batches,
+        }
+
+    # ------------------------------------------------------------------------------------------------ models
+    def build(self) -> None:
+        """Processes, data or prompts, the student (and teacher), the optimizer; then the resumed state, or the
+        evaluation before training."""
+        a = self.a
+        if a.deterministic:
+            set_deterministic()
+        env = self.env = self.run.attach(init_distributed(a.device))
+        self.dev = dev = env.device
+        self.local = local_slice(a.batch_size, env)
+        self.b_local = self.local.stop - self.local.start
+        self.mb = mb = a.micro_batch_size or self.b_local
+        if not isinstance(mb, int) or mb < 1 or self.b_local % mb != 0:
+            raise ValueError(f"--micro-batch-size {a.micro_batch_size} must divide the per-process batch {self.b_local}")
+        autocast_dtype = resolve_dtype(a.precision, dev)
+        self.autocast_dtype = None if autocast_dtype == torch.float32 else autocast_dtype
+        self._load_data()
+        self._build_student()
+        self._build_teacher()
+        if self.run.checkpoint is not None:
+            load_trainable_state(self.student, self.run.checkpoint["model"])
+        self._build_optimizer()
+        self._resume_or_evaluate()
+
+    def _load_data(self) -> None:
+        from .data import GlobalBatchSampler, load_dataset
+
+        a, dev = self.a, self.dev
+        self.pool = self.dataset = self.sampler = self.null = None
+        if a.data is None:
+            self.pool = resolve_prompt_pool(a.teacher, prompts=a.prompts, text_embeddings=a.text_embeddings,
+                                            device=dev, text_dim=self.scfg["text_dim"])
+            return
+        dataset = self.dataset = load_dataset(a.data)
+        where = a.data_device
         if where == "auto":
             where = "cpu"
             if dev.type == "cuda" and dataset.in_memory:
@@ -512,228 +606,231 @@ def finetune(
             dataset.to(dev)
         elif dev.type == "cuda" and dataset.in_memory:
             dataset.latents, dataset.prompt_embeds = dataset.latents.pin_memory(), dataset.prompt_embeds.pin_memory()
+        self.sampler = GlobalBatchSampler(len(dataset), a.batch_size, a.seed)
+        info = self.info
+        null = dataset.null_embeds if dataset.null_embeds is not None else torch.zeros(info.max_sequence_length,
+                                                                                       info.text_dim)
+        self.null = null.to(dev)
 
-    if model is not None:
-        student = load_model_folder(model, device=dev).transformer
-    else:
-        from diffusers import WanTransformer3DModel
+    def _build_student(self) -> None:
+        from .components import load_model_folder
 
-        torch.manual_seed(seed if init_seed is None else init_seed)
-        student = WanTransformer3DModel(**{k: v for k, v in scfg.items() if k != "rehyat"}).to(dev)
-        if chunk_causal is not None:
-            from ..models import convert_wan
-
-            convert_wan(student, blocks=[], softmax_blocks="chunk_causal", chunk_frames=chunk_causal)
-    student.train()
-    if lora_rank:
-        add_lora(student, lora_rank, lora_alpha, lora_targets)
-    else:
-        student.requires_grad_(True)
-    if gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    params = [p for p in student.parameters() if p.requires_grad]
-    if compile:
-        student.compile()  # in place: parameter names (checkpoints, saving) stay the same
-    n_trainable = sum(p.numel() for p in params)
-    teacher_model, scheduler = None, None
-    if teacher is not None:
-        tp = load_model_folder(teacher, device=dev)
-        teacher_model, scheduler = tp.transformer.eval().requires_grad_(False), tp.scheduler
-        if autocast_dtype is not None:
-            cast_frozen_model(teacher_model, autocast_dtype)
-    if ckpt is not None:
-        load_trainable_state(student, ckpt["model"])
-    train_model = student
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(student, device_ids=[dev] if dev.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=dev.type == "cuda")
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(lr_schedule, warmup_steps, steps, min_lr_ratio))
-    sampler = GlobalBatchSampler(len(dataset), batch_size, seed) if dataset is not None else None
-    traj = None
-    if dataset is None:
-        traj = TeacherTrajectories(scheduler, pool, latent_shape, batch_size=batch_size, sampling_steps=sampling_steps,
-                                   guidance_scale=guidance, seed=seed, env=env,
-                                   dtype=autocast_dtype or torch.float32)
-    null = None
-    if dataset is not None:
-        L, D = info.max_sequence_length, info.text_dim
-        null = dataset.null_embeds if dataset.null_embeds is not None else torch.zeros(L, D)
-        null = null.to(dev)
-    start = 0
-    eval_before = None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        if sampler is not None:
-            sampler.load_state_dict(ckpt["data"]["sampler"])
-        if traj is not None:
-            trajs = ckpt["data"]["trajectories"]
-            if ckpt["world_size"] != env.world_size and trajs[0]["latents"] is not None:
-                raise ValueError(f"--resume: the checkpoint was written by {ckpt['world_size']} processes "
-                                 f"mid-trajectory; resume with {ckpt['world_size']} processes")
-            traj.load_state_dict(trajs[min(env.rank, len(trajs) - 1)])
-        if len(ckpt["rng"]) == env.world_size:
-            set_rng_state(ckpt["rng"][env.rank])
-        start = ckpt["step"]
-        eval_before = ckpt["extra"].get("eval_before")
-        if env.is_main:
-            truncate_log(out / TRAIN_DIR / LOG_NAME, start)
-    elif dataset is not None and eval_batches > 0:
-        student.eval()
-        eval_before = evaluate_flow_matching(student, dataset, batch_size=batch_size, num_batches=eval_batches, seed=seed,
-                                             sampling=timestep_sampling, shift=flow_shift, env=env,
-                                             autocast_dtype=autocast_dtype)
-        student.train()
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    def checkpoint(step: int) -> None:
-        data_state = {"sampler": sampler.state_dict() if sampler is not None else None,
-                      "trajectories": env.gather_objects(traj.state_dict()) if traj is not None else None}
-        rngs = env.gather_objects(rng_state())
-        if env.is_main:
-            save_checkpoint(ckpt_path, {
-                "step": step, "model": trainable_state(student), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_sched.state_dict(), "rng": rngs, "data": data_state, "world_size": env.world_size,
-                "config": settings, "extra": {"eval_before": eval_before},
-            })
-        env.barrier()
-
-    def train_step(step: int) -> dict:
-        """One optimizer step; returns device-tensor log values."""
-        fm_total = torch.zeros((), device=dev)
-        tv_total = torch.zeros((), device=dev)
-        if dataset is not None:
-            idx = sampler.next_batch()[local]
-            x0, emb = dataset.batch(idx, device=dev)
-            t, noise, drop = _global_draws(step, seed, batch_size, info.latent_shape, dev, local, timestep_sampling,
-                                           flow_shift, text_dropout)
-            if text_dropout > 0:
-                emb = torch.where(drop.view(-1, 1, 1), null.expand_as(emb), emb)
-            xt, ts, target = flow_matching_inputs(x0, noise, t)
-            traj_out = None
+        a, dev = self.a, self.dev
+        if a.model is not None:
+            student = load_model_folder(a.model, device=dev).transformer
         else:
-            xt, ts, emb = traj.inputs()
-            target = None
-            with torch.no_grad(), autocast():
-                traj_out = teacher_model(xt, ts, emb, return_dict=False)[0].float()
+            from diffusers import WanTransformer3DModel
+
+            torch.manual_seed(a.seed if a.init_seed is None else a.init_seed)
+            student = WanTransformer3DModel(**{k: v for k, v in self.scfg.items() if k != "rehyat"}).to(dev)
+            if a.chunk_causal is not None:
+                from ..models import convert_wan
+
+                convert_wan(student, blocks=[], softmax_blocks="chunk_causal", chunk_frames=a.chunk_causal)
+        student.train()
+        if a.lora_rank:
+            add_lora(student, a.lora_rank, a.lora_alpha, a.lora_targets)
+        else:
+            student.requires_grad_(True)
+        if a.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        if a.compile:
+            student.compile()  # in place: parameter names (checkpoints, saving) stay the same
+        self.n_trainable = sum(p.numel() for p in self.params)
+        self.student = student
+
+    def _build_teacher(self) -> None:
+        from .components import load_model_folder
+
+        self.teacher_model = self.traj = None
+        if self.a.teacher is None:
+            return
+        tp = load_model_folder(self.a.teacher, device=self.dev)
+        self.teacher_model, self.scheduler = tp.transformer.eval().requires_grad_(False), tp.scheduler
+        if self.autocast_dtype is not None:
+            cast_frozen_model(self.teacher_model, self.autocast_dtype)
+
+    def _build_optimizer(self) -> None:
+        a, env, dev = self.a, self.env, self.dev
+        self.train_model = self.student
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.student, device_ids=[dev] if dev.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self.params, lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(a.lr_schedule, a.warmup_steps, a.steps, a.min_lr_ratio))
+        if self.dataset is None:
+            self.traj = TeacherTrajectories(self.scheduler, self.pool, self.latent_shape, batch_size=a.batch_size,
+                                            sampling_steps=a.sampling_steps, guidance_scale=self.guidance, seed=a.seed,
+                                            env=env, dtype=self.autocast_dtype or torch.float32)
+
+    def _resume_or_evaluate(self) -> None:
+        ckpt = self.run.checkpoint
+        self.eval_before = None
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
+            if self.sampler is not None:
+                self.sampler.load_state_dict(ckpt["data"]["sampler"])
+            self.run.restore(self.traj)
+            self.eval_before = ckpt["extra"].get("eval_before")
+        elif self.dataset is not None and self.a.eval_batches > 0:
+            self.student.eval()
+            self.eval_before = self._evaluate()
+            self.student.train()
+
+    def _evaluate(self) -> float:
+        a = self.a
+        return evaluate_flow_matching(self.student, self.dataset, batch_size=a.batch_size, num_batches=a.eval_batches,
+                                      seed=a.seed, sampling=a.timestep_sampling, shift=a.flow_shift, env=self.env,
+                                      autocast_dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _autocast(self):
+        return torch.autocast(self.dev.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def _checkpoint(self, step: int) -> None:
+        env = self.env
+        data_state = {"sampler": self.sampler.state_dict() if self.sampler is not None else None,
+                      "trajectories": env.gather_objects(self.traj.state_dict()) if self.traj is not None else None}
+        self.run.save_checkpoint(step, self.student, optimizer=self.optimizer.state_dict(),
+                                 lr_scheduler=self.lr_sched.state_dict(), data=data_state,
+                                 extra={"eval_before": self.eval_before})
+
+    def _inputs(self, step: int):
+        """``(x_t, timesteps, text embeddings, flow-matching target or None, teacher output or None)`` of a step:
+        from the dataset, or from the teacher's trajectories (then the teacher's output is the target)."""
+        a, dev = self.a, self.dev
+        if self.dataset is None:
+            xt, ts, emb = self.traj.inputs()
+            with torch.no_grad(), self._autocast():
+                traj_out = self.teacher_model(xt, ts, emb, return_dict=False)[0].float()
+            return xt, ts, emb, None, traj_out
+        idx = self.sampler.next_batch()[self.local]
+        x0, emb = self.dataset.batch(idx, device=dev)
+        t, noise, drop = _global_draws(step, a.seed, a.batch_size, self.info.latent_shape, dev, self.local,
+                                       a.timestep_sampling, a.flow_shift, a.text_dropout)
+        if a.text_dropout > 0:
+            emb = torch.where(drop.view(-1, 1, 1), self.null.expand_as(emb), emb)
+        xt, ts, target = flow_matching_inputs(x0, noise, t)
+        return xt, ts, emb, target, None
+
+    def _micro_batch(self, xt, ts, emb, target, traj_out, sl: slice, frac: float) -> tuple:
+        """Forward and backward of one micro-batch (its loss weighted by its share ``frac`` of the batch);
+        returns its ``(flow-matching loss, teacher loss)`` (detached, weighted by ``frac``)."""
+        w = self.a.teacher_weight
+        with self._autocast():
+            pred = self.train_model(xt[sl], ts[sl], emb[sl], return_dict=False)[0]
+        pred = pred.float()
+        fm = tv = torch.zeros((), device=self.dev)
+        if target is not None:
+            fm = F.mse_loss(pred, target[sl])
+            loss = fm
+            if self.teacher_model is not None:
+                with torch.no_grad(), self._autocast():
+                    tv_ref = self.teacher_model(xt[sl], ts[sl], emb[sl], return_dict=False)[0].float()
+                tv = F.mse_loss(pred, tv_ref)
+                loss = loss + w * tv
+        else:
+            tv = F.mse_loss(pred, traj_out[sl])
+            loss = w * tv
+        (loss * frac).backward()
+        return fm.detach() * frac, tv.detach() * frac
+
+    def _step(self, step: int) -> dict:
+        """One optimizer step (micro-batches accumulated); returns device-tensor log values."""
+        a = self.a
+        xt, ts, emb, target, traj_out = self._inputs(step)
+        fm_total = torch.zeros((), device=self.dev)
+        tv_total = torch.zeros((), device=self.dev)
         n = xt.shape[0]
-        m = mb if traj is None else mb * (n // b_local)  # guidance doubles the trajectory batch
+        m = self.mb if self.traj is None else self.mb * (n // self.b_local)  # guidance doubles the trajectory batch
         chunks = range(0, n, m)
         for i, c0 in enumerate(chunks):
-            sl = slice(c0, c0 + m)
             last = i == len(chunks) - 1
-            sync = nullcontext() if (last or not env.distributed) else train_model.no_sync()
+            sync = nullcontext() if (last or not self.env.distributed) else self.train_model.no_sync()
             with sync:
-                with autocast():
-                    pred = train_model(xt[sl], ts[sl], emb[sl], return_dict=False)[0]
-                pred = pred.float()
-                loss = torch.zeros((), device=dev)
-                frac = (min(c0 + m, n) - c0) / n
-                if target is not None:
-                    fm = F.mse_loss(pred, target[sl])
-                    loss = loss + fm
-                    fm_total += fm.detach() * frac
-                    if teacher_model is not None:
-                        with torch.no_grad(), autocast():
-                            tv_ref = teacher_model(xt[sl], ts[sl], emb[sl], return_dict=False)[0].float()
-                        tv = F.mse_loss(pred, tv_ref)
-                        loss = loss + teacher_weight * tv
-                        tv_total += tv.detach() * frac
-                else:
-                    tv = F.mse_loss(pred, traj_out[sl])
-                    loss = loss + teacher_weight * tv
-                    tv_total += tv.detach() * frac
-                (loss * frac).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_sched.step()
-        if traj is not None:
-            traj.advance(traj_out)
-        rec = {"loss": fm_total + (teacher_weight * tv_total if teacher_model is not None else 0.0)}
+                fm, tv = self._micro_batch(xt, ts, emb, target, traj_out, slice(c0, c0 + m), (min(c0 + m, n) - c0) / n)
+            fm_total += fm
+            tv_total += tv
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm) if a.max_grad_norm else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_sched.step()
+        if self.traj is not None:
+            self.traj.advance(traj_out)
+        rec = {"loss": fm_total + (a.teacher_weight * tv_total if self.teacher_model is not None else 0.0)}
         if target is not None:
             rec["fm_loss"] = fm_total
-        if teacher_model is not None:
+        if self.teacher_model is not None:
             rec["teacher_loss"] = tv_total
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
         return rec
 
-    # ---------------------------------------------------------------- training
-    # --out is written only now, with everything loaded: a run that fails before leaves it as it was
-    if env.is_main and not resume:
-        if overwrite and out.is_dir():
-            clear_run_outputs(out)
-        (out / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_DIR / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    env.barrier()
-    samples_per_step = batch_size * (2 if (traj is not None and guidance > 1.0) else 1)
-    log = RunLog(out / TRAIN_DIR / LOG_NAME, is_main=env.is_main, device=dev, total_steps=steps, start_step=start,
-                 samples_per_step=samples_per_step, log_every=log_every, desc="finetune", progress=progress)
-    if env.is_main and start == 0:
-        log.write(f"finetune: {n_trainable:,} trainable parameters ({'LoRA r=%d' % lora_rank if lora_rank else 'full'}), "
-                  f"global batch {batch_size} on {env.world_size} process(es), {dev}, "
-                  f"{'bf16 autocast' if autocast_dtype else 'fp32'}"
-                  + (f", data on {dataset.latents.device if dataset.in_memory else 'disk'}" if dataset is not None else ""))
-    losses: list[torch.Tensor] = []
-    stop = GracefulStop(env, save=checkpoint, path=ckpt_path, start=start, steps=steps, resumed=resume, flush=log.flush)
-    t0 = time.perf_counter()
-    try:
-        with stop:
-            for step in range(start + 1, steps + 1):
-                with stop.step(step):
-                    rec = train_step(step)
-                if env.distributed:  # the global batch's losses (one all-reduce, no host sync)
-                    keys = [k for k in ("loss", "fm_loss", "teacher_loss") if k in rec]
-                    vals = env.all_reduce_mean(torch.stack([torch.as_tensor(rec[k], device=dev).float() for k in keys]))
-                    rec.update(zip(keys, vals.unbind()))
-                rec["lr"] = lr_sched.get_last_lr()[0]
-                losses.append(rec["loss"])
-                log.step(step, rec)
-                if callback is not None:
-                    callback(step, float(rec["loss"]))
-                if step % checkpoint_every == 0 or step == steps:
-                    log.flush()
-                    stop.save(step)
-                    log.reset_timer()
-                stop.check()
-    finally:
-        log.close()
-    train_s = time.perf_counter() - t0
-    loss_values = [float(x) for x in losses]
+    def _record(self, step: int, rec: dict, log) -> None:
+        env = self.env
+        if env.distributed:  # the global batch's losses (one all-reduce, no host sync)
+            keys = [k for k in ("loss", "fm_loss", "teacher_loss") if k in rec]
+            vals = env.all_reduce_mean(torch.stack([torch.as_tensor(rec[k], device=self.dev).float() for k in keys]))
+            rec.update(zip(keys, vals.unbind()))
+        rec["lr"] = self.lr_sched.get_last_lr()[0]
+        self.losses.append(rec["loss"])
+        log.step(step, rec)
+        if self.a.callback is not None:
+            self.a.callback(step, float(rec["loss"]))
 
-    eval_after = None
-    if dataset is not None and eval_batches > 0:
-        student.eval()
-        eval_after = evaluate_flow_matching(student, dataset, batch_size=batch_size, num_batches=eval_batches, seed=seed,
-                                            sampling=timestep_sampling, shift=flow_shift, env=env,
-                                            autocast_dtype=autocast_dtype)
+    def train(self) -> None:
+        """The steps, then the flow-matching loss on the fixed batches after them."""
+        a, env = self.a, self.env
+        self.run.write_config()
+        self.samples_per_step = a.batch_size * (2 if (self.traj is not None and self.guidance > 1.0) else 1)
+        ds = self.dataset
+        intro = (f"finetune: {self.n_trainable:,} trainable parameters "
+                 f"({'LoRA r=%d' % a.lora_rank if a.lora_rank else 'full'}), global batch {a.batch_size} on "
+                 f"{env.world_size} process(es), {self.dev}, {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
+                 + (f", data on {ds.latents.device if ds.in_memory else 'disk'}" if ds is not None else ""))
+        self.losses: list[torch.Tensor] = []
+        self.train_s = self.run.train(self._step, save=self._checkpoint, record=self._record,
+                                      samples_per_step=self.samples_per_step, intro=intro)
+        self.eval_after = None
+        if self.dataset is not None and a.eval_batches > 0:
+            self.student.eval()
+            self.eval_after = self._evaluate()
 
-    # ---------------------------------------------------------------- outputs
-    report = {
-        "steps": steps, "steps_this_invocation": steps - start, "global_batch": batch_size,
-        "world_size": env.world_size, "trainable_parameters": n_trainable,
-        "mode": f"lora r={lora_rank}" if lora_rank else "full",
-        "final_loss": loss_values[-1] if loss_values else None,
-        "flow_matching_eval_before": eval_before, "flow_matching_eval_after": eval_after,
-        "train_seconds_this_invocation": round(train_s, 3),
-        "samples_per_s": round(samples_per_step * (steps - start) / train_s, 3) if train_s > 0 and steps > start else None,
-        "peak_mem_gib": round(peak_memory_gib(dev), 4),
-        "timestep_sampling": timestep_sampling, "flow_shift": flow_shift,
-    }
-    if env.is_main:
+    # ------------------------------------------------------------------------------------------------ outputs
+    def finish(self) -> FinetuneResult:
+        """The report; the model folder (LoRA merged, float32) and ``finetune_report.json`` (main process)."""
+        a, start, train_s = self.a, self.run.start, self.train_s
+        loss_values = [float(x) for x in self.losses]
+        report = {
+            "steps": a.steps, "steps_this_invocation": a.steps - start, "global_batch": a.batch_size,
+            "world_size": self.env.world_size, "trainable_parameters": self.n_trainable,
+            "mode": f"lora r={a.lora_rank}" if a.lora_rank else "full",
+            "final_loss": loss_values[-1] if loss_values else None,
+            "flow_matching_eval_before": self.eval_before, "flow_matching_eval_after": self.eval_after,
+            "train_seconds_this_invocation": round(train_s, 3),
+            "samples_per_s": round(self.samples_per_step * (a.steps - start) / train_s, 3)
+            if train_s > 0 and a.steps > start else None,
+            "peak_mem_gib": round(peak_memory_gib(self.dev), 4),
+            "timestep_sampling": a.timestep_sampling, "flow_shift": a.flow_shift,
+        }
+        self.run.finish(lambda: self._write_outputs(report))
+        return FinetuneResult(out=a.out, losses=loss_values, eval_before=self.eval_before, eval_after=self.eval_after,
+                              report=report)
+
+    def _write_outputs(self, report: dict) -> None:
+        from .components import save_model_folder
+
+        a, student = self.a, self.student
         student.eval()
-        if lora_rank:
+        if a.lora_rank:
             merge_lora(student)
-        if gradient_checkpointing:
+        if a.gradient_checkpointing:
             student.disable_gradient_checkpointing()
         student.float().to("cpu")
-        pcfg = _pipeline_config_from_data(info) if (info is not None and model is None) else None
-        save_model_folder(student, out, components_from=components_from, pipeline_config=pcfg)
-        (out / "finetune_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    env.barrier()
-    return FinetuneResult(out=out, losses=loss_values, eval_before=eval_before, eval_after=eval_after, report=report)
+        pcfg = _pipeline_config_from_data(self.info) if (self.info is not None and a.model is None) else None
+        save_model_folder(student, a.out, components_from=a.components_from, pipeline_config=pcfg)
+        (a.out / "finetune_report.json").write_text(json.dumps(report, indent=2) + "\n")

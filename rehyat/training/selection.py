@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .conversion import ConversionSettings
+
 __all__ = [
     "attention_flops",
     "feature_map_flops",
@@ -344,8 +346,7 @@ def convert_model(
     from .trajectory import resolve_prompt_pool
 
     model, out = Path(model), Path(out)
-    tcfg, kind, bval, conversion = _check_conversion(model, blocks, chunk_frames, overlap_frames, causal, stabilizer,
-                                                     feature_map, feature_map_kwargs, feature_map_input, softmax_blocks)
+    tcfg, kind, bval, conversion = _check_conversion(model, blocks, ConversionSettings.from_kwargs(locals()))
     cands = _check_selection_args(kind, blocks, budget, candidates, prompts, data, text_embeddings,
                                   rank_steps=rank_steps, sampling_steps=sampling_steps, batch_size=batch_size)
     latent_shape = _latent_shape(model, tcfg, data, frames, height, width)
@@ -379,22 +380,21 @@ def convert_model(
     return out, selection
 
 
-def _check_conversion(model: Path, blocks, *conversion_args):
+def _check_conversion(model: Path, blocks, settings: ConversionSettings):
     """``(transformer config, blocks kind, its value, conversion kwargs)`` after checking that ``model`` is a teacher
-    (or a block-causal teacher converted with its own chunk) and that the conversion settings are valid."""
+    (or a block-causal teacher converted with its own chunk) and that the conversion ``settings`` are valid."""
     from .common import parse_blocks
     from .components import read_transformer_config
-    from .distill import _conversion_kwargs, _probe_conversion, block_causal_chunk, check_block_causal_teacher
+    from .distill import block_causal_chunk, check_block_causal_teacher
 
-    chunk_frames, softmax_blocks = conversion_args[0], conversion_args[-1]
     tcfg = read_transformer_config(model)
     if block_causal_chunk(tcfg["rehyat"]) is not None:  # a block-causal teacher: its blocks are converted here
-        check_block_causal_teacher(model, tcfg["rehyat"], chunk_frames, softmax_blocks)
+        check_block_causal_teacher(model, tcfg["rehyat"], settings.chunk_frames, settings.softmax_blocks)
     elif tcfg["rehyat"] is not None:
         raise ValueError(f"{model} is already converted to ReHyAt; convert the teacher folder")
     kind, bval = parse_blocks(blocks, tcfg["num_layers"], allow=("all", "list", "best", "auto"))
-    conversion = _conversion_kwargs(*conversion_args)
-    _probe_conversion(conversion, tcfg["attention_head_dim"])
+    conversion = settings.to_kwargs()
+    settings.check(tcfg["attention_head_dim"])
     return tcfg, kind, bval, conversion
 
 

@@ -603,3 +603,30 @@ class TestBlockCausalTeacher:
         x, t, e = inputs(frames=5)
         assert_outputs_close(_distill_output(loaded, x, t, e), run(block_causal, x, t, e))
         assert_outputs_close(run(loaded, x, t, e), run(student, x, t, e))
+
+
+def test_mode_context_managers_restore_the_run_context_on_an_error():
+    """distill_mode / recurrent_mode set the RunContext inside the block and put it back on exit, also when the
+    block raises; the records of the last distillation forward stay readable after the block."""
+    from rehyat.models import distill_mode, get_context, recurrent_mode
+
+    model = convert_wan(tiny_wan_transformer(num_layers=1), blocks=[0], chunk_frames=1, overlap_frames=0)
+    ctx = get_context(model)
+    ctx.records = {0: {"stale": 1.0}}
+    with pytest.raises(RuntimeError, match="boom"):
+        with distill_mode(model, backward=True, measure_mass=True, mass_weight=0.5) as inside:
+            assert inside is ctx and ctx.records == {}
+            assert (ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.mass_weight) == (True, True, True, 0.5)
+            ctx.records[0] = {"l1": 2.0}
+            raise RuntimeError("boom")
+    assert (ctx.distill, ctx.distill_backward, ctx.measure_mass, ctx.mass_weight) == (False, False, False, 0.0)
+    assert ctx.records == {0: {"l1": 2.0}}
+    states = {0: "state"}
+    with pytest.raises(RuntimeError, match="boom"):
+        with recurrent_mode(ctx, frame_offset=3, states=states):
+            assert (ctx.mode, ctx.frame_offset, ctx.states) == ("recurrent", 3, states)
+            raise RuntimeError("boom")
+    assert (ctx.mode, ctx.frame_offset, ctx.states) == ("parallel", 0, {})
+    with pytest.raises(ValueError, match="not converted"):
+        with distill_mode(tiny_wan_transformer(num_layers=1)):
+            pass
