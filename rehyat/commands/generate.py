@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
                           "the file names VBench's standard mode reads ('/' becomes a space; a prompt too long for a "
                           "255-byte file name gets '<prompt cut>~<hash>-<i>.mp4'), and prompts.jsonl, each file's "
                           "full prompt and seed. A failing video does not stop the others: a summary at the end")
+    src.add_argument("--prompt-schedule", type=Path,
+                     help="prompt switching while streaming: one '<start frame> <prompt>' per line (blank and '#' "
+                          "lines skipped), the first at frame 0, start frames increasing and below --frames. Each "
+                          "prompt conditions the chunks from the one holding its start frame (a start frame inside "
+                          "a chunk takes effect from the chunk's first frame; one prompt per chunk); the states "
+                          "carry over. Recurrent and streaming modes only")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
     p.add_argument("--height", type=int, default=None,
@@ -147,6 +153,7 @@ def _resolve(args):
     from ..io import check_output_file
     from ..pipelines.video import folder_check_rope_table, folder_latent_shape
     from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.schedule import read_prompt_schedule
     from ._checks import check_guidance, check_steps
 
     model = args.model if args.model is not None else default_model("student")
@@ -156,16 +163,21 @@ def _resolve(args):
     check_guidance(args.guidance)
     if args.videos_per_prompt < 1:
         raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
-    jobs = []  # (prompt, seed, out path)
-    if args.prompt is not None:
-        if not args.prompt.strip():
+    jobs = []  # (prompt or prompt schedule, seed, out path)
+    labels = None  # of the --prompt-schedule lines
+    if args.prompt_file is None:
+        single = "--prompt" if args.prompt is not None else "--prompt-schedule"
+        if args.prompt is not None and not args.prompt.strip():
             raise ValueError("--prompt must not be empty")
         if args.videos_per_prompt != 1:
-            raise ValueError("--videos-per-prompt goes with --prompt-file (one video per prompt and seed); with "
-                             "--prompt, run once per --seed")
+            raise ValueError(f"--videos-per-prompt goes with --prompt-file (one video per prompt and seed); with "
+                             f"{single}, run once per --seed")
         if args.out.suffix.lower() != ".mp4":
             raise ValueError(f"--out must be an .mp4 file, got {args.out}")
-        jobs.append((args.prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
+        prompt = args.prompt
+        if args.prompt_schedule is not None:
+            prompt, labels = read_prompt_schedule(args.prompt_schedule)
+        jobs.append((prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
     else:
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist")
@@ -197,11 +209,37 @@ def _resolve(args):
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
     shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    if args.prompt_schedule is not None:
+        _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
     folder_check_rope_table(model, shape)
     check_video_output(model, shape[1])
     check_text_source(model, args.text_embeddings)
     device = check_device(args.device)
     return Path(model), jobs, device, geometry
+
+
+def _plan_schedule(args, model, schedule, labels: list[str], frames: int) -> None:
+    """Check ``--prompt-schedule`` against the model and ``--frames`` (:func:`~rehyat.pipelines.schedule.
+    plan_prompt_schedule`) from the folder's configs, and say on stderr where each prompt takes effect. ValueError:
+    a bad schedule, or a model or ``--mode`` that generates in parallel."""
+    from ..pipelines.schedule import chunk_frame_range, plan_prompt_schedule
+    from ..pipelines.video import folder_vae_factors
+    from ._notes import folder_recurrence_problem, folder_runner_chunk
+
+    arg = f"--prompt-schedule {args.prompt_schedule}"
+    if args.mode == "parallel":
+        raise ValueError(f"{arg}: prompts switch per chunk, in --mode recurrent or streaming (auto streams a causal "
+                         "ReHyAt model); parallel mode denoises all frames in one forward")
+    chunk = folder_runner_chunk(model)
+    problem = folder_recurrence_problem(model) if chunk is not None else "it is a plain Wan transformer (not causal)"
+    if problem is not None:
+        raise ValueError(f"{arg}: prompts switch per chunk, and {model} generates in parallel mode only: {problem}")
+    temporal = folder_vae_factors(model)[0]
+    chunks = plan_prompt_schedule(schedule, frames, temporal, chunk, arg=arg, labels=labels)
+    for (start, prompt), k, label in zip(schedule, chunks, labels):
+        first, last = chunk_frame_range(k, chunk, temporal, frames)
+        moved = "" if first == start else f" (the chunk of frame {start}, frames {first}-{last})"
+        print(f"prompt schedule {label}: from frame {first}{moved}: {prompt}", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -261,6 +299,8 @@ def _generate_one(pipe, args, g, mode, prompt, seed, out) -> None:
 
     kw = dict(negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"], width=g["width"],
               num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed, mode=mode, keep_video=False)
+    if not isinstance(prompt, str):  # --prompt-schedule
+        kw["prompt_schedule"], prompt = prompt, None
     writer = VideoWriter(out, fps=pipe.fps)
     try:
         if args.save_latents is None:

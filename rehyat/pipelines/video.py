@@ -459,6 +459,7 @@ class ReHyAtVideoPipeline:
         self,
         prompt: str | None = None,
         *,
+        prompt_schedule: list[tuple[int, str | torch.Tensor]] | None = None,
         negative_prompt: str | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -478,6 +479,12 @@ class ReHyAtVideoPipeline:
 
         Args:
             prompt / prompt_embeds: the text, or its embeddings ``[1, L, text_dim]``.
+            prompt_schedule: instead of ``prompt``, a prompt per segment of the video (recurrent and streaming
+                modes): ``[(0, "a red circle ..."), (8, "a blue circle ..."), ...]``, start frames in video frames,
+                the first 0, increasing, below ``num_frames``; a prompt may also be embeddings ``[1, L, text_dim]``.
+                Each prompt conditions the runner chunks from the one holding its start frame (a start frame
+                inside a chunk takes effect from the chunk's first frame; one prompt per chunk) and the states
+                carry over; the negative prompt stays the same (:mod:`rehyat.pipelines.schedule`).
             negative_prompt / negative_prompt_embeds: for classifier-free guidance (default: the folder's).
             num_frames: video frames (``4k+1`` with Wan's VAE; any count in pixel space).
             height, width: pixels, multiples of VAE stride x patch (16 for Wan).
@@ -492,8 +499,10 @@ class ReHyAtVideoPipeline:
                 memory then stays constant in the video length; latents are kept on the CPU).
 
         Raises:
-            ValueError: bad mode, frames, size, empty prompt, missing text encoder, a video past a plain Wan
-                transformer's RoPE table (:func:`check_rope_table`), or a model that is not causal for
+            ValueError: bad mode, frames, size, empty prompt, a bad ``prompt_schedule``
+                (:func:`~rehyat.pipelines.schedule.plan_prompt_schedule`), one given with ``prompt`` /
+                ``prompt_embeds`` or in parallel mode, missing text encoder, a video past a plain Wan transformer's
+                RoPE table (:func:`check_rope_table`), or a model that is not causal for
                 ``recurrent``/``streaming``; all before any compute.
             NonFiniteOutputError: the latents (after any denoising step) or the decoded frames hold NaN or Inf;
                 raised before the first bad frame is decoded or handed to ``on_frames`` (in streaming mode the
@@ -510,32 +519,37 @@ class ReHyAtVideoPipeline:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        if prompt_embeds is None:
+        if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
+            raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
+        if prompt_schedule is None and prompt_embeds is None:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError("prompt must be a non-empty string")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         shape = self.latent_shape(num_frames, height, width)
+        if prompt_schedule is not None and mode == "parallel":
+            raise ValueError("prompt_schedule needs mode 'recurrent' or 'streaming': parallel mode denoises all "
+                             "frames in one forward and cannot switch prompts per chunk")
         chunk = check_recurrent(self.transformer) if mode != "parallel" else None
         rope = self.transformer.rope
         check_rope_table(None if isinstance(rope, AbsoluteRotaryPosEmbed) else rope.max_seq_len,
                          self.transformer.config.patch_size, shape, self.temporal_factor, self.spatial_factor)
-        if prompt_embeds is None and not self.has_text_encoder:
+        if prompt_schedule is None:
+            segments, starts = [prompt_embeds if prompt_embeds is not None else prompt], [0]
+        else:
+            from .schedule import plan_prompt_schedule
+
+            starts = plan_prompt_schedule(prompt_schedule, num_frames, self.temporal_factor, chunk)
+            segments = [p for _, p in prompt_schedule]
+        if not self.has_text_encoder and any(isinstance(p, str) for p in segments):
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
 
         t0 = time.perf_counter()
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt([prompt])
-        cfg = guidance_scale > 1.0
-        embeds = prompt_embeds.to(self.device, self.transformer.dtype)
-        if cfg:
-            if negative_prompt_embeds is None:
-                neg = self.negative_prompt if negative_prompt is None else negative_prompt
-                negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds)
-            neg = negative_prompt_embeds.to(self.device, self.transformer.dtype)
-            L = max(neg.shape[1], embeds.shape[1])
-            pad = lambda e: torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1]))  # noqa: E731
-            embeds = torch.cat([pad(neg), pad(embeds)])
+        conds = self._conditioning(segments, negative_prompt, negative_prompt_embeds, guidance_scale > 1.0)
+        embeds = conds[0]
+        if mode != "parallel":  # one conditioning per runner chunk: the last segment starting at or before it
+            n_chunks = -(-shape[2] // chunk)
+            embeds = [conds[sum(s <= k for s in starts) - 1] for k in range(n_chunks)]
 
         blocks: list[np.ndarray] = []
 
@@ -552,7 +566,7 @@ class ReHyAtVideoPipeline:
             if mode == "parallel":
                 forward = lambda x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
             else:
-                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e)  # noqa: E731
+                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
             latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
                                     guidance_scale, forward, progress)
             if decoder is not None:
@@ -561,6 +575,25 @@ class ReHyAtVideoPipeline:
             decoder.close()
         video = np.concatenate(blocks, axis=0) if blocks else None
         return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
+
+    def _conditioning(self, prompts, negative_prompt, negative_prompt_embeds, cfg: bool) -> list[torch.Tensor]:
+        """The transformer's text input for each prompt (a string, or embeddings ``[1, L, text_dim]``): the
+        embeddings ``[1, L, text_dim]``, or with guidance (``cfg``) ``[negative; prompt]`` ``[2, L', text_dim]``,
+        both zero-padded to the longer of the two (``L'``). The negative prompt is encoded once."""
+        dev, dtype = self.device, self.transformer.dtype
+        embeds = [(self.encode_prompt([p]) if isinstance(p, str) else p).to(dev, dtype) for p in prompts]
+        if not cfg:
+            return embeds
+        if negative_prompt_embeds is None:
+            neg = self.negative_prompt if negative_prompt is None else negative_prompt
+            negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds[0])
+        neg = negative_prompt_embeds.to(dev, dtype)
+        out = []
+        for e in embeds:
+            L = max(neg.shape[1], e.shape[1])
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]))  # noqa: E731
+            out.append(torch.cat([pad(neg), pad(e)]))
+        return out
 
     def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
         from tqdm.auto import tqdm
@@ -579,7 +612,8 @@ class ReHyAtVideoPipeline:
                      dtype=self.transformer.dtype)
 
     def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress):
-        """Each chunk fully denoised before the next; per-step transformer states kept (design section 5)."""
+        """Each chunk fully denoised before the next; per-step transformer states kept (design section 5).
+        ``embeds``: the text input of each chunk (:meth:`_conditioning`), a list of ceil(F / chunk)."""
         from tqdm.auto import tqdm
 
         B, C, F, H, W = shape
@@ -587,7 +621,7 @@ class ReHyAtVideoPipeline:
         outs = []
         # closed on an error too, so the error message starts on a line of its own
         with tqdm(total=F, desc="streaming (latent frames)", disable=not progress) as bar:
-            for f0 in range(0, F, chunk):
+            for k, f0 in enumerate(range(0, F, chunk)):
                 n = min(chunk, F - f0)
                 latents = initial_noise(seed, (B, C, n, H, W), f0, self.device)
                 scheduler = copy.deepcopy(self.scheduler)
@@ -597,7 +631,7 @@ class ReHyAtVideoPipeline:
                         out, states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
                         return out
 
-                    v = self._velocity(latents, t, embeds, guidance_scale, forward)
+                    v = self._velocity(latents, t, embeds[k], guidance_scale, forward)
                     latents = scheduler.step(v, t, latents, return_dict=False)[0]
                     self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
                                                      f"at latent frame {f0}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rehyat.cli import main
-from rehyat.testing import tiny_pipeline_folder
+from rehyat.testing import assert_outputs_close, tiny_pipeline_folder
 from rehyat.world import read_video
 
 
@@ -300,3 +300,70 @@ def test_nan_output_is_refused_and_nothing_written(nan_model, tmp_path, capsys, 
     assert "Traceback" not in captured.err and "wrote" not in captured.out
     assert out.read_bytes() == b"the user's earlier video"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --prompt-schedule (issue 18): 13 frames = 4 latent frames, chunks of 2 latent frames: frames 0-4 and 5-12
+# ----------------------------------------------------------------------------------------------------------------
+def schedule_file(tmp_path, text, name="schedule.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_prompt_schedule_switches_after_the_first_chunk(model, tmp_path, capsys):
+    """Frames before the switch are the single-prompt run's (two model objects: up to rounding), later ones differ;
+    a start frame inside a chunk is said to take effect from the chunk's first frame."""
+    sched = schedule_file(tmp_path, "# two segments\n0 a red circle\n\n7 a blue square moving up\n")
+    args = ["--frames", "13", "--seed", "3"]
+    assert gen(model, tmp_path / "s.mp4", "--prompt-schedule", sched, *args, "--save-latents",
+               str(tmp_path / "s.pt")) == 0
+    err = capsys.readouterr().err
+    assert "prompt schedule line 2: from frame 0: a red circle" in err
+    assert "prompt schedule line 4: from frame 5 (the chunk of frame 7, frames 5-12): a blue square moving up" in err
+    assert gen(model, tmp_path / "p.mp4", "--prompt", "a red circle", *args, "--save-latents",
+               str(tmp_path / "p.pt")) == 0
+    switched, plain = torch.load(tmp_path / "s.pt"), torch.load(tmp_path / "p.pt")
+    assert_outputs_close(switched[:, :, :2], plain[:, :, :2])
+    assert (switched[:, :, 2:] - plain[:, :, 2:]).abs().mean() > 0.01 * plain.abs().mean()  # rounding: 1e-6
+    video, plain_video = read_video(tmp_path / "s.mp4").astype(int), read_video(tmp_path / "p.mp4").astype(int)
+    assert video.shape == (13, 32, 32, 3)
+    assert abs(video[:5] - plain_video[:5]).mean() < 1.0
+
+
+@pytest.mark.parametrize("text, extra, match", [
+    ("0 a red circle\n9 a blue square\n5 a green circle\n", [],
+     "line 3: start frame 5 does not come after line 2's 9 \\(start frames must increase\\)"),
+    ("0 a red circle\n5 a blue square\n5 a green circle\n", [], "line 3: start frame 5 does not come after line 2's 5"),
+    ("0 a red circle\n13 a blue square\n", [], "line 2: start frame 13 is past the video's last frame 12 \\(13 frames\\)"),
+    ("2 a red circle\n", [], "line 1: the first prompt must start at frame 0, got 2"),
+    ("0 a red circle\n3 a blue square\n", [], "line 2: start frame 3 is in the chunk of frames 0-4, as line 1's 0 is"),
+    ("0 a red circle\nfive a blue square\n", [], "line 2: expected '<start frame> <prompt>'"),
+    ("0 a red circle\n5\n", [], "line 2: no prompt after the start frame 5"),
+    ("\n# nothing\n", [], "--prompt-schedule .* must be a non-empty list"),
+    ("0 a red circle\n", ["--mode", "parallel"], "prompts switch per chunk, in --mode recurrent or streaming"),
+    ("0 a red circle\n", ["--videos-per-prompt", "2"], "--videos-per-prompt goes with --prompt-file"),
+])
+def test_bad_prompt_schedule_refused_before_loading(model, tmp_path, capsys, text, extra, match):
+    import re
+
+    out = tmp_path / "v.mp4"
+    assert gen(model, out, "--frames", "13", "--prompt-schedule", schedule_file(tmp_path, text), *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rehyat generate: error: --prompt-schedule") or "--videos-per-prompt" in match, err
+    assert re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_prompt_schedule_needs_a_causal_model_and_no_other_prompt(tmp_path, capsys):
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    capsys.readouterr()
+    sched = schedule_file(tmp_path, "0 a red circle\n5 a blue square\n")
+    assert gen(teacher, tmp_path / "v.mp4", "--frames", "13", "--prompt-schedule", sched) == 2
+    err = capsys.readouterr().err
+    assert "generates in parallel mode only: it is a plain Wan transformer (not causal)" in err
+    assert " frames at " not in err
+    with pytest.raises(SystemExit):  # argparse: one of --prompt, --prompt-file, --prompt-schedule
+        gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--prompt-schedule", sched)
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

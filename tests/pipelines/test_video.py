@@ -273,3 +273,81 @@ def test_shipped_student_in_float16_matches_float32():
         latents[dtype] = pipe(prompt_embeds=embeds_, num_frames=16, num_inference_steps=1, guidance_scale=1.0,
                               mode="streaming", output_type="latent", progress=False).latents
     torch.testing.assert_close(latents[torch.float16], latents[torch.float32], rtol=0, atol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt schedule (issue 18): the text conditioning changes at a chunk, the states carry over
+# ----------------------------------------------------------------------------------------------------------------
+SCHEDULE_ARGS = dict(num_frames=21, height=32, width=32, num_inference_steps=2, seed=4, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "streaming"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_prompt_schedule_switches_at_the_chunk(causal_pipe, mode, guidance):
+    """21 frames = 6 latent frames in chunks of 2 (frames 0-4, 5-12, 13-20); a switch at frame 5 leaves the first
+    chunk as the single-prompt run's (the same computation: bitwise) and changes the later ones. A start frame
+    inside a chunk (7) takes effect from the chunk's first frame: the same video."""
+    a, neg = embeds(0)
+    b, _ = embeds(1)
+    kw = dict(SCHEDULE_ARGS, negative_prompt_embeds=neg, guidance_scale=guidance, mode=mode)
+    single = causal_pipe(prompt_embeds=a, **kw)
+    switched = causal_pipe(prompt_schedule=[(0, a), (5, b)], **kw)
+    assert torch.equal(switched.latents[:, :, :2], single.latents[:, :, :2])
+    assert np.array_equal(switched.video[:5], single.video[:5])
+    for f0 in (2, 4):
+        change = (switched.latents[:, :, f0 : f0 + 2] - single.latents[:, :, f0 : f0 + 2]).abs().mean()
+        assert change > 0.05 * single.latents.abs().mean()
+    snapped = causal_pipe(prompt_schedule=[(0, a), (7, b)], **kw)
+    assert torch.equal(snapped.latents, switched.latents)
+
+
+def test_prompt_schedule_same_in_recurrent_and_streaming(causal_pipe):
+    """The per-chunk conditioning is one parameter of both loops: the modes still agree (up to rounding)."""
+    a, neg = embeds(0)
+    b, _ = embeds(1)
+    kw = dict(SCHEDULE_ARGS, prompt_schedule=[(0, a), (13, b)], negative_prompt_embeds=neg, guidance_scale=3.0)
+    rec = causal_pipe(mode="recurrent", **kw)
+    stream = causal_pipe(mode="streaming", **kw)
+    assert_outputs_close(stream.latents, rec.latents)
+
+
+def test_prompt_schedule_with_text(tmp_path):
+    """Prompts as text: a one-prompt schedule is the plain run (bitwise), a switch changes the later chunks."""
+    pipe = ReHyAtVideoPipeline.from_pretrained(tiny_pipeline_folder(tmp_path / "m", vae=False))  # chunks of 2
+    kw = dict(num_frames=8, height=32, width=32, num_inference_steps=2, guidance_scale=2.0, mode="streaming",
+              progress=False)
+    plain = pipe("a red circle", **kw)
+    assert torch.equal(pipe(prompt_schedule=[(0, "a red circle")], **kw).latents, plain.latents)
+    switched = pipe(prompt_schedule=[(0, "a red circle"), (4, "a blue square moving up")], **kw)
+    assert torch.equal(switched.latents[:, :, :4], plain.latents[:, :, :4])
+    assert not torch.equal(switched.latents[:, :, 4:], plain.latents[:, :, 4:])
+
+
+@pytest.mark.parametrize("schedule, kwargs, match", [
+    ([], {}, "prompt_schedule must be a non-empty list"),
+    ([(1, "A")], {}, "prompt_schedule entry 0: the first prompt must start at frame 0, got 1"),
+    ([(0, "A"), (13, "B"), (5, "A")], {}, "entry 2: start frame 5 does not come after entry 1's 13"),
+    ([(0, "A"), (5, "B"), (5, "A")], {}, "entry 2: start frame 5 does not come after entry 1's 5"),
+    ([(0, "A"), (21, "B")], {}, "entry 1: start frame 21 is past the video's last frame 20 \\(21 frames\\)"),
+    ([(0, "A"), (5, " ")], {}, "entry 1: the prompt must be a non-empty string"),
+    ([(0, "A"), (-3, "B")], {}, "entry 1: the start frame must be an int >= 0, got -3"),
+    ([(0, "A"), (5, "B"), (9, "A")], {}, "entry 2: start frame 9 is in the chunk of frames 5-12, as entry 1's 5 is"),
+    ([(0, "A"), (3, "B")], {}, "entry 1: start frame 3 is in the chunk of frames 0-4, as entry 0's 0 is"),
+    ([(0, "A")], dict(mode="parallel"), "prompt_schedule needs mode 'recurrent' or 'streaming'"),
+    ([(0, "A")], dict(prompt="a cat"), "pass prompt_schedule or prompt / prompt_embeds, not both"),
+])
+def test_bad_prompt_schedule_refused_before_any_work(causal_pipe, schedule, kwargs, match):
+    a, b = embeds(0)
+    named = {"A": a, "B": b}
+    schedule = [(s, named.get(p, p)) for s, p in schedule]
+
+    def no_forward(*args):
+        raise AssertionError("the transformer ran before the check")
+
+    hook = causal_pipe.transformer.register_forward_pre_hook(no_forward)
+    try:
+        with pytest.raises(ValueError, match=match) as info:
+            causal_pipe(prompt_schedule=schedule, **(dict(SCHEDULE_ARGS, mode="streaming") | kwargs))
+    finally:
+        hook.remove()
+    assert "\n" not in str(info.value)
