@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -367,3 +368,108 @@ def test_prompt_schedule_needs_a_causal_model_and_no_other_prompt(tmp_path, caps
         gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--prompt-schedule", sched)
     assert "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init-video / --init-latents (issue 18): 21 frames = 6 latent frames, chunks of 2: 5 or 13 frames are whole chunks
+# ----------------------------------------------------------------------------------------------------------------
+def test_init_latents_continue_a_run_frame_for_frame(model, tmp_path, capsys):
+    """A run's first chunk (--save-latents), continued with the same seed and prompt: the whole run."""
+    args = ["--prompt", "a red circle", "--frames", "21", "--seed", "3"]
+    assert gen(model, tmp_path / "full.mp4", *args, "--save-latents", str(tmp_path / "full.pt")) == 0
+    full = torch.load(tmp_path / "full.pt")
+    torch.save(full[:, :, :2].clone(), tmp_path / "first.pt")
+    assert gen(model, tmp_path / "cont.mp4", *args, "--init-latents", str(tmp_path / "first.pt"),
+               "--save-latents", str(tmp_path / "cont.pt")) == 0
+    assert "its 5 frames are kept, frames 5-20 are generated" in capsys.readouterr().err
+    assert_outputs_close(torch.load(tmp_path / "cont.pt"), full)  # two model objects: up to rounding
+    assert abs(read_video(tmp_path / "cont.mp4").astype(int) - read_video(tmp_path / "full.mp4").astype(int)).max() <= 1
+
+
+def test_init_video_starts_the_output_with_its_vae_round_trip(model, tmp_path):
+    from rehyat.pipelines import ReHyAtVideoPipeline
+    from rehyat.world import write_video
+
+    given = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "in.mp4", given, fps=8, lossless=True)
+    assert gen(model, tmp_path / "out.mp4", "--prompt", "a red circle", "--frames", "13", "--init-video",
+               str(tmp_path / "in.mp4")) == 0
+    out = read_video(tmp_path / "out.mp4").astype(int)
+    pipe = ReHyAtVideoPipeline.from_pretrained(model)
+    round_trip = pipe.decode_latents(pipe.encode_video(read_video(tmp_path / "in.mp4"))).astype(int)
+    assert out.shape == (13, 32, 32, 3)
+    assert abs(out[:5] - round_trip).mean() < 4.0  # the output's H.264 coding (measured: 2.4)
+    assert abs(out[:5] - given).mean() > 10 * abs(out[:5] - round_trip).mean()  # the tiny random VAE's round trip
+
+
+def test_init_video_of_own_frames_continues_the_run(tmp_path):
+    """Pixel space, a lossless input: the run's first 4 frames (chunks of 2) continue as the run, up to 8-bit
+    rounding of the given frames and the output's H.264 coding."""
+    from rehyat.world import write_video
+
+    pixels = tiny_pipeline_folder(tmp_path / "pixels", vae=False)
+    args = ["--prompt", "a red circle", "--frames", "8", "--seed", "1"]
+    assert gen(pixels, tmp_path / "full.mp4", *args, "--save-latents", str(tmp_path / "full.pt")) == 0
+    full = torch.load(tmp_path / "full.pt")
+    first = ((full[0, :, :4].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    write_video(tmp_path / "first.mp4", first, fps=8, lossless=True)
+    assert gen(pixels, tmp_path / "cont.mp4", *args, "--init-video", str(tmp_path / "first.mp4"),
+               "--save-latents", str(tmp_path / "cont.pt")) == 0
+    cont = torch.load(tmp_path / "cont.pt")
+    assert torch.equal(cont[:, :, :4], torch.from_numpy(first).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+    assert (cont[:, :, 4:] - full[:, :, 4:]).abs().max() < 0.02  # given frames off by up to 1/255
+
+
+@pytest.mark.parametrize("make, extra, match", [
+    ("video10", [], "--init-video .*in.mp4 has 10 frames; this model's VAE takes 4k\\+1 frames \\(e.g. 9 or 13\\)"),
+    ("video9", [], "--init-video .*in.mp4 holds 9 video frames \\(3 latent frames\\): a continuation starts from "
+                   "whole chunks of 2 latent frames, i.e. 5, 13, 21, ... video frames"),
+    ("video5", ["--height", "64"], "--init-video .*in.mp4 is 32x32 \\(width x height\\), the video to generate 32x64"),
+    ("video5", ["--mode", "recurrent"], "a continuation streams on from the given chunks, in --mode streaming "
+                                        "\\(auto streams a causal ReHyAt model\\), not --mode recurrent"),
+    ("video5", ["--frames", "5"], "holds 5 video frames, the video to generate 5: nothing is left to generate"),
+    ("text", [], "--init-video .*in.mp4: not a video ffmpeg can decode"),
+    ("latents_text", [], "--init-latents .*in.pt: not a tensor file written by torch.save / --save-latents"),
+    ("latents_dict", [], "--init-latents .*in.pt must hold one float tensor \\[1, C, F, h, w\\]"),
+    ("latents_nan", [], "--init-latents .*in.pt holds NaN or Inf"),
+    ("latents_channels", [], "--init-latents .*in.pt has shape \\[1, 3, 2, 4, 4\\], expected \\[1, 16, F, 4, 4\\]"),
+    ("missing", [], "--init-video .*in.mp4 does not exist"),
+])
+def test_bad_init_refused_before_loading(model, tmp_path, capsys, make, extra, match):
+    import re
+
+    from rehyat.world import write_video
+
+    path = tmp_path / ("in.pt" if make.startswith("latents") else "in.mp4")
+    if make.startswith("video"):
+        write_video(path, np.zeros((int(make[5:]), 32, 32, 3), np.uint8), fps=8, lossless=True)
+    elif make == "text" or make == "latents_text":
+        path.write_text("not a video\n")
+    elif make.startswith("latents"):
+        torch.save({"latents": torch.zeros(1, 16, 2, 4, 4)} if make == "latents_dict" else
+                   torch.full((1, 16, 2, 4, 4), float("nan")) if make == "latents_nan" else torch.zeros(1, 3, 2, 4, 4),
+                   path)
+    out = tmp_path / "v.mp4"
+    opt = "--init-latents" if make.startswith("latents") else "--init-video"
+    assert gen(model, out, "--prompt", "a red circle", "--frames", "21", opt, str(path), *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.startswith("rehyat generate: error:") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_init_needs_one_causal_video(model, tmp_path, capsys):
+    from rehyat.world import write_video
+
+    write_video(tmp_path / "in.mp4", np.zeros((5, 32, 32, 3), np.uint8), fps=8, lossless=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert gen(model, tmp_path / "videos", "--prompt-file", str(prompts), "--init-video", str(tmp_path / "in.mp4")) == 2
+    assert "--init-video continues one video: use it with --prompt or --prompt-schedule" in capsys.readouterr().err
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    capsys.readouterr()
+    assert gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--init-video", str(tmp_path / "in.mp4")) == 2
+    err = capsys.readouterr().err
+    assert "generates in parallel mode only: it is a plain Wan transformer" in err and " frames at " not in err
+    with pytest.raises(SystemExit):
+        gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--init-video", "a.mp4", "--init-latents", "b.pt")
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -351,3 +351,103 @@ def test_bad_prompt_schedule_refused_before_any_work(causal_pipe, schedule, kwar
     finally:
         hook.remove()
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Continuing a video (issue 18): 21 frames = 6 latent frames in chunks of 2; the first 13 frames are 2 chunks
+# ----------------------------------------------------------------------------------------------------------------
+CONTINUE_ARGS = dict(num_frames=21, height=32, width=32, num_inference_steps=3, mode="streaming", progress=False)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_continuing_own_latents_gives_the_one_run_video(causal_pipe, guidance):
+    """The model's own first 2 chunks, same seed and prompt (a schedule too): the whole one-run video, bitwise
+    (the same computation on one object)."""
+    a, neg = embeds(0)
+    b, _ = embeds(1)
+    kw = dict(CONTINUE_ARGS, prompt_schedule=[(0, a), (13, b)], negative_prompt_embeds=neg, guidance_scale=guidance,
+              seed=4)
+    one = causal_pipe(**kw)
+    for given in (2, 4):
+        cont = causal_pipe(init_latents=one.latents[:, :, :given].clone(), **kw)
+        assert torch.equal(cont.latents, one.latents)
+        assert np.array_equal(cont.video, one.video)
+
+
+def test_continuation_follows_the_given_latents(causal_pipe):
+    """The given chunks' states come from the given latents: nearly the model's own (1e-4 off) continue nearly
+    as the one run; another video's continue differently; the given latents come back as they are."""
+    a, neg = embeds(0)
+    kw = dict(CONTINUE_ARGS, prompt_embeds=a, negative_prompt_embeds=neg, guidance_scale=3.0, seed=4)
+    one = causal_pipe(**kw)
+    g = torch.Generator().manual_seed(1)
+    near = one.latents[:, :, :4] + 1e-4 * torch.randn(one.latents[:, :, :4].shape, generator=g)
+    other = causal_pipe(**(kw | dict(seed=5, output_type="latent"))).latents[:, :, :4]
+    diffs = {}
+    for name, given in (("near", near), ("other", other)):
+        cont = causal_pipe(init_latents=given, **kw)
+        assert torch.equal(cont.latents[:, :, :4], given)
+        diffs[name] = ((cont.latents[:, :, 4:] - one.latents[:, :, 4:]).norm() / one.latents[:, :, 4:].norm()).item()
+    assert diffs["near"] < 1e-5 and diffs["other"] > 1e-3  # measured: 7e-7 and 1e-2
+
+
+def test_continuation_starts_with_the_vae_round_trip_of_the_given_video(causal_pipe):
+    a, neg = embeds(0)
+    kw = dict(CONTINUE_ARGS, prompt_embeds=a, negative_prompt_embeds=neg, guidance_scale=3.0)
+    given = causal_pipe(**(kw | dict(seed=5))).video[:13]
+    del kw["height"], kw["width"]  # they default to the given video's size
+    out = causal_pipe(init_video=given, seed=4, **kw)
+    latents = causal_pipe.encode_video(given)
+    assert latents.shape == (1, 16, 4, 4, 4) and torch.equal(out.latents[:, :, :4], latents)
+    assert np.array_equal(out.video[:13], causal_pipe.decode_latents(latents))
+    assert out.video.shape == (21, 32, 32, 3)
+
+
+def test_pixel_space_continuation_of_own_frames():
+    """Without a VAE the given frames are the latents in [-1, 1]: the output starts with them exactly, and the
+    model's own frames (rounded to 8 bits) continue as the one run, up to that rounding's effect."""
+    pipe = ReHyAtVideoPipeline(convert_wan(tiny_wan_transformer(in_channels=3), blocks="all", chunk_frames=2,
+                                           overlap_frames=1))
+    kw = dict(prompt_embeds=embeds(0)[0], num_frames=8, height=16, width=16, num_inference_steps=3,
+              guidance_scale=1.0, seed=2, mode="streaming", progress=False)
+    one = pipe(**kw)
+    cont = pipe(init_video=one.video[:4], **kw)
+    assert np.array_equal(cont.video[:4], one.video[:4])
+    assert np.abs(cont.video[4:].astype(int) - one.video[4:].astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(init_video=np.zeros((10, 32, 32, 3), np.uint8)), "init_video has 10 frames; this model's VAE takes 4k\\+1 "
+                                                            "frames \\(e.g. 9 or 13\\)"),
+    (dict(init_video=np.zeros((13, 32, 48, 3), np.uint8)), "init_video is 48x32 \\(width x height\\), the video to "
+                                                            "generate 32x32"),
+    (dict(init_video=np.zeros((9, 32, 32, 3), np.uint8)), "init_video holds 9 video frames \\(3 latent frames\\): a "
+                                                           "continuation starts from whole chunks of 2 latent frames, "
+                                                           "i.e. 5, 13, 21, ... video frames"),
+    (dict(init_video=np.zeros((21, 32, 32, 3), np.uint8)), "init_video holds 21 video frames, the video to generate "
+                                                            "21: nothing is left to generate"),
+    (dict(init_video=np.zeros((13, 32, 32, 3), np.float32)), "init_video must be uint8 frames \\[F, H, W, 3\\]"),
+    (dict(init_latents=torch.zeros(1, 16, 4, 4, 2)), "init_latents has shape \\[1, 16, 4, 4, 2\\], expected "
+                                                     "\\[1, 16, F, 4, 4\\]"),
+    (dict(init_latents=torch.zeros(1, 3, 4, 4, 4)), "init_latents has shape \\[1, 3, 4, 4, 4\\], expected "),
+    (dict(init_latents=torch.full((1, 16, 2, 4, 4), float("nan"))), "init_latents hold NaN or Inf"),
+    (dict(init_latents=torch.zeros(1, 16, 2, 4, 4), mode="recurrent"), "init_latents continues a video in mode "
+                                                                       "'streaming'.*got mode 'recurrent'"),
+    (dict(init_latents=torch.zeros(1, 16, 2, 4, 4), mode="parallel"), "got mode 'parallel'"),
+    (dict(init_latents=torch.zeros(1, 16, 2, 4, 4), init_video=np.zeros((5, 32, 32, 3), np.uint8)),
+     "pass init_latents or init_video, not both"),
+])
+def test_bad_continuation_refused_before_any_work(causal_pipe, kwargs, match):
+    def no_forward(*args):
+        raise AssertionError("the model ran before the check")
+
+    hooks = [causal_pipe.transformer.register_forward_pre_hook(no_forward),
+             causal_pipe.vae.register_forward_pre_hook(no_forward)]
+    args = dict(CONTINUE_ARGS, prompt_embeds=embeds(0)[0], seed=0) | kwargs
+    try:
+        with pytest.raises(ValueError, match=match) as info:
+            causal_pipe(**args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert "\n" not in str(info.value)
