@@ -10,6 +10,11 @@ video for a fully causal model (design section 5):
 * ``streaming``: chunk c is fully denoised (all steps) before chunk c+1; the transformer state after each chunk is
   kept per step, and frames are decoded with the causal VAE and handed out as soon as their chunk is done.
 
+In recurrent and streaming modes the prompt can change between chunks (``prompt_schedule``,
+:mod:`rehyat.pipelines.schedule`), and streaming mode can continue a given video (``init_latents`` /
+``init_video``: its whole chunks are kept and run through the model as context, :meth:`ReHyAtVideoPipeline.
+_streaming`).
+
 Initial noise is drawn per latent frame from a generator seeded by ``(seed, frame)``, so the three modes (and any
 video length) see the same noise for the same frames.
 
