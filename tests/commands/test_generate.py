@@ -312,7 +312,7 @@ def schedule_file(tmp_path, text, name="schedule.txt"):
     return str(path)
 
 
-def test_prompt_schedule_switches_after_the_first_chunk(model, tmp_path, capsys):
+def test_prompt_schedule_switches_after_the_first_chunk(model, tmp_path, capsys, single_thread):
     """Frames before the switch are the single-prompt run's (two model objects: up to rounding), later ones differ;
     a start frame inside a chunk is said to take effect from the chunk's first frame."""
     sched = schedule_file(tmp_path, "# two segments\n0 a red circle\n\n7 a blue square moving up\n")
@@ -373,7 +373,7 @@ def test_prompt_schedule_needs_a_causal_model_and_no_other_prompt(tmp_path, caps
 # ----------------------------------------------------------------------------------------------------------------
 # --init-video / --init-latents (issue 18): 21 frames = 6 latent frames, chunks of 2: 5 or 13 frames are whole chunks
 # ----------------------------------------------------------------------------------------------------------------
-def test_init_latents_continue_a_run_frame_for_frame(model, tmp_path, capsys):
+def test_init_latents_continue_a_run_frame_for_frame(model, tmp_path, capsys, single_thread):
     """A run's first chunk (--save-latents), continued with the same seed and prompt: the whole run."""
     args = ["--prompt", "a red circle", "--frames", "21", "--seed", "3"]
     assert gen(model, tmp_path / "full.mp4", *args, "--save-latents", str(tmp_path / "full.pt")) == 0
@@ -386,7 +386,7 @@ def test_init_latents_continue_a_run_frame_for_frame(model, tmp_path, capsys):
     assert abs(read_video(tmp_path / "cont.mp4").astype(int) - read_video(tmp_path / "full.mp4").astype(int)).max() <= 1
 
 
-def test_init_video_starts_the_output_with_its_vae_round_trip(model, tmp_path):
+def test_init_video_starts_the_output_with_its_vae_round_trip(model, tmp_path, single_thread):
     from rehyat.pipelines import ReHyAtVideoPipeline
     from rehyat.world import write_video
 
@@ -402,7 +402,7 @@ def test_init_video_starts_the_output_with_its_vae_round_trip(model, tmp_path):
     assert abs(out[:5] - given).mean() > 10 * abs(out[:5] - round_trip).mean()  # the tiny random VAE's round trip
 
 
-def test_init_video_of_own_frames_continues_the_run(tmp_path):
+def test_init_video_of_own_frames_continues_the_run(tmp_path, single_thread):
     """Pixel space, a lossless input: the run's first 4 frames (chunks of 2) continue as the run, up to 8-bit
     rounding of the given frames and the output's H.264 coding."""
     from rehyat.world import write_video

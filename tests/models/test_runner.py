@@ -117,7 +117,7 @@ def test_not_causal_refused(teacher, kwargs, match):
         recurrent_forward(model, x, t, e)
 
 
-def test_per_chunk_text_switches_the_conditioning_between_chunks(teacher):
+def test_per_chunk_text_switches_the_conditioning_between_chunks(teacher, single_thread):
     """One text tensor per chunk: each chunk's output is the chained forward_chunk's with that chunk's text (the
     state carries over); a chunk before the switch is unchanged, the ones after differ; a wrong count is refused."""
     model = convert_wan(copy.deepcopy(teacher), blocks="all", chunk_frames=2, overlap_frames=1)

@@ -283,7 +283,7 @@ SCHEDULE_ARGS = dict(num_frames=21, height=32, width=32, num_inference_steps=2, 
 
 @pytest.mark.parametrize("mode", ["recurrent", "streaming"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_prompt_schedule_switches_at_the_chunk(causal_pipe, mode, guidance):
+def test_prompt_schedule_switches_at_the_chunk(causal_pipe, mode, guidance, single_thread):
     """21 frames = 6 latent frames in chunks of 2 (frames 0-4, 5-12, 13-20); a switch at frame 5 leaves the first
     chunk as the single-prompt run's (the same computation: bitwise) and changes the later ones. A start frame
     inside a chunk (7) takes effect from the chunk's first frame: the same video."""
@@ -301,7 +301,7 @@ def test_prompt_schedule_switches_at_the_chunk(causal_pipe, mode, guidance):
     assert torch.equal(snapped.latents, switched.latents)
 
 
-def test_prompt_schedule_same_in_recurrent_and_streaming(causal_pipe):
+def test_prompt_schedule_same_in_recurrent_and_streaming(causal_pipe, single_thread):
     """The per-chunk conditioning is one parameter of both loops: the modes still agree (up to rounding)."""
     a, neg = embeds(0)
     b, _ = embeds(1)
@@ -311,7 +311,7 @@ def test_prompt_schedule_same_in_recurrent_and_streaming(causal_pipe):
     assert_outputs_close(stream.latents, rec.latents)
 
 
-def test_prompt_schedule_with_text(tmp_path):
+def test_prompt_schedule_with_text(tmp_path, single_thread):
     """Prompts as text: a one-prompt schedule is the plain run (bitwise), a switch changes the later chunks."""
     pipe = ReHyAtVideoPipeline.from_pretrained(tiny_pipeline_folder(tmp_path / "m", vae=False))  # chunks of 2
     kw = dict(num_frames=8, height=32, width=32, num_inference_steps=2, guidance_scale=2.0, mode="streaming",
@@ -360,7 +360,7 @@ CONTINUE_ARGS = dict(num_frames=21, height=32, width=32, num_inference_steps=3, 
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_continuing_own_latents_gives_the_one_run_video(causal_pipe, guidance):
+def test_continuing_own_latents_gives_the_one_run_video(causal_pipe, guidance, single_thread):
     """The model's own first 2 chunks, same seed and prompt (a schedule too): the whole one-run video, bitwise
     (the same computation on one object)."""
     a, neg = embeds(0)
@@ -374,7 +374,7 @@ def test_continuing_own_latents_gives_the_one_run_video(causal_pipe, guidance):
         assert np.array_equal(cont.video, one.video)
 
 
-def test_continuation_follows_the_given_latents(causal_pipe):
+def test_continuation_follows_the_given_latents(causal_pipe, single_thread):
     """The given chunks' states come from the given latents: nearly the model's own (1e-4 off) continue nearly
     as the one run; another video's continue differently; the given latents come back as they are."""
     a, neg = embeds(0)
@@ -391,7 +391,7 @@ def test_continuation_follows_the_given_latents(causal_pipe):
     assert diffs["near"] < 1e-5 and diffs["other"] > 1e-3  # measured: 7e-7 and 1e-2
 
 
-def test_continuation_starts_with_the_vae_round_trip_of_the_given_video(causal_pipe):
+def test_continuation_starts_with_the_vae_round_trip_of_the_given_video(causal_pipe, single_thread):
     a, neg = embeds(0)
     kw = dict(CONTINUE_ARGS, prompt_embeds=a, negative_prompt_embeds=neg, guidance_scale=3.0)
     given = causal_pipe(**(kw | dict(seed=5))).video[:13]
@@ -403,7 +403,7 @@ def test_continuation_starts_with_the_vae_round_trip_of_the_given_video(causal_p
     assert out.video.shape == (21, 32, 32, 3)
 
 
-def test_pixel_space_continuation_of_own_frames():
+def test_pixel_space_continuation_of_own_frames(single_thread):
     """Without a VAE the given frames are the latents in [-1, 1]: the output starts with them exactly, and the
     model's own frames (rounded to 8 bits) continue as the one run, up to that rounding's effect."""
     pipe = ReHyAtVideoPipeline(convert_wan(tiny_wan_transformer(in_channels=3), blocks="all", chunk_frames=2,
