@@ -13,6 +13,15 @@ def folder_recurrence_problem(folder) -> str | None:
     return None if settings is None else settings.recurrence_problem(int(config.get("num_layers", 0)))
 
 
+def folder_runner_chunk(folder) -> int | None:
+    """Latent frames per recurrent runner chunk of the ReHyAt model in ``folder``
+    (:meth:`ReHyAtConfig.runner_chunk_frames`), or ``None`` for a plain Wan transformer. Reads configs only."""
+    from ..models.wan import read_rehyat_settings, read_wan_config
+
+    settings = read_rehyat_settings(*read_wan_config(folder))
+    return None if settings is None else settings.runner_chunk_frames()
+
+
 def recurrence_note(folder) -> str | None:
     """One line saying why the ReHyAt model in ``folder`` cannot generate recurrently or in streaming mode, or
     ``None`` when it can (or the folder holds no ReHyAt model). Reads configs only, no weights."""

@@ -34,6 +34,24 @@ def add_parser(sub) -> None:
                           "the file names VBench's standard mode reads ('/' becomes a space; a prompt too long for a "
                           "255-byte file name gets '<prompt cut>~<hash>-<i>.mp4'), and prompts.jsonl, each file's "
                           "full prompt and seed. A failing video does not stop the others: a summary at the end")
+    src.add_argument("--prompt-schedule", type=Path,
+                     help="prompt switching while streaming: one '<start frame> <prompt>' per line (blank and '#' "
+                          "lines skipped), the first at frame 0, start frames increasing and below --frames. Each "
+                          "prompt conditions the chunks from the one holding its start frame (a start frame inside "
+                          "a chunk takes effect from the chunk's first frame; one prompt per chunk); the states "
+                          "carry over. Recurrent and streaming modes only")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init-video", type=Path, default=None,
+                      help="continue this video (streaming mode): its frames are encoded with the model's VAE, kept "
+                           "as they are (the output starts with their VAE round trip) and the model streams on from "
+                           "them to --frames. It must fill whole chunks (the error names the frame counts that do: "
+                           "4, 8, 12, ... for the embedded model) and be 4k+1 frames for Wan's VAE; --height / "
+                           "--width default to its size. Continuing the model's own first frames with the same "
+                           "--seed and prompt gives the one-run video (up to the codec's and the VAE's error)")
+    init.add_argument("--init-latents", type=Path, default=None,
+                      help="as --init-video, from latents saved by --save-latents (a [1, C, F, h, w] tensor): "
+                           "continuing a run's own latents with the same --seed and prompt gives that run's video "
+                           "extended, frame for frame")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
     p.add_argument("--height", type=int, default=None,
@@ -145,8 +163,9 @@ def _resolve(args):
     """
     from ..assets import default_model
     from ..io import check_output_file
-    from ..pipelines.video import folder_check_rope_table, folder_latent_shape
+    from ..pipelines.video import folder_check_rope_table, folder_latent_shape, folder_vae_factors
     from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.schedule import read_prompt_schedule
     from ._checks import check_guidance, check_steps
 
     model = args.model if args.model is not None else default_model("student")
@@ -156,20 +175,28 @@ def _resolve(args):
     check_guidance(args.guidance)
     if args.videos_per_prompt < 1:
         raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
-    jobs = []  # (prompt, seed, out path)
-    if args.prompt is not None:
-        if not args.prompt.strip():
+    jobs = []  # (prompt or prompt schedule, seed, out path)
+    labels = None  # of the --prompt-schedule lines
+    if args.prompt_file is None:
+        single = "--prompt" if args.prompt is not None else "--prompt-schedule"
+        if args.prompt is not None and not args.prompt.strip():
             raise ValueError("--prompt must not be empty")
         if args.videos_per_prompt != 1:
-            raise ValueError("--videos-per-prompt goes with --prompt-file (one video per prompt and seed); with "
-                             "--prompt, run once per --seed")
+            raise ValueError(f"--videos-per-prompt goes with --prompt-file (one video per prompt and seed); with "
+                             f"{single}, run once per --seed")
         if args.out.suffix.lower() != ".mp4":
             raise ValueError(f"--out must be an .mp4 file, got {args.out}")
-        jobs.append((args.prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
+        prompt = args.prompt
+        if args.prompt_schedule is not None:
+            prompt, labels = read_prompt_schedule(args.prompt_schedule)
+        jobs.append((prompt, args.seed, check_output_file(args.out, overwrite=args.overwrite)))
     else:
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist")
         jobs = _prompt_file_jobs(args)
+    if args.prompt_file is not None and (args.init_video or args.init_latents):
+        raise ValueError(f"{'--init-video' if args.init_video else '--init-latents'} continues one video: use it with "
+                         "--prompt or --prompt-schedule, not --prompt-file")
     if args.save_latents is not None:
         if len(jobs) != 1:
             raise ValueError("--save-latents works with a single --prompt")
@@ -177,15 +204,20 @@ def _resolve(args):
         if Path(args.save_latents).resolve() == Path(jobs[0][2]).resolve():
             raise ValueError(f"--save-latents must differ from --out (both are {args.out}): the latents would "
                              "replace the video")
+    if not (Path(model) / "transformer" / "config.json").exists():
+        raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    init = _read_init(args)
     defaults = read_pipeline_config(model).get("defaults", {})
+    if init is not None:  # --height / --width default to the given video's size
+        spatial = 1 if args.init_video is not None else folder_vae_factors(model)[1]
+        size = init.shape[1:3] if args.init_video is not None else init.shape[3:]
+        defaults = defaults | dict(height=int(size[0]) * spatial, width=int(size[1]) * spatial)
     pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
     geometry = dict(frames=pick(args.frames, "frames", 81), height=pick(args.height, "height", 480),
                     width=pick(args.width, "width", 832), steps=pick(args.steps, "steps", 50),
-                    guidance=pick(args.guidance, "guidance", 5.0))
+                    guidance=pick(args.guidance, "guidance", 5.0), init=init)
     check_steps(geometry["steps"])
     check_guidance(geometry["guidance"])
-    if not (Path(model) / "transformer" / "config.json").exists():
-        raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
     if args.mode in ("recurrent", "streaming"):
         from ..pipelines.folders import read_transformer_config
         from ._notes import folder_recurrence_problem
@@ -196,12 +228,112 @@ def _resolve(args):
         problem = folder_recurrence_problem(model)
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
-    shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    try:
+        shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+    except ValueError as e:  # a size taken from --init-video / --init-latents: say so
+        if init is None or (args.height is not None and args.width is not None):
+            raise
+        raise ValueError(f"{_init_arg(args)} gives the size to generate, {geometry['width']}x{geometry['height']} "
+                         f"(width x height): {e}") from None
+    if args.prompt_schedule is not None:
+        _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
+    if init is not None:
+        _check_init(args, model, init, shape, geometry)
     folder_check_rope_table(model, shape)
     check_video_output(model, shape[1])
     check_text_source(model, args.text_embeddings)
     device = check_device(args.device)
     return Path(model), jobs, device, geometry
+
+
+def _runner_chunk(args, model, arg: str, why: str, modes: tuple[str, ...]) -> int:
+    """The runner chunk (latent frames) of ``model``, for an option ``arg`` that works in ``modes`` only (``why``
+    says why), from the folder's configs; ValueError when ``--mode`` or the model (plain or not causal) rule it
+    out."""
+    from ._notes import folder_recurrence_problem, folder_runner_chunk
+
+    if args.mode not in ("auto", *modes):
+        raise ValueError(f"{arg}: {why}, in --mode {' or '.join(modes)} (auto streams a causal ReHyAt model), not "
+                         f"--mode {args.mode}")
+    chunk = folder_runner_chunk(model)
+    problem = folder_recurrence_problem(model) if chunk is not None else "it is a plain Wan transformer (not causal)"
+    if problem is not None:
+        raise ValueError(f"{arg}: {why}, and {model} generates in parallel mode only: {problem}")
+    return chunk
+
+
+def _read_init(args):
+    """The video (``[F, H, W, 3]`` uint8) or latents (``[1, C, F, h, w]`` float) of ``--init-video`` /
+    ``--init-latents`` (``None`` without them). FileNotFoundError, or ValueError naming the option for a file that
+    is not a video ffmpeg decodes / a tensor saved by torch (``--save-latents``), or latents with NaN or Inf."""
+    import torch
+
+    from ..io import first_line
+
+    if args.init_video is not None:
+        from ..world import read_video
+
+        if not args.init_video.is_file():
+            raise FileNotFoundError(f"--init-video {args.init_video} does not exist")
+        try:
+            return read_video(args.init_video)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--init-video {args.init_video}: not a video ffmpeg can decode ({first_line(e)})") from None
+    if args.init_latents is None:
+        return None
+    if not args.init_latents.is_file():
+        raise FileNotFoundError(f"--init-latents {args.init_latents} does not exist")
+    try:
+        latents = torch.load(args.init_latents, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or torch errors: any of them means "not a latents file"
+        raise ValueError(f"--init-latents {args.init_latents}: not a tensor file written by torch.save / "
+                         f"--save-latents ({first_line(e)})") from None
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.dim() != 5:
+        raise ValueError(f"--init-latents {args.init_latents} must hold one float tensor [1, C, F, h, w] (as "
+                         f"--save-latents writes), got {type(latents).__name__} {getattr(latents, 'shape', '')}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(f"--init-latents {args.init_latents} holds NaN or Inf")
+    return latents.float()
+
+
+def _init_arg(args) -> str:
+    return f"--init-video {args.init_video}" if args.init_video is not None else f"--init-latents {args.init_latents}"
+
+
+def _check_init(args, model, init, shape, geometry) -> None:
+    """Check ``--init-video`` / ``--init-latents`` against the model and the video to generate, from the folder's
+    configs (:func:`~rehyat.pipelines.video.check_init_video`, :func:`~rehyat.pipelines.video.check_init_latents`)."""
+    from ..pipelines.video import check_init_latents, check_init_video, folder_vae_factors
+
+    video, arg = args.init_video is not None, _init_arg(args)
+    chunk = _runner_chunk(args, model, arg, "a continuation streams on from the given chunks", ("streaming",))
+    temporal = folder_vae_factors(model)[0]
+    if video:
+        check_init_video(init.shape, init.dtype, temporal, geometry["height"], geometry["width"], arg=arg)
+        init_shape = (1, shape[1], (len(init) - 1) // temporal + 1, *shape[3:])
+    else:
+        init_shape = init.shape
+    check_init_latents(init_shape, shape, chunk, temporal, arg=arg)
+    given = (init_shape[2] - 1) * temporal + 1
+    print(f"continuing {arg}: its {given} frames are kept, frames {given}-{geometry['frames'] - 1} are generated",
+          file=sys.stderr)
+
+
+def _plan_schedule(args, model, schedule, labels: list[str], frames: int) -> None:
+    """Check ``--prompt-schedule`` against the model and ``--frames`` (:func:`~rehyat.pipelines.schedule.
+    plan_prompt_schedule`) from the folder's configs, and say on stderr where each prompt takes effect. ValueError:
+    a bad schedule, or a model or ``--mode`` that generates in parallel."""
+    from ..pipelines.schedule import chunk_frame_range, plan_prompt_schedule
+    from ..pipelines.video import folder_vae_factors
+
+    arg = f"--prompt-schedule {args.prompt_schedule}"
+    chunk = _runner_chunk(args, model, arg, "prompts switch per chunk", ("recurrent", "streaming"))
+    temporal = folder_vae_factors(model)[0]
+    chunks = plan_prompt_schedule(schedule, frames, temporal, chunk, arg=arg, labels=labels)
+    for (start, prompt), k, label in zip(schedule, chunks, labels):
+        first, last = chunk_frame_range(k, chunk, temporal, frames)
+        moved = "" if first == start else f" (the chunk of frame {start}, frames {first}-{last})"
+        print(f"prompt schedule {label}: from frame {first}{moved}: {prompt}", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -261,6 +393,10 @@ def _generate_one(pipe, args, g, mode, prompt, seed, out) -> None:
 
     kw = dict(negative_prompt=args.negative_prompt, num_frames=g["frames"], height=g["height"], width=g["width"],
               num_inference_steps=g["steps"], guidance_scale=g["guidance"], seed=seed, mode=mode, keep_video=False)
+    if not isinstance(prompt, str):  # --prompt-schedule
+        kw["prompt_schedule"], prompt = prompt, None
+    if g["init"] is not None:
+        kw["init_video" if args.init_video is not None else "init_latents"] = g["init"]
     writer = VideoWriter(out, fps=pipe.fps)
     try:
         if args.save_latents is None:

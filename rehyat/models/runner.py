@@ -11,6 +11,7 @@ frame. The result equals the parallel forward of the same causal model (design s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -89,14 +90,17 @@ def recurrent_forward(
     transformer,
     latents: torch.Tensor,
     timestep: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor],
     *,
     chunk_frames: int | None = None,
 ) -> torch.Tensor:
     """The transformer's forward computed chunk by chunk with constant-size state (the RNN form).
 
     Args:
-        latents: ``[B, C, F, H, W]``; timestep ``[B]``; encoder_hidden_states ``[B, L, text_dim]``.
+        latents: ``[B, C, F, H, W]``; timestep ``[B]``.
+        encoder_hidden_states: text embeddings ``[B, L, text_dim]``, or a sequence of them, one per chunk of
+            ``chunk_frames`` (ceil(F / chunk_frames) of them): the text conditioning then changes between chunks
+            while the state carries over (a prompt schedule).
         chunk_frames: latent frames per call, a multiple of the model's runner chunk (default: the runner chunk,
             the least common multiple of the blocks' ``chunk_frames``).
 
@@ -105,16 +109,21 @@ def recurrent_forward(
         causal model.
 
     Raises:
-        ValueError: a model that is not causal (:func:`check_recurrent`), or ``chunk_frames`` not a positive
-            multiple of the runner chunk.
+        ValueError: a model that is not causal (:func:`check_recurrent`), ``chunk_frames`` not a positive
+            multiple of the runner chunk, or per-chunk embeddings not one per chunk.
     """
     base = check_recurrent(transformer)
     chunk_frames = base if chunk_frames is None else chunk_frames
     if not isinstance(chunk_frames, int) or chunk_frames < 1 or chunk_frames % base != 0:
         raise ValueError(f"chunk_frames must be a positive multiple of the model's runner chunk ({base}), got {chunk_frames!r}")
+    starts = range(0, latents.shape[2], chunk_frames)
+    texts = [encoder_hidden_states] * len(starts) if torch.is_tensor(encoder_hidden_states) else encoder_hidden_states
+    if len(texts) != len(starts):
+        raise ValueError(f"encoder_hidden_states must be one tensor or one per chunk of {chunk_frames} latent frames "
+                         f"({len(starts)} for {latents.shape[2]} frames), got {len(texts)}")
     state = None
     outs = []
-    for f0 in range(0, latents.shape[2], chunk_frames):
-        out, state = forward_chunk(transformer, latents[:, :, f0 : f0 + chunk_frames], timestep, encoder_hidden_states, state)
+    for f0, text in zip(starts, texts):
+        out, state = forward_chunk(transformer, latents[:, :, f0 : f0 + chunk_frames], timestep, text, state)
         outs.append(out)
     return torch.cat(outs, dim=2)

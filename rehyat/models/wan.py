@@ -131,6 +131,14 @@ class ReHyAtConfig:
                     "softmax_blocks='chunk_causal' (rehyat distill / convert: --softmax-blocks chunk_causal)")
         return None
 
+    def runner_chunk_frames(self) -> int:
+        """Latent frames per chunk of the recurrent runner: the least common multiple of every chunked block's
+        ``chunk_frames`` (the converted blocks', and ``chunk_frames`` of chunk-causal softmax blocks)."""
+        sizes = [self.settings_for(b)[0] for b in self.blocks]
+        if self.softmax_blocks == "chunk_causal":
+            sizes.append(self.chunk_frames)
+        return math.lcm(*sizes) if sizes else self.chunk_frames
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_settings"] = {str(b): dict(s) for b, s in self.block_settings.items()}
@@ -980,8 +988,5 @@ def runner_chunk_frames(transformer) -> int:
     cfg = get_rehyat_config(transformer)
     if cfg is None:
         raise ValueError("transformer is not converted to ReHyAt")
-    sizes = [cfg.settings_for(b)[0] for b in cfg.blocks]
-    if cfg.softmax_blocks == "chunk_causal":
-        sizes.append(cfg.chunk_frames)
-    return math.lcm(*sizes) if sizes else cfg.chunk_frames
+    return cfg.runner_chunk_frames()
 

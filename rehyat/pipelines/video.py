@@ -10,6 +10,11 @@ video for a fully causal model (design section 5):
 * ``streaming``: chunk c is fully denoised (all steps) before chunk c+1; the transformer state after each chunk is
   kept per step, and frames are decoded with the causal VAE and handed out as soon as their chunk is done.
 
+In recurrent and streaming modes the prompt can change between chunks (``prompt_schedule``,
+:mod:`rehyat.pipelines.schedule`), and streaming mode can continue a given video (``init_latents`` /
+``init_video``: its whole chunks are kept and run through the model as context, :meth:`ReHyAtVideoPipeline.
+_streaming`).
+
 Initial noise is drawn per latent frame from a generator seeded by ``(seed, frame)``, so the three modes (and any
 video length) see the same noise for the same frames.
 
@@ -194,6 +199,53 @@ def video_frames_of(latent_frame: int, temporal: int) -> tuple[int, int]:
 def latent_frame_of(video_frame: int, temporal: int) -> int:
     """The latent frame a video frame is decoded from (inverse of :func:`video_frames_of`)."""
     return 0 if video_frame == 0 else (video_frame - 1) // temporal + 1
+
+
+def check_init_latents(init_shape, shape, chunk: int, temporal: int, *, arg: str = "init_latents") -> None:
+    """Check the latents a continuation starts from against the video to generate, before any work.
+
+    Args:
+        init_shape: the given latents' shape ``[1, C, F0, h, w]``.
+        shape: the whole video's latents ``[1, C, F, h, w]`` (:func:`latent_shape`).
+        chunk: the runner chunk in latent frames; temporal: the VAE's temporal compression (1 in pixel space).
+        arg: the argument's name in errors.
+
+    Raises:
+        ValueError: one line naming ``arg``: a shape that is not ``[1, C, F0, h, w]`` of the model's channels and
+            the video's size, ``F0`` not a whole number of chunks (the allowed video-frame counts are named), or
+            no frame left to generate (``F0 >= F``).
+    """
+    _, C, F, h, w = shape
+    init_shape = tuple(init_shape)
+    if len(init_shape) != 5 or init_shape[0] != 1 or init_shape[1] != C or init_shape[3:] != (h, w):
+        raise ValueError(f"{arg} has shape {list(init_shape)}, expected [1, {C}, F, {h}, {w}]: the latents of one "
+                         "video, of this model's channels, at the size to generate")
+    F0 = init_shape[2]
+    frames = video_frames_of(F0 - 1, temporal)[1] + 1 if F0 else 0
+    if F0 == 0 or F0 % chunk:
+        counts = ", ".join(str(video_frames_of(m * chunk - 1, temporal)[1] + 1) for m in (1, 2, 3))
+        raise ValueError(f"{arg} holds {frames} video frames ({F0} latent frames): a continuation starts from whole "
+                         f"chunks of {chunk} latent frames, i.e. {counts}, ... video frames")
+    if F0 >= F:
+        total = video_frames_of(F - 1, temporal)[1] + 1
+        raise ValueError(f"{arg} holds {frames} video frames, the video to generate {total}: nothing is left to "
+                         "generate (ask for more frames)")
+
+
+def check_init_video(video_shape, dtype, temporal: int, height: int, width: int, *, arg: str = "init_video") -> None:
+    """Check a video a continuation starts from, ``[F0, H, W, 3]`` uint8, before any work: ``ValueError`` (one line
+    naming ``arg``) for another layout or dtype, a frame count the VAE cannot take (``temporal * k + 1``), or a
+    size other than ``height`` x ``width`` (the chunk and length checks follow in :func:`check_init_latents`)."""
+    video_shape = tuple(video_shape)
+    if len(video_shape) != 4 or video_shape[3] != 3 or video_shape[0] < 1 or dtype != np.uint8:
+        raise ValueError(f"{arg} must be uint8 frames [F, H, W, 3], got {dtype} {list(video_shape)}")
+    n = video_shape[0]
+    if (n - 1) % temporal:
+        raise ValueError(f"{arg} has {n} frames; this model's VAE takes {temporal}k+1 frames (e.g. "
+                         f"{n - (n - 1) % temporal} or {n - (n - 1) % temporal + temporal})")
+    if video_shape[1:3] != (height, width):
+        raise ValueError(f"{arg} is {video_shape[2]}x{video_shape[1]} (width x height), the video to generate "
+                         f"{width}x{height}: continue at the input's size")
 
 
 def check_finite(x: torch.Tensor, *, kind: str, frame_start: int, temporal: int, when: str = "",
@@ -503,6 +555,7 @@ class ReHyAtVideoPipeline:
         self,
         prompt: str | None = None,
         *,
+        prompt_schedule: list[tuple[int, str | torch.Tensor]] | None = None,
         negative_prompt: str | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -517,11 +570,19 @@ class ReHyAtVideoPipeline:
         on_frames: Callable[[np.ndarray], None] | None = None,
         keep_video: bool = True,
         progress: bool = True,
+        init_latents: torch.Tensor | None = None,
+        init_video: np.ndarray | None = None,
     ) -> GenerationOutput:
         """Generate one video.
 
         Args:
             prompt / prompt_embeds: the text, or its embeddings ``[1, L, text_dim]``.
+            prompt_schedule: instead of ``prompt``, a prompt per segment of the video (recurrent and streaming
+                modes): ``[(0, "a red circle ..."), (8, "a blue circle ..."), ...]``, start frames in video frames,
+                the first 0, increasing, below ``num_frames``; a prompt may also be embeddings ``[1, L, text_dim]``.
+                Each prompt conditions the runner chunks from the one holding its start frame (a start frame
+                inside a chunk takes effect from the chunk's first frame; one prompt per chunk) and the states
+                carry over; the negative prompt stays the same (:mod:`rehyat.pipelines.schedule`).
             negative_prompt / negative_prompt_embeds: for classifier-free guidance (default: the folder's).
             num_frames: video frames (``4k+1`` with Wan's VAE; any count in pixel space).
             height, width: pixels, multiples of VAE stride x patch (16 for Wan2.1, 32 for Wan2.2-TI2V-5B).
@@ -534,10 +595,21 @@ class ReHyAtVideoPipeline:
                 (per chunk in streaming mode, once at the end otherwise).
             keep_video: also return the frames (``False`` for long streamed videos written by ``on_frames``:
                 memory then stays constant in the video length; latents are kept on the CPU).
+            init_latents / init_video: continue a video (streaming mode): its latents ``[1, C, F0, h, w]`` float
+                (as :attr:`GenerationOutput.latents`, normalised), or its frames ``[F0, H, W, 3]`` uint8 (as
+                :attr:`GenerationOutput.video`; encoded with the VAE, :meth:`encode_video`). They are kept as they
+                are: the output's first frames are their decoding (the VAE's round trip of ``init_video``) and the
+                model streams on from them. ``F0`` must fill whole runner chunks (:func:`check_init_latents`: 5, 13,
+                21, ... frames with Wan's VAE and chunks of 2 latent frames) and be shorter than ``num_frames``;
+                ``height`` / ``width`` default to their size. The given chunks are run through the model at every
+                denoising step as context (:meth:`_streaming`); continuing the model's own first frames (same seed
+                and prompt) gives the one-run streaming video.
 
         Raises:
-            ValueError: bad mode, frames, size, empty prompt, missing text encoder, a video past a plain Wan
-                transformer's RoPE table (:func:`check_rope_table`), or a model that is not causal for
+            ValueError: bad mode, frames, size, empty prompt, a bad ``prompt_schedule``
+                (:func:`~rehyat.pipelines.schedule.plan_prompt_schedule`), one given with ``prompt`` /
+                ``prompt_embeds`` or in parallel mode, missing text encoder, a video past a plain Wan transformer's
+                RoPE table (:func:`check_rope_table`), or a model that is not causal for
                 ``recurrent``/``streaming``; all before any compute.
             NonFiniteOutputError: the latents (after any denoising step) or the decoded frames hold NaN or Inf;
                 raised before the first bad frame is decoded or handed to ``on_frames`` (in streaming mode the
@@ -545,6 +617,7 @@ class ReHyAtVideoPipeline:
                 a latent frame.
         """
         d = self.defaults
+        height, width = self._init_size(init_latents, init_video, height, width)
         num_frames = num_frames if num_frames is not None else d.get("frames", 81)
         height = height if height is not None else d.get("height", 480)
         width = width if width is not None else d.get("width", 832)
@@ -554,32 +627,39 @@ class ReHyAtVideoPipeline:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        if prompt_embeds is None:
+        if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
+            raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
+        if prompt_schedule is None and prompt_embeds is None:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError("prompt must be a non-empty string")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         shape = self.latent_shape(num_frames, height, width)
+        if prompt_schedule is not None and mode == "parallel":
+            raise ValueError("prompt_schedule needs mode 'recurrent' or 'streaming': parallel mode denoises all "
+                             "frames in one forward and cannot switch prompts per chunk")
         chunk = check_recurrent(self.transformer) if mode != "parallel" else None
         rope = self.transformer.rope
         check_rope_table(None if isinstance(rope, AbsoluteRotaryPosEmbed) else rope.max_seq_len,
                          self.transformer.config.patch_size, shape, self.temporal_factor, self.spatial_factor)
-        if prompt_embeds is None and not self.has_text_encoder:
+        if prompt_schedule is None:
+            segments, starts = [prompt_embeds if prompt_embeds is not None else prompt], [0]
+        else:
+            from .schedule import plan_prompt_schedule
+
+            starts = plan_prompt_schedule(prompt_schedule, num_frames, self.temporal_factor, chunk)
+            segments = [p for _, p in prompt_schedule]
+        if not self.has_text_encoder and any(isinstance(p, str) for p in segments):
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
+        if init_latents is not None or init_video is not None:
+            self._check_init(init_latents, init_video, mode, shape, chunk, height, width)
 
         t0 = time.perf_counter()
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt([prompt])
-        cfg = guidance_scale > 1.0
-        embeds = prompt_embeds.to(self.device, self.transformer.dtype)
-        if cfg:
-            if negative_prompt_embeds is None:
-                neg = self.negative_prompt if negative_prompt is None else negative_prompt
-                negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds)
-            neg = negative_prompt_embeds.to(self.device, self.transformer.dtype)
-            L = max(neg.shape[1], embeds.shape[1])
-            pad = lambda e: torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1]))  # noqa: E731
-            embeds = torch.cat([pad(neg), pad(embeds)])
+        conds = self._conditioning(segments, negative_prompt, negative_prompt_embeds, guidance_scale > 1.0)
+        embeds = conds[0]
+        if mode != "parallel":  # one conditioning per runner chunk: the last segment starting at or before it
+            n_chunks = -(-shape[2] // chunk)
+            embeds = [conds[sum(s <= k for s in starts) - 1] for k in range(n_chunks)]
 
         blocks: list[np.ndarray] = []
 
@@ -591,12 +671,15 @@ class ReHyAtVideoPipeline:
 
         decoder = StreamingDecoder(self.vae) if output_type == "np" else None
         if mode == "streaming":
-            latents = self._streaming(shape, seed, embeds, num_inference_steps, guidance_scale, chunk, decoder, emit, progress)
+            init = init_latents if init_video is None else self.encode_video(init_video)
+            init = None if init is None else init.to(self.device, torch.float32)
+            latents = self._streaming(shape, seed, embeds, num_inference_steps, guidance_scale, chunk, decoder, emit,
+                                      progress, init)
         else:
             if mode == "parallel":
                 forward = lambda x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
             else:
-                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e)  # noqa: E731
+                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
             latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
                                     guidance_scale, forward, progress)
             if decoder is not None:
@@ -605,6 +688,75 @@ class ReHyAtVideoPipeline:
             decoder.close()
         video = np.concatenate(blocks, axis=0) if blocks else None
         return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
+
+    def _init_size(self, init_latents, init_video, height, width) -> tuple[int | None, int | None]:
+        """``height`` and ``width``, where not given, from the video a continuation starts from (``None`` without
+        one). ``ValueError`` when both ``init_latents`` and ``init_video`` are given."""
+        if init_latents is not None and init_video is not None:
+            raise ValueError("pass init_latents or init_video, not both")
+        size = None
+        if init_video is not None and np.ndim(init_video) == 4:
+            size = np.shape(init_video)[1:3]
+        elif isinstance(init_latents, torch.Tensor) and init_latents.dim() == 5:
+            size = tuple(n * self.spatial_factor for n in init_latents.shape[3:])
+        if size is None:
+            return height, width
+        return (height if height is not None else int(size[0])), (width if width is not None else int(size[1]))
+
+    def _check_init(self, init_latents, init_video, mode, shape, chunk, height, width) -> None:
+        """Before any work: ``ValueError`` for a continuation outside streaming mode or given frames the model
+        cannot take (:func:`check_init_video`, :func:`check_init_latents`; non-finite latents)."""
+        arg = "init_latents" if init_video is None else "init_video"
+        if mode != "streaming":
+            raise ValueError(f"{arg} continues a video in mode 'streaming' (the given chunks are run through the "
+                             f"model as context at every denoising step, chunk by chunk), got mode {mode!r}")
+        if init_video is not None:
+            check_init_video(np.shape(init_video), getattr(init_video, "dtype", None), self.temporal_factor, height,
+                             width)
+            init_shape = (1, shape[1], (len(init_video) - 1) // self.temporal_factor + 1, *shape[3:])
+        else:
+            if not isinstance(init_latents, torch.Tensor) or not init_latents.is_floating_point():
+                raise ValueError(f"init_latents must be a float tensor [1, C, F, h, w], got {type(init_latents).__name__}"
+                                 f"{'' if not isinstance(init_latents, torch.Tensor) else ' ' + str(init_latents.dtype)}")
+            init_shape = init_latents.shape
+        check_init_latents(init_shape, shape, chunk, self.temporal_factor, arg=arg)
+        if init_latents is not None and not bool(torch.isfinite(init_latents).all()):
+            raise ValueError("init_latents hold NaN or Inf")
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        """Latents ``[1, C, f, h, w]`` float32 of a video ``[F, H, W, 3]`` uint8, as :meth:`__call__` makes them
+        (inverse of :meth:`decode_latents` up to the VAE's round-trip error): the posterior mode of the VAE,
+        normalised with its ``latents_mean`` / ``latents_std`` as diffusers' Wan pipelines do; without a VAE
+        (pixel space) the frames in [-1, 1]. ``F`` must be ``temporal * k + 1`` (:func:`check_init_video`)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(3, 0, 1, 2)[None].float()
+        x = x / 127.5 - 1.0
+        if self.vae is None:
+            return x
+        vae = self.vae
+        z = vae.encode(x.to(vae.dtype)).latent_dist.mode().float()
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.device)
+        return (z - mean) / std
+
+    def _conditioning(self, prompts, negative_prompt, negative_prompt_embeds, cfg: bool) -> list[torch.Tensor]:
+        """The transformer's text input for each prompt (a string, or embeddings ``[1, L, text_dim]``): the
+        embeddings ``[1, L, text_dim]``, or with guidance (``cfg``) ``[negative; prompt]`` ``[2, L', text_dim]``,
+        both zero-padded to the longer of the two (``L'``). The negative prompt is encoded once."""
+        dev, dtype = self.device, self.transformer.dtype
+        embeds = [(self.encode_prompt([p]) if isinstance(p, str) else p).to(dev, dtype) for p in prompts]
+        if not cfg:
+            return embeds
+        if negative_prompt_embeds is None:
+            neg = self.negative_prompt if negative_prompt is None else negative_prompt
+            negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds[0])
+        neg = negative_prompt_embeds.to(dev, dtype)
+        out = []
+        for e in embeds:
+            L = max(neg.shape[1], e.shape[1])
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]))  # noqa: E731
+            out.append(torch.cat([pad(neg), pad(e)]))
+        return out
 
     def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
         from tqdm.auto import tqdm
@@ -617,34 +769,74 @@ class ReHyAtVideoPipeline:
             self._check_latents(latents, 0, f"after denoising step {i + 1} of {steps}")
         return latents
 
+    def _denoise_chunk(self, latents, embeds, states, steps, guidance_scale, f0):
+        """Denoise one chunk ``[B, C, n, h, w]`` starting at latent frame ``f0`` (all steps) on the per-step
+        ``states`` of the earlier chunks (not modified). Returns ``(latents, states after the chunk, path)``:
+        ``path[i]`` is the chunk's input to step ``i``."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps, device=latents.device)
+        new_states, path = list(states), []
+        for i, t in enumerate(scheduler.timesteps):
+            def forward(x, ts, e, i=i):
+                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+                return out
+
+            path.append(latents)
+            v = self._velocity(latents, t, embeds, guidance_scale, forward)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
+                                             f"at latent frame {f0}")
+        return latents, new_states, path
+
+    def _context_states(self, path, own, given, embeds, states, guidance_scale):
+        """Per-step states after a given chunk (see :meth:`_streaming`): step ``i`` runs the model on
+        ``path[i] + (1 - sigma_i) (given - own)`` over ``states[i]`` (not modified) and keeps the new state."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(len(path), device=own.device)
+        new_states = list(states)
+        for i, t in enumerate(scheduler.timesteps):
+            def forward(x, ts, e, i=i):
+                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+                return out
+
+            context = path[i] + (1.0 - float(scheduler.sigmas[i])) * (given - own)
+            self._velocity(context, t, embeds, guidance_scale, forward)
+        return new_states
+
     def _check_latents(self, latents, frame_start: int, when: str) -> None:
         """:func:`check_finite` on latents ``[B, C, f, h, w]`` whose first frame is latent frame ``frame_start``."""
         check_finite(latents, kind="latents", frame_start=frame_start, temporal=self.temporal_factor, when=when,
                      dtype=self.transformer.dtype)
 
-    def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress):
-        """Each chunk fully denoised before the next; per-step transformer states kept (design section 5)."""
+    def _streaming(self, shape, seed, embeds, steps, guidance_scale, chunk, decoder, emit, progress, init=None):
+        """Each chunk fully denoised before the next; per-step transformer states kept (design section 5).
+
+        ``embeds``: the text input of each chunk (:meth:`_conditioning`), a list of ceil(F / chunk). ``init``: the
+        latents ``[1, C, F0, h, w]`` of whole chunks a continuation starts from, kept as they are. The state of a
+        step must summarise the earlier chunks at that step's noise level, as in a one-run video; for a given
+        chunk it is built (:meth:`_context_states`) from the model's own trajectory for the chunk (``x_i``, its
+        end ``x_0``) moved to end at the given latents ``g``: ``x_i + (1 - sigma_i) (g - x_0)``. For the model's
+        own latents that is its trajectory itself, so the continuation is the one-run video (and the second
+        pass is skipped when ``g`` equals ``x_0`` bitwise); otherwise a given chunk costs twice a generated one.
+        """
         from tqdm.auto import tqdm
 
         B, C, F, H, W = shape
+        F0 = 0 if init is None else init.shape[2]
         states: list[TransformerState | None] = [None] * steps
         outs = []
         # closed on an error too, so the error message starts on a line of its own
         with tqdm(total=F, desc="streaming (latent frames)", disable=not progress) as bar:
-            for f0 in range(0, F, chunk):
+            for k, f0 in enumerate(range(0, F, chunk)):
                 n = min(chunk, F - f0)
-                latents = initial_noise(seed, (B, C, n, H, W), f0, self.device)
-                scheduler = copy.deepcopy(self.scheduler)
-                scheduler.set_timesteps(steps, device=latents.device)
-                for i, t in enumerate(scheduler.timesteps):
-                    def forward(x, ts, e, i=i):
-                        out, states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                        return out
-
-                    v = self._velocity(latents, t, embeds, guidance_scale, forward)
-                    latents = scheduler.step(v, t, latents, return_dict=False)[0]
-                    self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
-                                                     f"at latent frame {f0}")
+                noise = initial_noise(seed, (B, C, n, H, W), f0, self.device)
+                latents, new_states, path = self._denoise_chunk(noise, embeds[k], states, steps, guidance_scale, f0)
+                if f0 < F0:  # a given chunk: its latents are kept, the states describe them
+                    given = init[:, :, f0 : f0 + n]
+                    if not torch.equal(given, latents):
+                        new_states = self._context_states(path, latents, given, embeds[k], states, guidance_scale)
+                    latents = given
+                states = new_states
                 outs.append(latents.cpu())
                 if decoder is not None:
                     emit(to_uint8_frames(decoder(latents.float())))

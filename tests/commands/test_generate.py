@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from rehyat.cli import main
-from rehyat.testing import tiny_pipeline_folder
+from rehyat.testing import assert_outputs_close, tiny_pipeline_folder
 from rehyat.world import read_video
 
 
@@ -300,3 +301,175 @@ def test_nan_output_is_refused_and_nothing_written(nan_model, tmp_path, capsys, 
     assert "Traceback" not in captured.err and "wrote" not in captured.out
     assert out.read_bytes() == b"the user's earlier video"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --prompt-schedule (issue 18): 13 frames = 4 latent frames, chunks of 2 latent frames: frames 0-4 and 5-12
+# ----------------------------------------------------------------------------------------------------------------
+def schedule_file(tmp_path, text, name="schedule.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_prompt_schedule_switches_after_the_first_chunk(model, tmp_path, capsys, single_thread):
+    """Frames before the switch are the single-prompt run's (two model objects: up to rounding), later ones differ;
+    a start frame inside a chunk is said to take effect from the chunk's first frame."""
+    sched = schedule_file(tmp_path, "# two segments\n0 a red circle\n\n7 a blue square moving up\n")
+    args = ["--frames", "13", "--seed", "3"]
+    assert gen(model, tmp_path / "s.mp4", "--prompt-schedule", sched, *args, "--save-latents",
+               str(tmp_path / "s.pt")) == 0
+    err = capsys.readouterr().err
+    assert "prompt schedule line 2: from frame 0: a red circle" in err
+    assert "prompt schedule line 4: from frame 5 (the chunk of frame 7, frames 5-12): a blue square moving up" in err
+    assert gen(model, tmp_path / "p.mp4", "--prompt", "a red circle", *args, "--save-latents",
+               str(tmp_path / "p.pt")) == 0
+    switched, plain = torch.load(tmp_path / "s.pt"), torch.load(tmp_path / "p.pt")
+    assert_outputs_close(switched[:, :, :2], plain[:, :, :2])
+    assert (switched[:, :, 2:] - plain[:, :, 2:]).abs().mean() > 0.01 * plain.abs().mean()  # rounding: 1e-6
+    video, plain_video = read_video(tmp_path / "s.mp4").astype(int), read_video(tmp_path / "p.mp4").astype(int)
+    assert video.shape == (13, 32, 32, 3)
+    assert abs(video[:5] - plain_video[:5]).mean() < 1.0
+
+
+@pytest.mark.parametrize("text, extra, match", [
+    ("0 a red circle\n9 a blue square\n5 a green circle\n", [],
+     "line 3: start frame 5 does not come after line 2's 9 \\(start frames must increase\\)"),
+    ("0 a red circle\n5 a blue square\n5 a green circle\n", [], "line 3: start frame 5 does not come after line 2's 5"),
+    ("0 a red circle\n13 a blue square\n", [], "line 2: start frame 13 is past the video's last frame 12 \\(13 frames\\)"),
+    ("2 a red circle\n", [], "line 1: the first prompt must start at frame 0, got 2"),
+    ("0 a red circle\n3 a blue square\n", [], "line 2: start frame 3 is in the chunk of frames 0-4, as line 1's 0 is"),
+    ("0 a red circle\nfive a blue square\n", [], "line 2: expected '<start frame> <prompt>'"),
+    ("0 a red circle\n5\n", [], "line 2: no prompt after the start frame 5"),
+    ("\n# nothing\n", [], "--prompt-schedule .* must be a non-empty list"),
+    ("0 a red circle\n", ["--mode", "parallel"], "prompts switch per chunk, in --mode recurrent or streaming"),
+    ("0 a red circle\n", ["--videos-per-prompt", "2"], "--videos-per-prompt goes with --prompt-file"),
+])
+def test_bad_prompt_schedule_refused_before_loading(model, tmp_path, capsys, text, extra, match):
+    import re
+
+    out = tmp_path / "v.mp4"
+    assert gen(model, out, "--frames", "13", "--prompt-schedule", schedule_file(tmp_path, text), *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rehyat generate: error: --prompt-schedule") or "--videos-per-prompt" in match, err
+    assert re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_prompt_schedule_needs_a_causal_model_and_no_other_prompt(tmp_path, capsys):
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    capsys.readouterr()
+    sched = schedule_file(tmp_path, "0 a red circle\n5 a blue square\n")
+    assert gen(teacher, tmp_path / "v.mp4", "--frames", "13", "--prompt-schedule", sched) == 2
+    err = capsys.readouterr().err
+    assert "generates in parallel mode only: it is a plain Wan transformer (not causal)" in err
+    assert " frames at " not in err
+    with pytest.raises(SystemExit):  # argparse: one of --prompt, --prompt-file, --prompt-schedule
+        gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--prompt-schedule", sched)
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init-video / --init-latents (issue 18): 21 frames = 6 latent frames, chunks of 2: 5 or 13 frames are whole chunks
+# ----------------------------------------------------------------------------------------------------------------
+def test_init_latents_continue_a_run_frame_for_frame(model, tmp_path, capsys, single_thread):
+    """A run's first chunk (--save-latents), continued with the same seed and prompt: the whole run."""
+    args = ["--prompt", "a red circle", "--frames", "21", "--seed", "3"]
+    assert gen(model, tmp_path / "full.mp4", *args, "--save-latents", str(tmp_path / "full.pt")) == 0
+    full = torch.load(tmp_path / "full.pt")
+    torch.save(full[:, :, :2].clone(), tmp_path / "first.pt")
+    assert gen(model, tmp_path / "cont.mp4", *args, "--init-latents", str(tmp_path / "first.pt"),
+               "--save-latents", str(tmp_path / "cont.pt")) == 0
+    assert "its 5 frames are kept, frames 5-20 are generated" in capsys.readouterr().err
+    assert_outputs_close(torch.load(tmp_path / "cont.pt"), full)  # two model objects: up to rounding
+    assert abs(read_video(tmp_path / "cont.mp4").astype(int) - read_video(tmp_path / "full.mp4").astype(int)).max() <= 1
+
+
+def test_init_video_starts_the_output_with_its_vae_round_trip(model, tmp_path, single_thread):
+    from rehyat.pipelines import ReHyAtVideoPipeline
+    from rehyat.world import write_video
+
+    given = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "in.mp4", given, fps=8, lossless=True)
+    assert gen(model, tmp_path / "out.mp4", "--prompt", "a red circle", "--frames", "13", "--init-video",
+               str(tmp_path / "in.mp4")) == 0
+    out = read_video(tmp_path / "out.mp4").astype(int)
+    pipe = ReHyAtVideoPipeline.from_pretrained(model)
+    round_trip = pipe.decode_latents(pipe.encode_video(read_video(tmp_path / "in.mp4"))).astype(int)
+    assert out.shape == (13, 32, 32, 3)
+    assert abs(out[:5] - round_trip).mean() < 4.0  # the output's H.264 coding (measured: 2.4)
+    assert abs(out[:5] - given).mean() > 10 * abs(out[:5] - round_trip).mean()  # the tiny random VAE's round trip
+
+
+def test_init_video_of_own_frames_continues_the_run(tmp_path, single_thread):
+    """Pixel space, a lossless input: the run's first 4 frames (chunks of 2) continue as the run, up to 8-bit
+    rounding of the given frames and the output's H.264 coding."""
+    from rehyat.world import write_video
+
+    pixels = tiny_pipeline_folder(tmp_path / "pixels", vae=False)
+    args = ["--prompt", "a red circle", "--frames", "8", "--seed", "1"]
+    assert gen(pixels, tmp_path / "full.mp4", *args, "--save-latents", str(tmp_path / "full.pt")) == 0
+    full = torch.load(tmp_path / "full.pt")
+    first = ((full[0, :, :4].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    write_video(tmp_path / "first.mp4", first, fps=8, lossless=True)
+    assert gen(pixels, tmp_path / "cont.mp4", *args, "--init-video", str(tmp_path / "first.mp4"),
+               "--save-latents", str(tmp_path / "cont.pt")) == 0
+    cont = torch.load(tmp_path / "cont.pt")
+    assert torch.equal(cont[:, :, :4], torch.from_numpy(first).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+    assert (cont[:, :, 4:] - full[:, :, 4:]).abs().max() < 0.02  # given frames off by up to 1/255
+
+
+@pytest.mark.parametrize("make, extra, match", [
+    ("video10", [], "--init-video .*in.mp4 has 10 frames; this model's VAE takes 4k\\+1 frames \\(e.g. 9 or 13\\)"),
+    ("video9", [], "--init-video .*in.mp4 holds 9 video frames \\(3 latent frames\\): a continuation starts from "
+                   "whole chunks of 2 latent frames, i.e. 5, 13, 21, ... video frames"),
+    ("video5", ["--height", "64"], "--init-video .*in.mp4 is 32x32 \\(width x height\\), the video to generate 32x64"),
+    ("video5", ["--mode", "recurrent"], "a continuation streams on from the given chunks, in --mode streaming "
+                                        "\\(auto streams a causal ReHyAt model\\), not --mode recurrent"),
+    ("video5", ["--frames", "5"], "holds 5 video frames, the video to generate 5: nothing is left to generate"),
+    ("text", [], "--init-video .*in.mp4: not a video ffmpeg can decode"),
+    ("latents_text", [], "--init-latents .*in.pt: not a tensor file written by torch.save / --save-latents"),
+    ("latents_dict", [], "--init-latents .*in.pt must hold one float tensor \\[1, C, F, h, w\\]"),
+    ("latents_nan", [], "--init-latents .*in.pt holds NaN or Inf"),
+    ("latents_channels", [], "--init-latents .*in.pt has shape \\[1, 3, 2, 4, 4\\], expected \\[1, 16, F, 4, 4\\]"),
+    ("missing", [], "--init-video .*in.mp4 does not exist"),
+])
+def test_bad_init_refused_before_loading(model, tmp_path, capsys, make, extra, match):
+    import re
+
+    from rehyat.world import write_video
+
+    path = tmp_path / ("in.pt" if make.startswith("latents") else "in.mp4")
+    if make.startswith("video"):
+        write_video(path, np.zeros((int(make[5:]), 32, 32, 3), np.uint8), fps=8, lossless=True)
+    elif make == "text" or make == "latents_text":
+        path.write_text("not a video\n")
+    elif make.startswith("latents"):
+        torch.save({"latents": torch.zeros(1, 16, 2, 4, 4)} if make == "latents_dict" else
+                   torch.full((1, 16, 2, 4, 4), float("nan")) if make == "latents_nan" else torch.zeros(1, 3, 2, 4, 4),
+                   path)
+    out = tmp_path / "v.mp4"
+    opt = "--init-latents" if make.startswith("latents") else "--init-video"
+    assert gen(model, out, "--prompt", "a red circle", "--frames", "21", opt, str(path), *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.startswith("rehyat generate: error:") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_init_needs_one_causal_video(model, tmp_path, capsys):
+    from rehyat.world import write_video
+
+    write_video(tmp_path / "in.mp4", np.zeros((5, 32, 32, 3), np.uint8), fps=8, lossless=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert gen(model, tmp_path / "videos", "--prompt-file", str(prompts), "--init-video", str(tmp_path / "in.mp4")) == 2
+    assert "--init-video continues one video: use it with --prompt or --prompt-schedule" in capsys.readouterr().err
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    capsys.readouterr()
+    assert gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--init-video", str(tmp_path / "in.mp4")) == 2
+    err = capsys.readouterr().err
+    assert "generates in parallel mode only: it is a plain Wan transformer" in err and " frames at " not in err
+    with pytest.raises(SystemExit):
+        gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--init-video", "a.mp4", "--init-latents", "b.pt")
+    assert "not allowed with argument" in capsys.readouterr().err

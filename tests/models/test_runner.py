@@ -115,3 +115,22 @@ def test_not_causal_refused(teacher, kwargs, match):
     x, t, e = data(4, hw=4)
     with pytest.raises(ValueError, match=match):
         recurrent_forward(model, x, t, e)
+
+
+def test_per_chunk_text_switches_the_conditioning_between_chunks(teacher, single_thread):
+    """One text tensor per chunk: each chunk's output is the chained forward_chunk's with that chunk's text (the
+    state carries over); a chunk before the switch is unchanged, the ones after differ; a wrong count is refused."""
+    model = convert_wan(copy.deepcopy(teacher), blocks="all", chunk_frames=2, overlap_frames=1)
+    x, t, a = data(6)
+    b = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(9))
+    out = recurrent_forward(model, x, t, [a, b, b])
+    outs, state = [], None
+    for f0, text in ((0, a), (2, b), (4, b)):
+        o, state = forward_chunk(model, x[:, :, f0 : f0 + 2], t, text, state)
+        outs.append(o)
+    assert torch.equal(out, torch.cat(outs, dim=2))  # the same computation, on one object
+    single = recurrent_forward(model, x, t, a)
+    assert torch.equal(out[:, :, :2], single[:, :, :2])
+    assert rel(out[:, :, 2:], single[:, :, 2:]) > 1e-2
+    with pytest.raises(ValueError, match="one per chunk of 2 latent frames \\(3 for 6 frames\\), got 2"):
+        recurrent_forward(model, x, t, [a, b])
