@@ -10,18 +10,6 @@ import pytest
 from rehyat.cli import main
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Loading a model's weights fails the test: every error below must come first."""
-    import rehyat.training.components as comp
-
-    def refuse(*a, **k):
-        raise AssertionError("model weights were loaded before the error")
-
-    monkeypatch.setattr(comp, "load_model_folder", refuse)
-    monkeypatch.setattr(comp, "load_text_encoder_from_folder", refuse)
-
-
 def _run(args, capsys):
     code = main(args)
     err = capsys.readouterr().err
