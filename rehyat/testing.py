@@ -147,3 +147,27 @@ def tiny_pipeline_folder(folder, *, converted: bool = True, vae: bool = True, ch
     tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder.save_pretrained(folder / "text_encoder")
     return folder
+
+
+#: Fields of a training log line that measure time or memory, so differ between two identical runs.
+TIMING_LOG_KEYS = ("samples_per_s", "step_s", "peak_mem_gib")
+
+
+def folder_weights(folder) -> dict[str, torch.Tensor]:
+    """The transformer weights of a model folder (``transformer/diffusion_pytorch_model.safetensors``), by name,
+    for bitwise comparison of two runs' outputs."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def train_log(folder) -> list[dict]:
+    """The lines of a training run's ``train/log.jsonl`` under ``folder``, without :data:`TIMING_LOG_KEYS`, so that
+    two runs' logs compare equal when they trained identically."""
+    import json
+    from pathlib import Path
+
+    lines = (Path(folder) / "train" / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_LOG_KEYS} for x in lines]

@@ -7,17 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rehyat.cli import main
+from rehyat.testing import folder_weights, train_log
 from rehyat.training import distill
 
 # tiny geometry: pixel-space latents [3, 4, 4, 4] (no VAE): 4 frames of 4 tokens
 GEOM = dict(frames=4, height=4, width=4)
-
-
-def _weights(folder):
-    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.mark.parametrize("softmax_blocks", ["bidirectional", "chunk_causal"])
@@ -82,7 +78,7 @@ def test_distillation_lowers_block_error_and_changes_only_feature_maps(root, tea
         # held-out trajectories, same ones before and after: the error must drop clearly
         assert res.after[b]["rel_error"] < 0.9 * res.before[b]["rel_error"], (b, res.before[b], res.after[b])
     # teacher weights bit-identical, feature maps trained
-    t, s = _weights(teacher), _weights(out)
+    t, s = folder_weights(teacher), folder_weights(out)
     fm = {k for k in s if ".processor.feature_map_" in k or k.endswith(".processor.linear_log_scale")}
     assert fm and set(s) - fm == set(t)
     for k in t:
@@ -123,12 +119,8 @@ def test_distill_cli_best_n_and_resume_equals_uninterrupted(teacher, prompts, tm
                 sampling_steps=3, batch_size=2, lr=1e-2, steps=7, checkpoint_every=3, eval_trajectories=0,
                 progress=False, callback=kill)
     assert main(common + ["--steps", "7", "--out", str(tmp_path / "b"), "--resume"]) == 0
-    la = (tmp_path / "a" / "train" / "log.jsonl").read_text().splitlines()
-    lb = (tmp_path / "b" / "train" / "log.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "step_s", "peak_mem_gib")}
-                           for x in lines]  # noqa: E731
-    assert strip(la) == strip(lb)
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert train_log(tmp_path / "a") == train_log(tmp_path / "b")
+    wa, wb = folder_weights(tmp_path / "a"), folder_weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -261,7 +253,7 @@ def test_distill_reports_and_logs_the_mass_diagnostic(teacher, prompts, tmp_path
     # the calibration: one log scale per head and block, and what the saved student's scales started from
     cal = report["linear_log_scale_calibration"]
     assert set(cal) == {"0", "1"} and all(len(g) == 2 and all(x < -1 for x in g) for g in cal.values())
-    saved = _weights(out)
+    saved = folder_weights(out)
     for b, g in cal.items():
         trained = saved[f"blocks.{b}.attn1.processor.linear_log_scale"]
         assert (trained - torch.tensor(g)).abs().max() <= 1.5 * steps * lr, (trained, g)  # Adam moves ~lr a step
@@ -399,7 +391,7 @@ def test_resume_keeps_the_calibration(teacher, prompts, tmp_path):
     distill(teacher, tmp_path / "b", resume=True, **kw)
     ra, rb = (json.loads((tmp_path / x / "distill_report.json").read_text()) for x in ("a", "b"))
     assert ra["linear_log_scale_calibration"] == rb["linear_log_scale_calibration"] is not None
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = folder_weights(tmp_path / "a"), folder_weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa if k.endswith("linear_log_scale"))
 
 
@@ -410,7 +402,7 @@ def test_an_already_converted_folder_is_not_calibrated_again(pixel_student, prom
     distill(pixel_student, tmp_path / "s", prompts=prompts, **GEOM, sampling_steps=2, steps=steps, lr=lr,
             batch_size=2, eval_trajectories=0, progress=False)
     assert json.loads((tmp_path / "s" / "distill_report.json").read_text())["linear_log_scale_calibration"] is None
-    before, after = _weights(pixel_student), _weights(tmp_path / "s")
+    before, after = folder_weights(pixel_student), folder_weights(tmp_path / "s")
     keys = [k for k in after if k.endswith(".attn1.processor.linear_log_scale")]
     assert len(keys) == 2
     for k in keys:

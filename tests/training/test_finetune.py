@@ -6,28 +6,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from rehyat.testing import folder_weights, train_log
 from rehyat.training import add_lora, finetune
-
-TIMING = ("samples_per_s", "step_s", "peak_mem_gib")
-
-
-def _log(folder):
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
-            for x in (folder / "train" / "log.jsonl").read_text().splitlines()]
-
-
-def _weights(folder):
-    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-
 
 def test_finetune_lowers_flow_matching_loss(pixel_student, pixel_dataset, tmp_path):
     res = finetune(tmp_path / "ft", model=pixel_student, data=pixel_dataset, steps=30, batch_size=4, lr=3e-3,
                    eval_batches=2, progress=False, log_every=10, checkpoint_every=30)
     # fixed samples, noise and noise levels before and after
     assert res.eval_after < 0.7 * res.eval_before, (res.eval_before, res.eval_after)
-    log = _log(tmp_path / "ft")
+    log = train_log(tmp_path / "ft")
     assert [r["step"] for r in log] == list(range(1, 31)) and all("fm_loss" in r for r in log)
     report = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())
     assert report["samples_per_s"] > 0 and report["peak_mem_gib"] > 0
@@ -50,7 +38,7 @@ def test_lora_trains_only_adapters_and_feature_maps(pixel_student, pixel_dataset
 
     finetune(tmp_path / "lora", model=pixel_student, data=pixel_dataset, steps=4, batch_size=2, lr=1e-2, lora_rank=4,
              eval_batches=0, progress=False)
-    before, after = _weights(pixel_student), _weights(tmp_path / "lora")
+    before, after = folder_weights(pixel_student), folder_weights(tmp_path / "lora")
     assert before.keys() == after.keys()  # adapters merged away: a plain converted checkpoint
     targets = ("to_q.", "to_k.", "to_v.", "to_out.0.", "ffn.net.0.proj.", "ffn.net.2.")
     for k in before:
@@ -68,7 +56,7 @@ def test_teacher_velocity_loss_without_data(pixel_teacher, pixel_student, prompt
     out = tmp_path / "tv"
     res = finetune(out, model=pixel_student, teacher=pixel_teacher, prompts=prompts, frames=4, height=8, width=8,
                    sampling_steps=4, guidance=3.0, steps=24, batch_size=2, lr=3e-3, progress=False, log_every=4)
-    log = _log(out)
+    log = train_log(out)
     assert all("fm_loss" not in r and "teacher_loss" in r for r in log)
     per_traj = [sum(r["teacher_loss"] for r in log[i : i + 4]) for i in range(0, 24, 4)]  # same noise levels
     assert per_traj[-1] < 0.6 * per_traj[0], per_traj
@@ -86,10 +74,10 @@ def test_resume_equals_uninterrupted_with_data(pixel_student, pixel_dataset, tmp
 
     with pytest.raises(RuntimeError, match="killed"):
         finetune(tmp_path / "b", callback=kill, **kw)
-    assert len(_log(tmp_path / "b")) >= 4
+    assert len(train_log(tmp_path / "b")) >= 4
     finetune(tmp_path / "b", resume=True, **kw)
-    assert _log(tmp_path / "a") == _log(tmp_path / "b")
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert train_log(tmp_path / "a") == train_log(tmp_path / "b")
+    wa, wb = folder_weights(tmp_path / "a"), folder_weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -105,8 +93,8 @@ def test_resume_mid_trajectory_equals_uninterrupted(pixel_teacher, pixel_student
     with pytest.raises(RuntimeError, match="killed"):
         finetune(tmp_path / "b", callback=kill, **kw)
     finetune(tmp_path / "b", resume=True, **kw)
-    assert _log(tmp_path / "a") == _log(tmp_path / "b")
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert train_log(tmp_path / "a") == train_log(tmp_path / "b")
+    wa, wb = folder_weights(tmp_path / "a"), folder_weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -165,7 +153,7 @@ def test_bf16_autocast_and_checkpointing_run(pixel_student, pixel_dataset, tmp_p
     res = finetune(tmp_path / "bf16", model=pixel_student, data=pixel_dataset, steps=2, batch_size=2, lr=1e-3,
                    precision="bf16", gradient_checkpointing=True, eval_batches=1, progress=False)
     assert all(torch.isfinite(torch.tensor(res.losses)))
-    w = _weights(tmp_path / "bf16")
+    w = folder_weights(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in w.values())  # saved in float32
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rehyat.cli import main
+from rehyat.testing import folder_weights, train_log
 from rehyat.training import load_checkpoint
 
 
@@ -49,21 +48,9 @@ def test_resume_with_fewer_steps_than_done_is_refused(command, pixel_student, pi
     assert main(args(4) + ["--resume"]) == 0  # as many steps as done: nothing to train, the outputs again
 
 
-TIMING = ("samples_per_s", "step_s", "peak_mem_gib")
-
-
-def _log(folder):
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
-            for x in (folder / "train" / "log.jsonl").read_text().splitlines()]
-
-
-def _weights(folder):
-    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-
-
 def _same_run(a, b):
-    assert _log(a) == _log(b)
-    wa, wb = _weights(a), _weights(b)
+    assert train_log(a) == train_log(b)
+    wa, wb = folder_weights(a), folder_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -111,7 +98,7 @@ def test_ctrl_c_saves_the_finished_step_and_resume_equals_uninterrupted(command,
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"rehyat {command}: stopped by Ctrl-C after step 3 of 6; checkpoint saved "
                                             f"in {_checkpoint(b)}: to continue, run the same command with --resume")
-    assert load_checkpoint(_checkpoint(b))["step"] == 3 and [r["step"] for r in _log(b)] == [1, 2, 3]
+    assert load_checkpoint(_checkpoint(b))["step"] == 3 and [r["step"] for r in train_log(b)] == [1, 2, 3]
     assert not (b / "transformer").exists()  # no model folder that looks finished
     assert main(args(b, 6) + ["--resume"]) == 0
     _same_run(a, b)

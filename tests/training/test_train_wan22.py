@@ -8,14 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rehyat.testing import folder_weights
 from rehyat.training import distill, finetune, prepare_dataset
 
 # 9 frames of 64 x 64 pixels: latents [48, 3, 4, 4] (4 tokens per latent frame)
 GEOM = dict(frames=9, height=64, width=64)
-
-
-def _weights(folder):
-    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def test_distill_then_finetune(wan22, tmp_path):
     res = distill(teacher, student, prompts=prompts, **GEOM, chunk_frames=1, overlap_frames=0, sampling_steps=2,
                   steps=2, lr=1e-2, batch_size=2, seed=0, progress=False)
     assert set(res.before) == set(res.after) == {0, 1}
-    before, after = _weights(teacher), _weights(student)
+    before, after = folder_weights(teacher), folder_weights(student)
     assert before.keys() <= after.keys()
     for k in before:  # distillation trains the feature maps only
         assert torch.equal(before[k], after[k]), k
@@ -78,7 +75,7 @@ def test_distill_then_finetune(wan22, tmp_path):
 
     tuned = tmp_path / "tuned"
     finetune(tuned, model=student, data=data, steps=2, batch_size=2, lr=1e-2, eval_batches=0, progress=False)
-    changed = [k for k, v in _weights(tuned).items() if not torch.equal(v, after[k])]
+    changed = [k for k, v in folder_weights(tuned).items() if not torch.equal(v, after[k])]
     assert changed
     pipe = ReHyAtVideoPipeline.from_pretrained(tuned)  # a complete model folder with the Wan2.2 VAE
     assert pipe.spatial_factor == 16 and pipe.vae.config.z_dim == pipe.transformer.config.in_channels == 48
