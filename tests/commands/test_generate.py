@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from _generate_cli import gen
+
 from rehyat.cli import main
 from rehyat.testing import assert_outputs_close, tiny_pipeline_folder
 from rehyat.world import read_video
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_pipeline_folder(tmp_path_factory.mktemp("m") / "model")
-
-
-def gen(model, out, *extra):
-    return main(["generate", "--model", str(model), "--frames", "9", "--height", "32", "--width", "32",
-                 "--steps", "2", "--guidance", "2.0", "--out", str(out), *extra])
 
 
 def test_writes_video_and_latents(model, tmp_path):

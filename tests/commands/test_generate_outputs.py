@@ -8,20 +8,10 @@ import json
 import pytest
 import torch
 
-from rehyat.cli import main
+from _generate_cli import gen
+
 from rehyat.commands._video_names import NAME_MAX_BYTES, fits, hashed_name, plan_names, vbench_name
-from rehyat.testing import tiny_pipeline_folder
 from rehyat.world import read_video
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_pipeline_folder(tmp_path_factory.mktemp("m") / "model")
-
-
-def gen(model, out, *extra):
-    return main(["generate", "--model", str(model), "--frames", "9", "--height", "32", "--width", "32",
-                 "--steps", "2", "--guidance", "2.0", "--out", str(out), *extra])
 
 
 def _partials(folder):
