@@ -2,7 +2,8 @@
 # the carried diffusers wheel and sets the paths. Carry .whl/ (the wheel) and .devcarry/ (the world caption table).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-python3 -m pip install -q --no-deps .whl/diffusers-*.whl 2>&1 | grep -v -i warning || true
+# once per machine: a second script in the same call (teacher_resume.sh then student.sh) finds it installed
+python3 -c "import diffusers" 2>/dev/null || { python3 -m pip install -q --no-deps .whl/diffusers-*.whl 2>&1 | grep -v -i warning || true; }
 TABLE=${TABLE:-.devcarry/world_text_embeddings.safetensors}
 OUT=${OUT:-/tmp/out}
 W=${W:-/tmp/w}
