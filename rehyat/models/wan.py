@@ -69,7 +69,7 @@ REHYAT_CONFIG_NAME = "rehyat_config.json"
 REHYAT_CONFIG_KEY = "rehyat"  # the settings' entry in the transformer's diffusers config (config.json)
 UNBOUNDED = sys.maxsize  # overlap of a chunk-causal softmax block: every earlier frame stays in the window
 SOFTMAX_BLOCKS = ("bidirectional", "chunk_causal")
-FEATURE_MAP_INPUTS = ("rotated", "unrotated")
+FEATURE_MAP_INPUTS = ("rotated", "unrotated", "spatial")
 TEACHER_ATTENTION = ("bidirectional", "chunk_causal")
 
 
@@ -91,8 +91,9 @@ class ReHyAtConfig:
         causal: causal (True, recurrent) or bidirectional linear keys.
         stabilizer: ``"lse"`` or ``"max"`` (design section 3).
         feature_map: ``"polynomial"`` or ``"hedgehog"``; ``feature_map_kwargs`` go to its constructor.
-        feature_map_input: ``"rotated"`` (phi sees q, k after RoPE, as the teacher's attention does) or
-            ``"unrotated"``.
+        feature_map_input: ``"rotated"`` (phi sees q, k after RoPE, as the teacher's attention does),
+            ``"unrotated"`` (before RoPE) or ``"spatial"`` (after RoPE's height and width rotations only, so the
+            linear branch does not depend on absolute frame positions: design section 4).
         softmax_blocks: unconverted blocks stay ``"bidirectional"`` (the teacher) or become ``"chunk_causal"``.
         teacher_attention: the attention of the model that was converted: ``"bidirectional"`` (a softmax DiT such
             as Wan2.1) or ``"chunk_causal"`` (a block-causal model, e.g. the embedded teacher, converted further by
@@ -297,10 +298,23 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
-def _project_qkv(attn, hidden_states, rotary_emb):
-    """The teacher's q, k, v for self-attention, as in diffusers' ``WanAttnProcessor``.
+def spatial_rotary(rotary_emb, head_dim: int):
+    """RoPE's ``(cos, sin)`` ``[1, N, 1, D]`` with the temporal rotation removed (cos 1, sin 0 on the first
+    ``D - 4 * (D // 6)`` channels, Wan's time axis; :class:`AbsoluteRotaryPosEmbed`): the height and width rotations
+    only, the same at every frame position."""
+    t_dim = head_dim - 4 * (head_dim // 6)
+    cos, sin = (x.clone() for x in rotary_emb)
+    cos[..., :t_dim], sin[..., :t_dim] = 1.0, 0.0
+    return cos, sin
 
-    Returns ``(q, k, v, q_unrotated, k_unrotated)``, each ``[B, N, H, D]``.
+
+def _project_qkv(attn, hidden_states, rotary_emb, feature_map_input: str = "unrotated"):
+    """The teacher's q, k, v for self-attention, as in diffusers' ``WanAttnProcessor``, and what the feature maps
+    see of q and k besides the rotated ones.
+
+    Returns ``(q, k, v, q_phi, k_phi)``, each ``[B, N, H, D]``: ``q_phi, k_phi`` are q, k before RoPE
+    (``feature_map_input="unrotated"`` or ``"rotated"``, where the processor uses q, k themselves) or after its
+    height and width rotations only (``"spatial"``, :func:`spatial_rotary`).
     """
     from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
@@ -308,11 +322,14 @@ def _project_qkv(attn, hidden_states, rotary_emb):
     query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
     key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
     value = value.unflatten(2, (attn.heads, -1))
-    q_rot, k_rot = query, key
+    q_rot, k_rot, q_phi, k_phi = query, key, query, key
     if rotary_emb is not None:
         q_rot = apply_rotary_emb(query, *rotary_emb)
         k_rot = apply_rotary_emb(key, *rotary_emb)
-    return q_rot, k_rot, value, query, key
+        if feature_map_input == "spatial":
+            spatial = spatial_rotary(rotary_emb, query.shape[-1])
+            q_phi, k_phi = apply_rotary_emb(query, *spatial), apply_rotary_emb(key, *spatial)
+    return q_rot, k_rot, value, q_phi, k_phi
 
 
 def _out(attn, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -334,6 +351,8 @@ def teacher_attention_output(q, k, v, frame_tokens: int, teacher_chunk_frames: i
 class _ChunkedProcessorBase(nn.Module):
     """Shared plumbing: projections, RoPE, parallel or recurrent dispatch, output projection."""
 
+    feature_map_input = "rotated"  # what the feature maps see of q, k (a converted block sets its own)
+
     def __init__(self, block_index: int, chunk_frames: int, overlap_frames: int, stabilizer: str, context: RunContext):
         super().__init__()
         self.block_index = block_index
@@ -343,7 +362,7 @@ class _ChunkedProcessorBase(nn.Module):
         # A plain attribute, not a submodule: the context holds no weights.
         object.__setattr__(self, "context", context)
 
-    def features(self, q, k, q_unrot, k_unrot):  # pragma: no cover - overridden
+    def features(self, q, k, q_phi, k_phi):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _frame_tokens(self) -> int:
@@ -362,16 +381,16 @@ class _ChunkedProcessorBase(nn.Module):
                 "must be None"
             )
         S = self._frame_tokens()
-        q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
+        q, k, v, q_phi, k_phi = _project_qkv(attn, hidden_states, rotary_emb, self.feature_map_input)
         ctx = self.context
         if ctx.mode == "recurrent":
-            y = self._recurrent(q, k, v, q_unrot, k_unrot, S)
+            y = self._recurrent(q, k, v, q_phi, k_phi, S)
         else:
-            y = self._parallel(q, k, v, q_unrot, k_unrot, S)
+            y = self._parallel(q, k, v, q_phi, k_phi, S)
         return _out(attn, y, q)
 
-    def _parallel(self, q, k, v, q_unrot, k_unrot, S):
-        return self._hybrid(q, k, v, *self.features(q, k, q_unrot, k_unrot), S)
+    def _parallel(self, q, k, v, q_phi, k_phi, S):
+        return self._hybrid(q, k, v, *self.features(q, k, q_phi, k_phi), S)
 
     def _hybrid(self, q, k, v, fq, fk, S):
         T = q.shape[1] // S
@@ -384,7 +403,7 @@ class _ChunkedProcessorBase(nn.Module):
     # shared context's dict and its frame counters change every chunk, so tracing it would recompile the block for
     # every chunk position (see rehyat.models.compile_blocks).
     @torch.compiler.disable
-    def _recurrent(self, q, k, v, q_unrot, k_unrot, S):
+    def _recurrent(self, q, k, v, q_phi, k_phi, S):
         ctx = self.context
         if not self.causal:
             raise RuntimeError(f"block {self.block_index} is bidirectional and cannot run recurrently")
@@ -400,7 +419,7 @@ class _ChunkedProcessorBase(nn.Module):
                 f"block {self.block_index}: chunk start frame {seen} is not a multiple of its chunk_frames "
                 f"({self.chunk_frames})"
             )
-        fq, fk = self.features(q, k, q_unrot, k_unrot)
+        fq, fk = self.features(q, k, q_phi, k_phi)
         step = self.chunk_frames * S
         outs = []
         for i in range(0, q.shape[1], step):
@@ -457,10 +476,11 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         self.feature_map_k = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
         self.linear_log_scale = nn.Parameter(torch.zeros(num_heads)) if linear_scale else None
 
-    def features(self, q, k, q_unrot, k_unrot):
-        """``(phi_q(q), exp(linear_log_scale) * phi_k(k))``, each ``[B, N, H, D']``."""
-        if self.feature_map_input == "unrotated":
-            q, k = q_unrot, k_unrot
+    def features(self, q, k, q_phi, k_phi):
+        """``(phi_q(q), exp(linear_log_scale) * phi_k(k))``, each ``[B, N, H, D']``; phi sees the rotated ``q, k``
+        or, for ``feature_map_input`` ``"unrotated"`` / ``"spatial"``, ``q_phi, k_phi`` (:func:`_project_qkv`)."""
+        if self.feature_map_input != "rotated":
+            q, k = q_phi, k_phi
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         if self.linear_log_scale is not None:
             fk = fk * self.linear_log_scale.exp().to(fk.dtype)[:, None]
@@ -483,11 +503,11 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         ``context.mass_weight`` times the L1 gap between the linear share and softmax's share of the same keys."""
         S, ctx = self._frame_tokens(), self.context
         with torch.no_grad():
-            q, k, v, q_unrot, k_unrot = _project_qkv(attn, hidden_states, rotary_emb)
+            q, k, v, q_phi, k_phi = _project_qkv(attn, hidden_states, rotary_emb, self.feature_map_input)
             teacher = teacher_attention_output(q, k, v, S, ctx.teacher_chunk_frames)
         mass = None
         with torch.enable_grad():
-            fq, fk = self.features(q, k, q_unrot, k_unrot)
+            fq, fk = self.features(q, k, q_phi, k_phi)
             student = self._hybrid(q, k, v, fq, fk, S)
             l1 = (student.float() - teacher.float()).abs().mean()
             loss = l1
@@ -555,7 +575,7 @@ class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
     def __init__(self, block_index: int, *, chunk_frames: int, context: RunContext) -> None:
         super().__init__(block_index, chunk_frames, UNBOUNDED, "lse", context)
 
-    def features(self, q, k, q_unrot, k_unrot):
+    def features(self, q, k, q_phi, k_phi):
         empty = q.new_zeros(*q.shape[:3], 0, dtype=torch.float32)
         return empty, empty
 
@@ -613,7 +633,8 @@ def convert_wan(
         causal: causal (recurrent) or bidirectional linear keys.
         stabilizer: ``"lse"`` (default) or ``"max"``.
         feature_map: ``"polynomial"`` (the paper's, default) or ``"hedgehog"``; ``feature_map_kwargs`` go to it.
-        feature_map_input: ``"rotated"`` (default: phi sees q, k after RoPE) or ``"unrotated"``.
+        feature_map_input: ``"rotated"`` (default: phi sees q, k after RoPE), ``"unrotated"`` or ``"spatial"``
+            (RoPE's height and width rotations only: the linear branch is the same at every frame position).
         softmax_blocks: unconverted blocks stay ``"bidirectional"`` or become ``"chunk_causal"`` (needed to run a
             partly converted model recurrently).
         block_settings: optional per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides.

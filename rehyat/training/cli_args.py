@@ -32,7 +32,9 @@ def add_conversion_args(p) -> None:
     g.add_argument("--feature-map", choices=["polynomial", "hedgehog"], default="polynomial")
     g.add_argument("--feature-map-kwargs", type=json.loads, default=None,
                    help='JSON, e.g. \'{"feature_dim": 64}\' (passed to the feature map)')
-    g.add_argument("--feature-map-input", choices=["rotated", "unrotated"], default="rotated")
+    g.add_argument("--feature-map-input", choices=["rotated", "unrotated", "spatial"], default="rotated",
+                   help="what the feature maps see of q, k: after RoPE (default), before it, or after its height "
+                        "and width rotations only (spatial: the linear branch is the same at every frame position)")
     g.add_argument("--stabilizer", choices=["lse", "max"], default="lse")
     g.add_argument("--bidirectional", action="store_true", help="bidirectional linear keys (not recurrent)")
     g.add_argument("--softmax-blocks", choices=["bidirectional", "chunk_causal"], default="bidirectional",
