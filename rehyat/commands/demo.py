@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluate import number_list
@@ -81,16 +82,61 @@ def run(args) -> int:
     ``--out`` a file, or a file of the demo already there without ``--overwrite``."""
     import torch
 
-    from ..assets import default_model
-    from ..evaluation import block_diagnostics, plot_sweep, results_markdown, sweep_markdown, time_memory_sweep_isolated
-    from ..evaluation.metrics import video_similarity
-    from ..io import VideoWriter, check_output_file, write_video
+    from ..evaluation import block_diagnostics
     from ..pipelines import ReHyAtVideoPipeline
-    from ..world import check_video, parse_caption, summarise
-    from ._checks import check_output_folder, check_steps
-    from .evaluate import check_pair, scale_length
 
     t_start = time.perf_counter()
+    plan = _check_args(args)
+    torch.manual_seed(0)
+    print(f"loading {plan.teacher_dir} and {plan.student_dir}", flush=True)
+    teacher = ReHyAtVideoPipeline.from_pretrained(plan.teacher_dir)
+    student = ReHyAtVideoPipeline.from_pretrained(plan.student_dir)
+    d = plan.geometry
+    steps = args.steps if args.steps is not None else d["steps"]
+    gen = dict(height=d["height"], width=d["width"], num_inference_steps=steps, guidance_scale=d["guidance"],
+               progress=True)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for path in plan.stale:  # an earlier demo's files (--overwrite), so none is left beside the new ones
+        path.unlink()
+
+    long_row = _long_video(args, student, d["frames"], plan.names["long"], gen)
+    rows = [*_pair_rows(args, teacher, student, d["frames"], plan.names["side"], gen), long_row]
+    print("[3/4] per-block attention error and attention mass", flush=True)
+    att = block_diagnostics(student, student.encode_prompt([args.prompts[0]]), d["frames"], d["height"], d["width"])
+    result = {"rows": rows, "attention": {str(b): a for b, a in att.items()}}
+    sweep_rows = _sweep(args, plan, student.temporal_factor)
+
+    md = _report_markdown(args, plan, steps, long_row["frames"], result, sweep_rows, time.perf_counter() - t_start)
+    plan.names["md"].write_text("\n".join(md) + "\n")
+    plan.names["json"].write_text(json.dumps({"evaluation": result, "sweep": sweep_rows}, indent=2) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {', '.join(str(p) for p in plan.names.values())}")
+    return 0
+
+
+@dataclass
+class _Plan:
+    """What :func:`_check_args` found: the model folders, whether both are the embedded ones, their shared
+    geometry (:func:`~rehyat.commands.evaluate.check_pair`'s dict: frames, height, width, steps, guidance), the
+    output folder, an earlier demo's files to delete (``--overwrite``) and the paths to write (:data:`OUTPUTS`)."""
+
+    teacher_dir: Path
+    student_dir: Path
+    embedded: bool
+    geometry: dict
+    out: Path
+    stale: list
+    names: dict[str, Path]
+
+
+def _check_args(args) -> _Plan:
+    """Every check of ``rehyat demo``'s arguments and output folder, before anything is loaded or written."""
+    from ..assets import default_model
+    from ..io import check_output_file
+    from ..world import parse_caption
+    from ._checks import check_output_folder, check_steps
+    from .evaluate import check_pair
+
     check_steps(args.steps)
     teacher_dir = args.teacher or default_model("teacher")
     student_dir = args.student or default_model("student")
@@ -100,8 +146,7 @@ def run(args) -> int:
         parse_caption(p)
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
-    sweep = args.sweep
-    d, _ = check_pair(teacher_dir, student_dir, [1, args.length, *sweep], lengths_arg="--sweep")
+    d, _ = check_pair(teacher_dir, student_dir, [1, args.length, *args.sweep], lengths_arg="--sweep")
     out = Path(args.out)
     stale = check_output_folder(out, overwrite=args.overwrite, command="demo", outputs=OUTPUTS,
                                 keep_others=True)
@@ -110,25 +155,20 @@ def run(args) -> int:
     if out.is_dir() and not args.overwrite:
         for path in names.values():
             check_output_file(path, overwrite=False)
+    return _Plan(teacher_dir, student_dir, embedded, d, out, stale, names)
 
-    torch.manual_seed(0)
-    print(f"loading {teacher_dir} and {student_dir}", flush=True)
-    teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir)
-    student = ReHyAtVideoPipeline.from_pretrained(student_dir)
-    frames, height, width = d["frames"], d["height"], d["width"]
-    steps = args.steps if args.steps is not None else d["steps"]
-    guidance = d["guidance"]
-    gen = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, progress=True)
+
+def _long_video(args, student, frames: int, path: Path, gen: dict) -> dict:
+    """Step 1: a video ``--length`` times the training length ``frames`` from the student, streamed to ``path``
+    chunk by chunk (the file is aborted on any error); returns its report row."""
+    from ..io import VideoWriter
+    from ..world import check_video
+    from .evaluate import scale_length
+
     prompt = args.prompts[0]
-
-    out.mkdir(parents=True, exist_ok=True)
-    for path in stale:  # an earlier demo's files (--overwrite), so none is left beside the new ones
-        path.unlink()
-
-    # 1. a long video, streamed to disk chunk by chunk
     long_frames = scale_length(frames, args.length, student.temporal_factor)
     print(f"[1/4] ReHyAt, streaming {long_frames} frames ({args.length}x the training length): {prompt!r}", flush=True)
-    writer = VideoWriter(names["long"], fps=student.fps)
+    writer = VideoWriter(path, fps=student.fps)
     try:
         res = student(prompt, num_frames=long_frames, seed=args.seed, mode="streaming",
                       on_frames=writer.append, keep_video=True, **gen)
@@ -136,10 +176,18 @@ def run(args) -> int:
         writer.abort()
         raise
     writer.close()
-    long_row = {"model": "rehyat", "frames": long_frames, "mode": "streaming", "videos": 1,
-                "seconds_per_video": res.seconds, **_checks(check_video(res.video, prompt))}
+    return {"model": "rehyat", "frames": long_frames, "mode": "streaming", "videos": 1,
+            "seconds_per_video": res.seconds, **_checks(check_video(res.video, prompt))}
 
-    # 2. teacher vs student at the training length, same noise
+
+def _pair_rows(args, teacher, student, frames: int, side_path: Path, gen: dict) -> list[dict]:
+    """Step 2: teacher (parallel) and student (streaming) on every prompt at the training length ``frames``, same
+    noise; the first prompt's pair is written side by side to ``side_path``. Returns the teacher's and the
+    student's report rows (the student's with PSNR/SSIM against the teacher)."""
+    from ..evaluation.metrics import video_similarity
+    from ..io import write_video
+    from ..world import check_video, summarise
+
     print(f"[2/4] teacher vs ReHyAt at the training length ({frames} frames), {len(args.prompts)} prompts", flush=True)
     pair_rows = {"teacher": [], "rehyat": []}
     sims = []
@@ -151,7 +199,7 @@ def run(args) -> int:
             pair_rows[name].append((r.seconds, check_video(r.video, p)))
         sims.append(video_similarity(runs["rehyat"], runs["teacher"]))
         if i == 0:
-            write_video(names["side"], side_by_side(runs["teacher"], runs["rehyat"]), fps=student.fps)
+            write_video(side_path, side_by_side(runs["teacher"], runs["rehyat"]), fps=student.fps)
     rows = []
     for name, mode in (("teacher", "parallel"), ("rehyat", "streaming")):
         rs = pair_rows[name]
@@ -161,44 +209,54 @@ def run(args) -> int:
             row["psnr_vs_teacher"] = sum(s["psnr"] for s in sims) / len(sims)
             row["ssim_vs_teacher"] = sum(s["ssim"] for s in sims) / len(sims)
         rows.append(row)
-    rows.append(long_row)
+    return rows
 
-    # 3. attention error per converted block
-    print("[3/4] per-block attention error and attention mass", flush=True)
-    att = block_diagnostics(student, student.encode_prompt([prompt]), frames, height, width)
-    result = {"rows": rows, "attention": {str(b): d for b, d in att.items()}}
 
-    # 4. time and memory against length
-    lengths = [scale_length(frames, m, student.temporal_factor) for m in sweep]
+def _sweep(args, plan: _Plan, temporal_factor: int) -> list[dict]:
+    """Step 4: one denoising step's time and peak memory against length (``--sweep`` x the training length),
+    teacher vs ReHyAt, each point in a fresh process; plots them to ``plan.names["plot"]`` and returns the rows."""
+    import torch
+
+    from ..evaluation import plot_sweep, time_memory_sweep_isolated
+    from .evaluate import scale_length
+
+    d = plan.geometry
+    lengths = [scale_length(d["frames"], m, temporal_factor) for m in args.sweep]
     print(f"[4/4] one denoising step at {lengths} frames, teacher vs ReHyAt", flush=True)
     sweep_rows = time_memory_sweep_isolated(
-        {"teacher (softmax)": (teacher_dir, "parallel"), "ReHyAt (recurrent)": (student_dir, "recurrent")},
-        lengths, height, width, threads=torch.get_num_threads(), repeats=SWEEP_REPEATS,
+        {"teacher (softmax)": (plan.teacher_dir, "parallel"), "ReHyAt (recurrent)": (plan.student_dir, "recurrent")},
+        lengths, d["height"], d["width"], threads=torch.get_num_threads(), repeats=SWEEP_REPEATS,
         progress=lambda m: print("   ", m, flush=True))
-    plot_sweep(sweep_rows, names["plot"], title="one denoising step with CFG, CPU (one fresh process per point)")
+    plot_sweep(sweep_rows, plan.names["plot"], title="one denoising step with CFG, CPU (one fresh process per point)")
+    return sweep_rows
 
-    md = [
+
+def _report_markdown(args, plan: _Plan, steps: int, long_frames: int, result: dict, sweep_rows: list,
+                     seconds: float) -> list[str]:
+    """The lines of report.md: setup, the files, the evaluation table, the time/memory table and plot."""
+    import torch
+
+    from ..evaluation import results_markdown, sweep_markdown
+
+    d, names = plan.geometry, plan.names
+    return [
         "# rehyat demo", "",
-        f"Models: teacher `{teacher_dir}`, ReHyAt student `{student_dir}`. Device: CPU, {torch.get_num_threads()} threads. "
-        f"{steps} steps, guidance {guidance}, seed {args.seed}. Training length: {frames} frames of {height}x{width}.", "",
+        f"Models: teacher `{plan.teacher_dir}`, ReHyAt student `{plan.student_dir}`. Device: CPU, "
+        f"{torch.get_num_threads()} threads. {steps} steps, guidance {d['guidance']}, seed {args.seed}. "
+        f"Training length: {d['frames']} frames of {d['height']}x{d['width']}.", "",
         f"- `{names['long'].name}`: {long_frames} frames streamed by ReHyAt ({args.length}x the training length), "
-        f"prompt: *{prompt}*",
-        f"- `{names['side'].name}`: teacher (left) and ReHyAt student (right), labelled, {frames} frames, same "
+        f"prompt: *{args.prompts[0]}*",
+        f"- `{names['side'].name}`: teacher (left) and ReHyAt student (right), labelled, {d['frames']} frames, same "
         "prompt and noise", "",
         "## Evaluation (the world's ground truth; 1.0 is perfect, flicker: lower is better)", "",
         results_markdown(result), "",
-        *([EMBEDDED_NOTE, ""] if embedded else []),
+        *([EMBEDDED_NOTE, ""] if plan.embedded else []),
         "## Time and peak memory of one denoising step against video length", "",
         "Each point runs in a fresh process (loaded model, warmed up on the shortest length) and is the median of "
         f"{SWEEP_REPEATS} timed steps; peak memory is the growth of the resident set during a step (median too).", "",
         sweep_markdown(sweep_rows), "", f"![time and memory]({names['plot'].name})", "",
-        f"Total demo time: {time.perf_counter() - t_start:.0f} s.",
+        f"Total demo time: {seconds:.0f} s.",
     ]
-    names["md"].write_text("\n".join(md) + "\n")
-    names["json"].write_text(json.dumps({"evaluation": result, "sweep": sweep_rows}, indent=2) + "\n")
-    print("\n".join(md))
-    print(f"\nwrote {', '.join(str(p) for p in names.values())}")
-    return 0
 
 
 def _checks(summary: dict) -> dict:

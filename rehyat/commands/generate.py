@@ -161,11 +161,30 @@ def _resolve(args):
     plain Wan transformer's RoPE table, a model folder without a text encoder (and no ``--text-embeddings``) or
     without the VAE its latents need for a video.
     """
+    from ..pipelines.video import folder_check_rope_table
+
+    model = _check_model_and_counts(args)
+    jobs, labels = _jobs(args)
+    if not (Path(model) / "transformer" / "config.json").exists():
+        raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    geometry = _geometry(args, model)
+    _check_mode(args, model)
+    shape = _latent_shape(args, model, geometry)
+    if args.prompt_schedule is not None:
+        _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
+    if geometry["init"] is not None:
+        _check_init(args, model, geometry["init"], shape, geometry)
+    folder_check_rope_table(model, shape)
+    check_video_output(model, shape[1])
+    check_text_source(model, args.text_embeddings)
+    device = check_device(args.device)
+    return Path(model), jobs, device, geometry
+
+
+def _check_model_and_counts(args):
+    """The model folder (``--model``, default the embedded student), after checking it is a folder, ``--steps``,
+    ``--guidance`` and ``--videos-per-prompt``."""
     from ..assets import default_model
-    from ..io import check_output_file
-    from ..pipelines.video import folder_check_rope_table, folder_latent_shape, folder_vae_factors
-    from ..pipelines.folders import read_pipeline_config
-    from ..pipelines.schedule import read_prompt_schedule
     from ._checks import check_guidance, check_steps
 
     model = args.model if args.model is not None else default_model("student")
@@ -175,6 +194,16 @@ def _resolve(args):
     check_guidance(args.guidance)
     if args.videos_per_prompt < 1:
         raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
+    return model
+
+
+def _jobs(args) -> tuple[list[tuple], list[str] | None]:
+    """``(jobs, labels)``: the videos to make, ``(prompt or prompt schedule, seed, out path)`` each, after checking
+    ``--prompt`` / ``--prompt-schedule`` / ``--prompt-file`` with ``--out``, ``--videos-per-prompt``, ``--init-*``
+    and ``--save-latents``; ``labels`` are the ``--prompt-schedule`` lines (else None)."""
+    from ..io import check_output_file
+    from ..pipelines.schedule import read_prompt_schedule
+
     jobs = []  # (prompt or prompt schedule, seed, out path)
     labels = None  # of the --prompt-schedule lines
     if args.prompt_file is None:
@@ -204,8 +233,17 @@ def _resolve(args):
         if Path(args.save_latents).resolve() == Path(jobs[0][2]).resolve():
             raise ValueError(f"--save-latents must differ from --out (both are {args.out}): the latents would "
                              "replace the video")
-    if not (Path(model) / "transformer" / "config.json").exists():
-        raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    return jobs, labels
+
+
+def _geometry(args, model) -> dict:
+    """``frames``, ``height``, ``width``, ``steps``, ``guidance`` (the argument, else the folder's default, else
+    Wan's 81 x 480 x 832, 50 steps, 5.0; height and width default to an ``--init-*``'s size) and ``init``
+    (:func:`_read_init`); the steps and guidance checked."""
+    from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.video import folder_vae_factors
+    from ._checks import check_guidance, check_steps
+
     init = _read_init(args)
     defaults = read_pipeline_config(model).get("defaults", {})
     if init is not None:  # --height / --width default to the given video's size
@@ -218,6 +256,11 @@ def _resolve(args):
                     guidance=pick(args.guidance, "guidance", 5.0), init=init)
     check_steps(geometry["steps"])
     check_guidance(geometry["guidance"])
+    return geometry
+
+
+def _check_mode(args, model) -> None:
+    """ValueError when ``--mode`` is recurrent or streaming and the model is plain Wan or cannot run chunk by chunk."""
     if args.mode in ("recurrent", "streaming"):
         from ..pipelines.folders import read_transformer_config
         from ._notes import folder_recurrence_problem
@@ -228,22 +271,21 @@ def _resolve(args):
         problem = folder_recurrence_problem(model)
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
+
+
+def _latent_shape(args, model, geometry: dict) -> tuple[int, int, int, int, int]:
+    """The latents' shape ``[1, C, F, h, w]`` of the video to generate (:func:`~rehyat.pipelines.video.
+    folder_latent_shape`); its ValueError names ``--init-*`` when the size came from there."""
+    from ..pipelines.video import folder_latent_shape
+
+    init = geometry["init"]
     try:
-        shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+        return folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
     except ValueError as e:  # a size taken from --init-video / --init-latents: say so
         if init is None or (args.height is not None and args.width is not None):
             raise
         raise ValueError(f"{_init_arg(args)} gives the size to generate, {geometry['width']}x{geometry['height']} "
                          f"(width x height): {e}") from None
-    if args.prompt_schedule is not None:
-        _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
-    if init is not None:
-        _check_init(args, model, init, shape, geometry)
-    folder_check_rope_table(model, shape)
-    check_video_output(model, shape[1])
-    check_text_source(model, args.text_embeddings)
-    device = check_device(args.device)
-    return Path(model), jobs, device, geometry
 
 
 def _runner_chunk(args, model, arg: str, why: str, modes: tuple[str, ...]) -> int:

@@ -655,6 +655,25 @@ def convert_wan(
             ``teacher_attention`` ``"chunk_causal"``), a model that is not a Wan transformer, a block index out of
             range, or a bad setting, before anything is changed.
     """
+    cfg, teacher_chunk = _conversion_config(
+        transformer, blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal,
+        stabilizer=stabilizer, feature_map=feature_map, feature_map_kwargs=feature_map_kwargs,
+        feature_map_input=feature_map_input, softmax_blocks=softmax_blocks, block_settings=block_settings,
+        linear_scale=linear_scale, teacher_attention=teacher_attention)
+    # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
+    ctx = RunContext()
+    ctx.teacher_chunk_frames = teacher_chunk
+    processors = _build_processors(transformer, cfg, ctx)
+    _install(transformer, cfg, ctx, processors)
+    return transformer
+
+
+def _conversion_config(
+    transformer, *, blocks, chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
+    feature_map_input, softmax_blocks, block_settings, linear_scale, teacher_attention,
+) -> tuple[ReHyAtConfig, int | None]:
+    """Check :func:`convert_wan`'s arguments (its Raises, in the same order) without changing anything; return
+    the :class:`ReHyAtConfig` and the teacher's chunk (``None``: a bidirectional teacher)."""
     if not _is_wan_transformer(transformer):
         raise ValueError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
     teacher_chunk = _teacher_chunk_frames(transformer, softmax_blocks, chunk_frames)
@@ -664,15 +683,7 @@ def convert_wan(
         raise ValueError("teacher_attention='bidirectional' for a block-causal model")
     if teacher_attention == "chunk_causal":
         teacher_chunk = chunk_frames
-    n_blocks = len(transformer.blocks)
-    if isinstance(blocks, str):
-        if blocks != "all":
-            raise ValueError(f"blocks must be 'all' or a list of block indices, got {blocks!r}")
-        blocks = list(range(n_blocks))
-    blocks = sorted(set(int(b) for b in blocks))
-    bad = [b for b in blocks if not 0 <= b < n_blocks]
-    if bad:
-        raise ValueError(f"blocks {bad} out of range: the transformer has {n_blocks} blocks (0..{n_blocks - 1})")
+    blocks = _check_blocks(blocks, len(transformer.blocks))
     check_settings(frame_tokens=1, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
@@ -682,6 +693,35 @@ def convert_wan(
         raise ValueError(f"softmax_blocks must be one of {SOFTMAX_BLOCKS}, got {softmax_blocks!r}")
     if transformer.config.patch_size[0] != 1:
         raise ValueError(f"only temporal patch size 1 is supported, got patch_size {transformer.config.patch_size}")
+    block_settings = _check_block_settings(block_settings, blocks, chunk_frames, overlap_frames, stabilizer)
+    cfg = ReHyAtConfig(
+        blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, block_settings=block_settings,
+        causal=causal, stabilizer=stabilizer, feature_map=feature_map,
+        feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
+        softmax_blocks=softmax_blocks, linear_scale=bool(linear_scale),
+        teacher_attention="bidirectional" if teacher_chunk is None else "chunk_causal",
+    )
+    return cfg, teacher_chunk
+
+
+def _check_blocks(blocks, n_blocks: int) -> list[int]:
+    """``"all"`` or an iterable of block indices, as the sorted distinct indices; ValueError naming ``blocks``
+    for another string or an index outside ``0..n_blocks - 1``."""
+    if isinstance(blocks, str):
+        if blocks != "all":
+            raise ValueError(f"blocks must be 'all' or a list of block indices, got {blocks!r}")
+        blocks = list(range(n_blocks))
+    blocks = sorted(set(int(b) for b in blocks))
+    bad = [b for b in blocks if not 0 <= b < n_blocks]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range: the transformer has {n_blocks} blocks (0..{n_blocks - 1})")
+    return blocks
+
+
+def _check_block_settings(block_settings: dict | None, blocks: list[int], chunk_frames: int, overlap_frames: int,
+                          stabilizer: str) -> dict[int, dict]:
+    """Per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides with int keys (a copy); ValueError for a
+    block not in ``blocks``, an unknown key or settings :func:`~rehyat.ops.check_settings` refuses."""
     block_settings = {int(b): dict(s) for b, s in (block_settings or {}).items()}
     for b, s in block_settings.items():
         if b not in blocks:
@@ -691,39 +731,43 @@ def convert_wan(
             raise ValueError(f"block_settings[{b}] has unknown keys {sorted(unknown)}")
         check_settings(frame_tokens=1, chunk_frames=s.get("chunk_frames", chunk_frames),
                        overlap_frames=s.get("overlap_frames", overlap_frames), stabilizer=stabilizer)
-    cfg = ReHyAtConfig(
-        blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, block_settings=block_settings,
-        causal=causal, stabilizer=stabilizer, feature_map=feature_map,
-        feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
-        softmax_blocks=softmax_blocks, linear_scale=bool(linear_scale),
-        teacher_attention="bidirectional" if teacher_chunk is None else "chunk_causal",
-    )
-    # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
-    ctx = RunContext()
-    ctx.teacher_chunk_frames = teacher_chunk
+    return block_settings
+
+
+def _build_processors(transformer, cfg: ReHyAtConfig, ctx: RunContext) -> dict[int, "_ChunkedProcessorBase"]:
+    """The processor of every block ``cfg`` changes, sharing ``ctx``: a :class:`ReHyAtAttnProcessor` per converted
+    block (feature maps in the attention weights' dtype and device), and with ``softmax_blocks="chunk_causal"`` a
+    :class:`ChunkCausalAttnProcessor` per other block. ValueError if ``cfg.feature_map_kwargs`` do not fit."""
     heads = transformer.config.num_attention_heads
     head_dim = transformer.config.attention_head_dim
     param = transformer.blocks[0].attn1.to_q.weight  # feature maps take the attention weights' dtype/device
     processors = {}
-    for b in blocks:
+    for b in cfg.blocks:
         tc, to = cfg.settings_for(b)
         try:
             processors[b] = ReHyAtAttnProcessor(
-                b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=causal, stabilizer=stabilizer,
-                feature_map=feature_map, feature_map_kwargs=cfg.feature_map_kwargs,
-                feature_map_input=feature_map_input, context=ctx, linear_scale=cfg.linear_scale,
+                b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=cfg.causal, stabilizer=cfg.stabilizer,
+                feature_map=cfg.feature_map, feature_map_kwargs=cfg.feature_map_kwargs,
+                feature_map_input=cfg.feature_map_input, context=ctx, linear_scale=cfg.linear_scale,
             ).to(device=param.device, dtype=param.dtype)
         except TypeError as e:  # an unknown keyword in feature_map_kwargs
-            raise ValueError(f"feature_map_kwargs {cfg.feature_map_kwargs} do not fit feature_map {feature_map!r}: {e}") from None
-    if softmax_blocks == "chunk_causal":
-        for b in range(n_blocks):
+            raise ValueError(f"feature_map_kwargs {cfg.feature_map_kwargs} do not fit feature_map "
+                             f"{cfg.feature_map!r}: {e}") from None
+    if cfg.softmax_blocks == "chunk_causal":
+        for b in range(len(transformer.blocks)):
             if b not in processors:
-                processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=chunk_frames, context=ctx)
+                processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=cfg.chunk_frames, context=ctx)
+    return processors
+
+
+def _install(transformer, cfg: ReHyAtConfig, ctx: RunContext, processors: dict) -> None:
+    """Change the model: set ``processors``, replace the rotary embedding by :class:`AbsoluteRotaryPosEmbed`, attach
+    ``ctx`` and ``cfg`` (also into the diffusers config) and the frame-size pre-hook (replacing an earlier one)."""
     for b, p in processors.items():
         transformer.blocks[b].attn1.set_processor(p)
     if getattr(transformer, "_rehyat_hook", None) is not None:  # a block-causal model's hook (and context)
         transformer._rehyat_hook.remove()
-    transformer.rope = AbsoluteRotaryPosEmbed(head_dim, transformer.config.patch_size, ctx)
+    transformer.rope = AbsoluteRotaryPosEmbed(transformer.config.attention_head_dim, transformer.config.patch_size, ctx)
     transformer._rehyat_context = ctx
     transformer.rehyat_config = cfg
     # The settings also go into the diffusers config, so that config.json written by any save_pretrained carries
@@ -731,7 +775,6 @@ def convert_wan(
     if hasattr(transformer, "register_to_config"):  # every diffusers model
         transformer.register_to_config(**{REHYAT_CONFIG_KEY: cfg.to_dict()})
     transformer._rehyat_hook = transformer.register_forward_pre_hook(_frame_tokens_hook, with_kwargs=True)
-    return transformer
 
 
 def _teacher_chunk_frames(transformer, softmax_blocks: str, chunk_frames: int) -> int | None:

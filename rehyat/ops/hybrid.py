@@ -455,6 +455,24 @@ def rehyat_attention_step(
         state = RecurrentState.empty(q, v, fq)
     if not isinstance(compiled, bool):
         raise ValueError(f"compiled must be True or False, got {compiled!r}")
+    _check_state(state, q, k, v, fq, fk, frame_tokens=frame_tokens, overlap_frames=overlap_frames)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    frames_seen = state.frames_seen + n_frames
+    # Tokens that stay in the softmax window after this chunk. The core below sees only this count (it stops
+    # changing once overlap_frames frames have been seen), never the chunk's position, so a compiled core serves
+    # every chunk with a few graphs instead of recompiling for each position.
+    keep = min(overlap_frames, frames_seen) * frame_tokens
+    core = _compiled_step_core() if compiled else _step_core
+    y, s_new, z_new, k_keep, v_keep, fk_keep = core(
+        q, k, v, fq, fk, state.s, state.z, state.k, state.v, state.fk, keep, frame_tokens, stabilizer, scale
+    )
+    return y, RecurrentState(s=s_new, z=z_new, k=k_keep, v=v_keep, fk=fk_keep, frames_seen=frames_seen)
+
+
+def _check_state(state: RecurrentState, q, k, v, fq, fk, *, frame_tokens: int, overlap_frames: int) -> None:
+    """ValueError naming the field when ``state`` does not match the chunk ``q, k, v, fq, fk`` (shape, dtype and
+    device of each tensor; ``frames_seen`` an int >= 0; ``min(overlap_frames, frames_seen) * frame_tokens`` cached
+    tokens)."""
     B, _, H, _ = q.shape
     acc = _acc_dtype(q.dtype, fq.dtype)
     expected = {
@@ -482,17 +500,6 @@ def rehyat_attention_step(
             f"state.frames_seen={state.frames_seen}) * frame_tokens={frame_tokens} = {cached}: "
             "the state was made with other settings"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    frames_seen = state.frames_seen + n_frames
-    # Tokens that stay in the softmax window after this chunk. The core below sees only this count (it stops
-    # changing once overlap_frames frames have been seen), never the chunk's position, so a compiled core serves
-    # every chunk with a few graphs instead of recompiling for each position.
-    keep = min(overlap_frames, frames_seen) * frame_tokens
-    core = _compiled_step_core() if compiled else _step_core
-    y, s_new, z_new, k_keep, v_keep, fk_keep = core(
-        q, k, v, fq, fk, state.s, state.z, state.k, state.v, state.fk, keep, frame_tokens, stabilizer, scale
-    )
-    return y, RecurrentState(s=s_new, z=z_new, k=k_keep, v=v_keep, fk=fk_keep, frames_seen=frames_seen)
 
 
 def _step_core(q, k, v, fq, fk, s, z, ck, cv, cfk, keep: int, frame_tokens: int, stabilizer: str, scale: float):

@@ -35,7 +35,7 @@ from .common import (
     parse_blocks,
     resolve_dtype,
 )
-from .conversion import ConversionSettings
+from .conversion import CONVERSION_NAMES, ConversionSettings
 from .distributed import DistEnv, average_gradients, init_distributed
 from .run import TrainingRun
 from .trajectory import PromptPool, TeacherTrajectories, read_prompt_file, resolve_prompt_pool
@@ -486,7 +486,7 @@ def distill(
             ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
             checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
     """
-    job = _DistillJob(DistillArgs(**locals()))
+    job = _DistillJob(DistillArgs.from_kwargs(locals()))
     job.open()
     job.build()
     job.train()
@@ -495,7 +495,8 @@ def distill(
 
 @dataclass
 class DistillArgs:
-    """:func:`distill`'s arguments, typed (see its docstring for each)."""
+    """:func:`distill`'s arguments, typed (see its docstring for each); its eight conversion arguments are one
+    :class:`~.conversion.ConversionSettings`, ``conversion``."""
 
     model: Path
     out: Path
@@ -503,14 +504,7 @@ class DistillArgs:
     data: Path | None
     text_embeddings: Path | None
     blocks: object
-    chunk_frames: int
-    overlap_frames: int
-    causal: bool
-    stabilizer: str
-    feature_map: str
-    feature_map_kwargs: dict | None
-    feature_map_input: str
-    softmax_blocks: str
+    conversion: ConversionSettings
     frames: int | None
     height: int | None
     width: int | None
@@ -538,9 +532,12 @@ class DistillArgs:
     def __post_init__(self) -> None:
         self.model, self.out = Path(self.model), Path(self.out)
 
-    def conversion(self) -> ConversionSettings:
-        """The eight conversion settings, as one object."""
-        return ConversionSettings.from_kwargs(vars(self))
+    @classmethod
+    def from_kwargs(cls, kwargs) -> "DistillArgs":
+        """From :func:`distill`'s keyword arguments (a mapping of every name, e.g. its ``locals()``): the eight
+        conversion names go into ``conversion``, the others into their fields."""
+        rest = {name: value for name, value in kwargs.items() if name not in CONVERSION_NAMES}
+        return cls(**rest, conversion=ConversionSettings.from_kwargs(kwargs))
 
 
 class _DistillJob:
@@ -559,16 +556,17 @@ class _DistillJob:
         self.tcfg = tcfg = read_transformer_config(a.model)
         self.converted_cfg = tcfg["rehyat"]
         if block_causal_chunk(self.converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
-            check_block_causal_teacher(a.model, self.converted_cfg, a.chunk_frames, a.softmax_blocks)
+            check_block_causal_teacher(a.model, self.converted_cfg, a.conversion.chunk_frames,
+                                       a.conversion.softmax_blocks)
             self.converted_cfg = None
         self.kind, self.bval = self._block_choice()
         self._check_numbers()
         self.latent_shape, geometry = self._geometry()
         pdefaults = read_pipeline_config(a.model).get("defaults", {})
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
-        self.conversion = a.conversion().to_kwargs()  # the run_config.json entry and convert_wan's keywords
+        self.conversion = a.conversion.to_kwargs()  # the run_config.json entry and convert_wan's keywords
         if self.converted_cfg is None:
-            a.conversion().check(tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
+            a.conversion.check(tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
         self.run = TrainingRun.open(a.out, self._settings(geometry), steps=a.steps,
                                     checkpoint_every=a.checkpoint_every, log_every=a.log_every, resume=a.resume,
                                     overwrite=a.overwrite, desc="distill", progress=a.progress)

@@ -339,11 +339,8 @@ def convert_model(
         ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
             folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
     """
-    from .common import resolve_dtype
-    from .components import read_pipeline_config
     from .data import prepare_output_folder
     from .distributed import init_distributed
-    from .trajectory import resolve_prompt_pool
 
     model, out = Path(model), Path(out)
     tcfg, kind, bval, conversion = _check_conversion(model, blocks, ConversionSettings.from_kwargs(locals()))
@@ -359,19 +356,14 @@ def convert_model(
     selection, feature_maps, block_settings, chosen = None, {}, None, bval
     if kind in ("best", "auto"):
         env = init_distributed(device)
-        if guidance is None:
-            guidance = read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0)
-        run = dict(pool=resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
-                                            device=env.device, text_dim=tcfg["text_dim"]),
-                   latent_shape=latent_shape, lr=lr, batch_size=batch_size, sampling_steps=sampling_steps,
-                   guidance=float(guidance), seed=seed, env=env, dtype=resolve_dtype(precision, env.device),
-                   progress=progress)
+        run = _selection_run(model, tcfg, latent_shape, env, prompts=prompts, data=data,
+                             text_embeddings=text_embeddings, guidance=guidance, lr=lr, batch_size=batch_size,
+                             sampling_steps=sampling_steps, seed=seed, precision=precision, progress=progress)
         if kind == "best":
             selection, feature_maps = _ranked_selection(model, conversion, bval, costs, rank_steps, run)
         else:
-            selection, feature_maps = _budget_selection(model, conversion, cands, costs, budget, rank_steps, run)
-            block_settings = {b: {"chunk_frames": tc, "overlap_frames": to}
-                              for b, (tc, to) in selection.converted.items()}
+            selection, feature_maps, block_settings = _budget_selection(model, conversion, cands, costs, budget,
+                                                                        rank_steps, run)
         chosen = sorted(selection.converted)
         if not env.is_main:
             return out, selection
@@ -457,6 +449,24 @@ class _BlockCosts:
         return attention_flops(*self._shape, setting, **self._fm)
 
 
+def _selection_run(model: Path, tcfg: dict, latent_shape, env, *, prompts, data, text_embeddings, guidance, lr,
+                   batch_size, sampling_steps, seed, precision, progress) -> dict:
+    """The keyword arguments every short distillation of a ranked selection takes: the prompt pool
+    (:func:`~rehyat.training.trajectory.resolve_prompt_pool`), the guidance (``None``: the folder's default, else
+    5.0), the run's dtype from ``precision`` on ``env.device``, and the rest as given."""
+    from .common import resolve_dtype
+    from .components import read_pipeline_config
+    from .trajectory import resolve_prompt_pool
+
+    if guidance is None:
+        guidance = read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0)
+    return dict(pool=resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
+                                         device=env.device, text_dim=tcfg["text_dim"]),
+                latent_shape=latent_shape, lr=lr, batch_size=batch_size, sampling_steps=sampling_steps,
+                guidance=float(guidance), seed=seed, env=env, dtype=resolve_dtype(precision, env.device),
+                progress=progress)
+
+
 def _ranked_selection(model, conversion: dict, n: int, costs: _BlockCosts, rank_steps: int, run: dict):
     """``best:N``: :func:`rehyat.training.distill.rank_blocks` as a :class:`Selection`, and the chosen blocks'
     trained feature maps."""
@@ -480,8 +490,9 @@ def _ranked_selection(model, conversion: dict, n: int, costs: _BlockCosts, rank_
 
 def _budget_selection(model, conversion: dict, cands: list, costs: _BlockCosts, budget: float, rank_steps: int,
                       run: dict):
-    """``auto``: one short distillation per candidate setting, the exact knapsack over their errors; the selection
-    and every converted block's feature maps from its chosen setting's short distillation."""
+    """``auto``: one short distillation per candidate setting, the exact knapsack over their errors; the selection,
+    every converted block's feature maps from its chosen setting's short distillation, and the per-block
+    ``block_settings`` of :func:`~rehyat.models.convert_wan` for the chosen settings."""
     import torch
 
     from .distill import short_distillation
@@ -502,7 +513,8 @@ def _budget_selection(model, conversion: dict, cands: list, costs: _BlockCosts, 
     for b, setting in selection.converted.items():
         prefix = f"blocks.{b}.attn1.processor."
         feature_maps.update({k: v for k, v in states[setting].items() if k.startswith(prefix)})
-    return selection, feature_maps
+    block_settings = {b: {"chunk_frames": tc, "overlap_frames": to} for b, (tc, to) in selection.converted.items()}
+    return selection, feature_maps, block_settings
 
 
 def _write_converted(model: Path, out: Path, chosen, conversion: dict, block_settings, feature_maps: dict,

@@ -280,21 +280,55 @@ def check_video(
     frames = _as_video(video)
     target = _target(scene_or_caption)
     n, h, w, _ = frames.shape
+    blobs, away, bg_frac = _frame_blobs(frames, target, min_area=min_area, max_area=max_area, margin=margin)
+    present = np.array([b is not None for b in blobs])
+    shape_correct, shape_predicted = _shape_scores(blobs, target["shape"])
+    vx, vy, direction_consistency, speed = _motion(blobs, target["direction"], h, w)
+    direction_predicted = _direction_of(vx, vy, min_speed)
+    persistence, mean_area = _persistence(blobs, h, w, max_jump=max_jump)
+    return {
+        "colour_present": float(present.mean()),
+        "shape_correct": shape_correct,
+        "direction_correct": float(direction_predicted == target["direction"]),
+        "direction_consistency": direction_consistency,
+        "speed": float(speed),
+        "persistence": float(persistence),
+        "background_correct": float(np.mean(bg_frac >= 0.5)),
+        "background_fraction": float(bg_frac.mean()),
+        "flicker": _flicker(frames, away),
+        "shape_predicted": shape_predicted,
+        "direction_predicted": direction_predicted,
+        "mean_velocity": [vx, vy],
+        "mean_area": mean_area,
+        "num_frames": int(n),
+    }
+
+
+def _frame_blobs(
+    frames: np.ndarray, target: Mapping[str, str], *, min_area: float, max_area: float, margin: int
+) -> tuple[list[dict | None], list[np.ndarray], np.ndarray]:
+    """Per frame of ``frames`` (float32 ``[F, H, W, 3]``): the object's blob, the pixels away from it, and the
+    background fraction.
+
+    Returns ``(blobs, away, bg_frac)``: ``blobs[t]`` is the largest blob of the target colour (see
+    :func:`_largest_blob`) or None when absent or its area, as a fraction of the frame, is outside
+    ``[min_area, max_area]``; ``away[t]`` is bool ``[H, W]``, pixels neither of the object colour nor within
+    ``margin`` of the largest blob (its blurred or anti-aliased rim; kept even when the blob's area is out of
+    range); ``bg_frac`` is float64 ``[F]``, the fraction of away pixels of the background colour (0 if none).
+    """
+    from scipy import ndimage
+
+    n, h, w, _ = frames.shape
     obj_idx = _PALETTE_NAMES.index(target["colour"])
     bg_idx = _PALETTE_NAMES.index(target["background"])
     total = float(h * w)
-
-    from scipy import ndimage
-
     blobs: list[dict | None] = []
-    away: list[np.ndarray] = []  # [H, W] bool per frame: pixels away from the object
+    away: list[np.ndarray] = []
     bg_frac = np.zeros(n)
     for t in range(n):
         labels = palette_labels(frames[t])
         obj = labels == obj_idx
         blob = _largest_blob(obj)
-        # "Away" pixels: not of the object colour and not within `margin` of the
-        # largest blob (its blurred or anti-aliased rim).
         near = obj.copy()
         if blob is not None:
             near |= ndimage.maximum_filter(blob["mask"].astype(np.uint8), size=2 * margin + 1, mode="wrap") > 0
@@ -304,78 +338,67 @@ def check_video(
         blobs.append(blob)
         away.append(far)
         bg_frac[t] = (labels[far] == bg_idx).mean() if far.any() else 0.0
+    return blobs, away, bg_frac
 
-    present = np.array([b is not None for b in blobs])
-    colour_present = float(present.mean())
 
-    # Shape.
+def _shape_scores(blobs: Sequence[dict | None], shape: str) -> tuple[float, str]:
+    """``(shape_correct, shape_predicted)`` of :func:`check_video` over the present frames' blobs."""
     shapes = [classify_shape(b["crop"]) for b in blobs if b is not None]
-    shape_correct = float(np.mean([s == target["shape"] for s in shapes])) if shapes else 0.0
+    shape_correct = float(np.mean([s == shape for s in shapes])) if shapes else 0.0
     shape_predicted = Counter(shapes).most_common(1)[0][0] if shapes else "none"
+    return shape_correct, shape_predicted
 
-    # Motion between consecutive present frames.
+
+def _motion(blobs: Sequence[dict | None], direction: str, h: int, w: int) -> tuple[float, float, float, float]:
+    """``(vx, vy, direction_consistency, speed)`` of :func:`check_video` from the wrap-unwrapped centroid steps
+    between consecutive present frames (0, 0, 0 and NaN without such a pair)."""
     steps = []
-    for t in range(1, n):
+    for t in range(1, len(blobs)):
         a, b = blobs[t - 1], blobs[t]
         if a is not None and b is not None:
             steps.append((_wrap(b["cx"] - a["cx"], w), _wrap(b["cy"] - a["cy"], h)))
-    tx, ty = DIRECTIONS[target["direction"]]
-    if steps:
-        st = np.array(steps)
-        vx, vy = float(st[:, 0].mean()), float(st[:, 1].mean())
-        direction_consistency = float(np.mean(st[:, 0] * tx + st[:, 1] * ty > 0))
-    else:
-        vx = vy = 0.0
-        direction_consistency = 0.0
-    speed = vx * tx + vy * ty if steps else float("nan")
-    direction_predicted = _direction_of(vx, vy, min_speed)
+    tx, ty = DIRECTIONS[direction]
+    if not steps:
+        return 0.0, 0.0, 0.0, float("nan")
+    st = np.array(steps)
+    vx, vy = float(st[:, 0].mean()), float(st[:, 1].mean())
+    direction_consistency = float(np.mean(st[:, 0] * tx + st[:, 1] * ty > 0))
+    return vx, vy, direction_consistency, vx * tx + vy * ty
 
-    # Persistence: present, stable size, no teleporting.
-    persistence = 0.0
-    if present.any():
-        areas = np.array([b["area"] for b in blobs if b is not None], dtype=np.float64)
-        median_area = float(np.median(areas))
-        limit = max_jump * min(h, w)
-        ok = 0
-        last_t, last = None, None
-        for t, b in enumerate(blobs):
-            if b is None:
-                continue
-            good = 0.5 * median_area <= b["area"] <= 2.0 * median_area
-            if last is not None:
-                jump = math.hypot(_wrap(b["cx"] - last["cx"], w), _wrap(b["cy"] - last["cy"], h))
-                good = good and jump <= limit * (t - last_t)
-            ok += int(good)
-            last_t, last = t, b
-        persistence = ok / n
-        mean_area = float(areas.mean() / total)
-    else:
-        mean_area = float("nan")
 
-    # Flicker over pixels away from the object in both frames.
+def _persistence(blobs: Sequence[dict | None], h: int, w: int, *, max_jump: float) -> tuple[float, float]:
+    """``(persistence, mean_area)`` of :func:`check_video`: the fraction of frames whose object is present, of
+    stable size (0.5x..2x the median present area) and did not teleport (centroid jump at most
+    ``max_jump * min(h, w)`` per frame since the last present frame); the mean present area as a fraction of
+    the frame. ``(0.0, nan)`` if the object is never present."""
+    areas = np.array([b["area"] for b in blobs if b is not None], dtype=np.float64)
+    if not len(areas):
+        return 0.0, float("nan")
+    median_area = float(np.median(areas))
+    limit = max_jump * min(h, w)
+    ok = 0
+    last_t, last = None, None
+    for t, b in enumerate(blobs):
+        if b is None:
+            continue
+        good = 0.5 * median_area <= b["area"] <= 2.0 * median_area
+        if last is not None:
+            jump = math.hypot(_wrap(b["cx"] - last["cx"], w), _wrap(b["cy"] - last["cy"], h))
+            good = good and jump <= limit * (t - last_t)
+        ok += int(good)
+        last_t, last = t, b
+    return ok / len(blobs), float(areas.mean() / float(h * w))
+
+
+def _flicker(frames: np.ndarray, away: Sequence[np.ndarray]) -> float:
+    """Mean absolute difference of consecutive frames over pixels away from the object in both, in [0, 1]
+    units; NaN when no pair of frames has such a pixel."""
     diffs = []
-    for t in range(1, n):
+    for t in range(1, len(frames)):
         m = away[t - 1] & away[t]
         if m.any():
             diffs.append(float(np.abs(frames[t][m] - frames[t - 1][m]).mean() / 255.0))
-    flicker = float(np.mean(diffs)) if diffs else float("nan")
-
-    return {
-        "colour_present": colour_present,
-        "shape_correct": shape_correct,
-        "direction_correct": float(direction_predicted == target["direction"]),
-        "direction_consistency": direction_consistency,
-        "speed": float(speed),
-        "persistence": float(persistence),
-        "background_correct": float(np.mean(bg_frac >= 0.5)),
-        "background_fraction": float(bg_frac.mean()),
-        "flicker": flicker,
-        "shape_predicted": shape_predicted,
-        "direction_predicted": direction_predicted,
-        "mean_velocity": [vx, vy],
-        "mean_area": mean_area,
-        "num_frames": int(n),
-    }
+    return float(np.mean(diffs)) if diffs else float("nan")
 
 
 def _direction_of(vx: float, vy: float, min_speed: float) -> str:

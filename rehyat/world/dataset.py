@@ -160,23 +160,9 @@ def export_video_dataset(
             non-empty folder (or a file) and ``overwrite`` is False. Nothing is
             written in those cases.
     """
-    _check_int("num_videos", num_videos, 1)
-    _check_int("num_frames", num_frames, 1)
-    _check_int("height", height, 8)
-    _check_int("width", width, 8)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-    if not lossless and (height % 2 or width % 2):
-        raise ValueError(f"height and width must be even unless lossless=True, got {height}x{width}")
+    _check_export_args(num_videos, num_frames, height, width, seed, fps, lossless=lossless)
     scene_options = dict(scene_options or {})
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"out_dir {out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"out_dir {out} is not empty; pass overwrite=True to write into it")
+    out = _check_out_dir(out_dir, overwrite=overwrite)
 
     # Draw every scene before writing anything, so bad scene_options fail early.
     seeds = [scene_seed(seed, i) for i in range(num_videos)]
@@ -187,19 +173,34 @@ def export_video_dataset(
     for i, (s, scene) in enumerate(zip(seeds, scenes)):
         name = f"{i:06d}.mp4"
         write_video(out / name, render_video(scene, num_frames, height, width), fps=fps, lossless=lossless)
-        records.append(
-            {
-                "file_name": name,
-                "text": caption(scene),
-                "scene": scene.to_dict(),
-                "seed": s,
-                "num_frames": int(num_frames),
-                "height": int(height),
-                "width": int(width),
-                "fps": fps,
-            }
-        )
+        records.append({"file_name": name, "text": caption(scene), "scene": scene.to_dict(), "seed": s,
+                        "num_frames": int(num_frames), "height": int(height), "width": int(width), "fps": fps})
     with open(out / METADATA_FILE, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     return records
+
+
+def _check_export_args(num_videos, num_frames, height, width, seed, fps, *, lossless: bool) -> None:
+    """ValueError naming the first bad number among :func:`export_video_dataset`'s arguments."""
+    _check_int("num_videos", num_videos, 1)
+    _check_int("num_frames", num_frames, 1)
+    _check_int("height", height, 8)
+    _check_int("width", width, 8)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if not lossless and (height % 2 or width % 2):
+        raise ValueError(f"height and width must be even unless lossless=True, got {height}x{width}")
+
+
+def _check_out_dir(out_dir, *, overwrite: bool) -> Path:
+    """``out_dir`` as a Path; ValueError if it is a file, or a non-empty folder and ``overwrite`` is False."""
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"out_dir {out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ValueError(f"out_dir {out} is not empty; pass overwrite=True to write into it")
+    return out
