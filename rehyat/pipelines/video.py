@@ -35,10 +35,10 @@ image-to-video mode (the first latent frame replaced by an encoded image, held a
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ from ..models.runner import TransformerState, check_recurrent, forward_chunk, re
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
                       read_pipeline_config, read_transformer_config)
+from .sampling import SamplingLoop, denoise, guidance_embeds, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
            "PIPELINE_CONFIG_NAME"]
@@ -538,18 +539,6 @@ class ReHyAtVideoPipeline:
         return np.concatenate(blocks, axis=0) if blocks else None
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def _velocity(self, latents, t, embeds, guidance_scale, forward):
-        """One guided model evaluation: the batch is [uncond; cond] when guidance is on."""
-        dtype = self.transformer.dtype
-        cfg = guidance_scale > 1.0
-        x = torch.cat([latents, latents]) if cfg else latents
-        ts = t.expand(x.shape[0]).to(x.device)
-        out = forward(x.to(dtype), ts, embeds).float()
-        if not cfg:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -677,11 +666,11 @@ class ReHyAtVideoPipeline:
                                       progress, init)
         else:
             if mode == "parallel":
-                forward = lambda x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
+                forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
             else:
-                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
+                forward = lambda i, x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
             latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
-                                    guidance_scale, forward, progress)
+                                    guidance_scale, forward, progress=progress)
             if decoder is not None:
                 emit(to_uint8_frames(decoder(latents.float())))
         if decoder is not None:
@@ -751,56 +740,55 @@ class ReHyAtVideoPipeline:
             neg = self.negative_prompt if negative_prompt is None else negative_prompt
             negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds[0])
         neg = negative_prompt_embeds.to(dev, dtype)
-        out = []
-        for e in embeds:
-            L = max(neg.shape[1], e.shape[1])
-            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]))  # noqa: E731
-            out.append(torch.cat([pad(neg), pad(e)]))
-        return out
+        return [guidance_embeds(neg, e) for e in embeds]
 
-    def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
-        from tqdm.auto import tqdm
+    def _denoise(self, latents, embeds, steps, guidance_scale, forward, *, progress=False, chunk_start=None,
+                 path=None):
+        """All steps (:func:`~rehyat.pipelines.sampling.denoise`) with the guided velocity of ``forward(i, x, ts,
+        embeds)`` (``i``: the step) on latents ``[B, C, f, h, w]``, checked after every step (:meth:`_check_latents`).
+        ``chunk_start``: for one chunk, the latent frame it starts at (named in errors); ``path``: a list that gets
+        the input of every step."""
+        dtype = self.transformer.dtype
+        f0 = chunk_start or 0
+        where = "" if chunk_start is None else f" of the chunk starting at latent frame {f0}"
 
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps, device=latents.device)
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False)):
-            v = self._velocity(latents, t, embeds, guidance_scale, forward)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            self._check_latents(latents, 0, f"after denoising step {i + 1} of {steps}")
-        return latents
+        def velocity(x, t, i):
+            if path is not None:
+                path.append(x)
+            return guided_velocity(partial(forward, i), x, t, embeds, guidance_scale, dtype)
+
+        def check(i, x):
+            self._check_latents(x, f0, f"after denoising step {i + 1} of {steps}{where}")
+
+        return denoise(self.scheduler, latents, steps, velocity, after_step=check, progress=progress)
+
+    def _chunk_forward(self, states, new_states):
+        """``forward(i, x, ts, embeds)`` of one chunk at step ``i`` on ``states[i]`` (the earlier chunks' state at
+        that step, not modified), keeping the state after the chunk in ``new_states[i]``."""
+        def forward(i, x, ts, e):
+            out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+            return out
+
+        return forward
 
     def _denoise_chunk(self, latents, embeds, states, steps, guidance_scale, f0):
         """Denoise one chunk ``[B, C, n, h, w]`` starting at latent frame ``f0`` (all steps) on the per-step
         ``states`` of the earlier chunks (not modified). Returns ``(latents, states after the chunk, path)``:
         ``path[i]`` is the chunk's input to step ``i``."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps, device=latents.device)
         new_states, path = list(states), []
-        for i, t in enumerate(scheduler.timesteps):
-            def forward(x, ts, e, i=i):
-                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                return out
-
-            path.append(latents)
-            v = self._velocity(latents, t, embeds, guidance_scale, forward)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
-                                             f"at latent frame {f0}")
+        latents = self._denoise(latents, embeds, steps, guidance_scale, self._chunk_forward(states, new_states),
+                                chunk_start=f0, path=path)
         return latents, new_states, path
 
     def _context_states(self, path, own, given, embeds, states, guidance_scale):
         """Per-step states after a given chunk (see :meth:`_streaming`): step ``i`` runs the model on
         ``path[i] + (1 - sigma_i) (given - own)`` over ``states[i]`` (not modified) and keeps the new state."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(len(path), device=own.device)
+        loop = SamplingLoop(self.scheduler, own, len(path))
         new_states = list(states)
-        for i, t in enumerate(scheduler.timesteps):
-            def forward(x, ts, e, i=i):
-                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                return out
-
-            context = path[i] + (1.0 - float(scheduler.sigmas[i])) * (given - own)
-            self._velocity(context, t, embeds, guidance_scale, forward)
+        forward = self._chunk_forward(states, new_states)
+        for i, t in enumerate(loop.timesteps):
+            context = path[i] + (1.0 - float(loop.scheduler.sigmas[i])) * (given - own)
+            guided_velocity(partial(forward, i), context, t, embeds, guidance_scale, self.transformer.dtype)
         return new_states
 
     def _check_latents(self, latents, frame_start: int, when: str) -> None:
