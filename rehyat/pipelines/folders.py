@@ -2,18 +2,21 @@
 
 A model folder is what :class:`rehyat.pipelines.ReHyAtVideoPipeline` reads: ``transformer/`` (plain Wan or ReHyAt),
 ``scheduler/``, optional ``vae/``, optional ``tokenizer/`` + ``text_encoder/`` (or ``"text_encoder": "minilm"``
-in ``rehyat_pipeline.json``). The pipeline and the training commands share these readers.
+in ``rehyat_pipeline.json``). The pipeline and the training commands share these readers, the VAE loader
+(:func:`load_vae`) and the one writer of model folders (:func:`write_model_folder`).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-from ..io import read_json_object
+from ..io import first_line, read_json_object, write_folder_atomically
 from ..models.wan import read_rehyat_settings, read_wan_config
 
 __all__ = ["PIPELINE_CONFIG_NAME", "read_transformer_config", "read_pipeline_config", "default_scheduler", "load_scheduler",
-           "load_text_encoder_from_folder"]
+           "load_text_encoder_from_folder", "load_vae", "copy_components", "write_model_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 
@@ -98,3 +101,87 @@ def load_text_encoder_from_folder(folder, *, device="cpu"):
         raise ValueError(f"{folder}'s text encoder gives {width}-dim embeddings, its transformer takes text_dim={text_dim}")
     return tokenizer, encoder
 
+
+
+def load_vae(folder, device="cpu"):
+    """The folder's ``vae/`` as an ``AutoencoderKLWan`` in float32 on ``device``, in eval mode; ``None`` without a
+    ``vae/`` folder (pixel space). The one loader of a model folder's VAE.
+
+    Raises:
+        ValueError: ``vae/`` holds weights or a config diffusers cannot load (e.g. a corrupt safetensors file),
+            naming the folder.
+    """
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    path = Path(folder) / "vae"
+    if not path.is_dir():
+        return None
+    try:
+        vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32)
+    except OSError as e:  # diffusers: "Error no file named ...", a corrupt safetensors file
+        raise ValueError(f"cannot load the VAE in {path}: {first_line(e)}") from None
+    return vae.to(device).eval()
+
+
+def copy_components(src, dst, *, exclude=("transformer",)) -> None:
+    """Copy every top-level entry of model folder ``src`` into ``dst`` except ``exclude`` and training files
+    (``train/``, ``distill_*``, ``finetune_*``, ``selection*``)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    skip = set(exclude) | {"train"}
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.startswith(("distill_", "finetune_", "selection")):
+            continue
+        target = dst / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, target)
+
+
+def _save_transformer(transformer, folder: Path) -> None:
+    from ..models.wan import get_rehyat_config, save_rehyat
+
+    if get_rehyat_config(transformer) is not None:
+        save_rehyat(transformer, folder, overwrite=True)
+    else:
+        transformer.save_pretrained(folder)
+
+
+def write_model_folder(folder, transformer, pipeline_config: dict, *, scheduler=None, vae=None, components_from=None,
+                       overwrite: bool = False) -> Path:
+    """Write a model folder atomically (:func:`rehyat.io.write_folder_atomically`): everything goes to a temporary
+    folder beside ``folder`` first and is moved in when complete, so an error or interrupt mid-save leaves no
+    half-written folder or component. The one writer of model folders.
+
+    Args:
+        folder: the model folder; where it already holds files (``overwrite=True``), the components written here
+            replace theirs and its other entries are kept.
+        transformer: written to ``transformer/`` (:func:`rehyat.save_rehyat` for a converted model, else
+            ``save_pretrained``).
+        pipeline_config: the content of ``rehyat_pipeline.json``.
+        scheduler: written to ``scheduler/``; ``None``: the one of ``components_from`` or ``folder`` if any, else
+            Wan's default (:func:`default_scheduler`).
+        vae: an ``AutoencoderKLWan`` written to ``vae/``, or ``None``.
+        components_from: a model folder whose other components are copied (:func:`copy_components`).
+        overwrite: write into a non-empty ``folder``.
+
+    Raises:
+        FileExistsError: ``folder`` is a file, or a non-empty folder without ``overwrite``; before anything is written.
+    """
+    folder = Path(folder)
+
+    def write(tmp: Path) -> None:
+        if components_from is not None:
+            copy_components(components_from, tmp)
+        _save_transformer(transformer, tmp / "transformer")
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
+        elif not (tmp / "scheduler").is_dir() and not (folder / "scheduler").is_dir():
+            default_scheduler().save_pretrained(tmp / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae")
+        (tmp / PIPELINE_CONFIG_NAME).write_text(json.dumps(pipeline_config, indent=2) + "\n")
+
+    return write_folder_atomically(folder, write, overwrite=overwrite)

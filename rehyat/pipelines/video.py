@@ -35,7 +35,6 @@ image-to-video mode (the first latent frame replaced by an encoded image, held a
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -47,8 +46,8 @@ import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
-from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
-                      read_pipeline_config, read_transformer_config)
+from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder, load_vae,
+                      read_pipeline_config, read_transformer_config, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
@@ -422,11 +421,7 @@ class ReHyAtVideoPipeline:
             table = TextEmbeddingTable.load(text_embeddings)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
         scheduler = load_scheduler(folder)
-        vae = None
-        if (folder / "vae").is_dir():
-            from diffusers import AutoencoderKLWan
-
-            vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device or "cpu").eval()
+        vae = load_vae(folder, device or "cpu")
         pipe = cls(
             transformer, scheduler, vae, None, None,
             max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
@@ -443,27 +438,20 @@ class ReHyAtVideoPipeline:
         return pipe
 
     def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:
-        """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm")."""
-        from ..models.wan import get_rehyat_config, save_rehyat
+        """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm"),
+        atomically (:func:`~rehyat.pipelines.folders.write_model_folder`: nothing half-written is left on an error).
 
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
-        folder.mkdir(parents=True, exist_ok=True)
-        if get_rehyat_config(self.transformer) is not None:
-            save_rehyat(self.transformer, folder / "transformer", overwrite=True)
-        else:
-            self.transformer.save_pretrained(folder / "transformer")
-        self.scheduler.save_pretrained(folder / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(folder / "vae")
+        Raises:
+            FileExistsError: ``folder`` exists and is not empty, without ``overwrite`` (then its entries of these
+                names are replaced, the others kept); before anything is written.
+        """
         cfg = {"max_sequence_length": self.max_sequence_length, "fps": self.fps, "negative_prompt": self.negative_prompt}
         if self.defaults:
             cfg["defaults"] = self.defaults
         if text_encoder is not None:
             cfg["text_encoder"] = text_encoder
-        (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return folder
+        return write_model_folder(folder, self.transformer, cfg, scheduler=self.scheduler, vae=self.vae,
+                                  overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------------------ geometry
     @property

@@ -658,14 +658,9 @@ def _video_encoder(model: Path, device):
     """``encode(videos [B, 3, F, H, W]) -> normalised latents [B, C, f, h, w]`` with the folder's VAE (float32,
     on ``device``; the latents normalised by its ``latents_mean`` / ``latents_std``). ValueError for a VAE that
     cannot be loaded."""
-    from diffusers import AutoencoderKLWan
+    from ..pipelines.folders import load_vae
 
-    from ..io import first_line
-
-    try:
-        vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
-    except OSError as e:  # e.g. a corrupt safetensors file
-        raise ValueError(f"cannot load the VAE in {model / 'vae'}: {first_line(e)}") from None
+    vae = load_vae(model, device)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
     return lambda x: (vae.encode(x).latent_dist.mode() - mean) / std
