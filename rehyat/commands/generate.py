@@ -106,13 +106,11 @@ def check_text_source(model, text_embeddings, arg: str = "--model") -> None:
     """``ValueError`` when prompts cannot be encoded: ``model`` has no text encoder (``tokenizer/`` +
     ``text_encoder/``, or ``"text_encoder": "minilm"`` in ``rehyat_pipeline.json``) and no ``--text-embeddings``
     table is given."""
-    from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.folders import ModelFolder
 
     if text_embeddings is not None:
         return
-    model = Path(model)
-    named = read_pipeline_config(model).get("text_encoder") == "minilm"  # as ReHyAtVideoPipeline.from_pretrained
-    if not named and not ((model / "tokenizer").is_dir() and (model / "text_encoder").is_dir()):
+    if not ModelFolder.of(model).has_text_encoder:  # as ReHyAtVideoPipeline.from_pretrained
         raise ValueError(f"{arg} {model} has no text encoder (no tokenizer/ and text_encoder/): pass "
                          "--text-embeddings FILE, a caption-embedding table holding your prompts")
 
@@ -154,7 +152,8 @@ def _prompt_file_jobs(args) -> list[tuple[str, int, Path]]:
 
 
 def _resolve(args):
-    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings).
+    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings),
+    the folder a :class:`~rehyat.pipelines.folders.ModelFolder` whose configs are read once, here.
 
     Raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` / ``IsADirectoryError`` naming the argument:
     bad settings, existing outputs without ``--overwrite``, ``--out`` a file with ``--prompt-file``, a video past a
@@ -163,8 +162,7 @@ def _resolve(args):
     """
     from ..assets import default_model
     from ..io import check_output_file
-    from ..pipelines.video import folder_check_rope_table, folder_latent_shape, folder_vae_factors
-    from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.folders import ModelFolder
     from ..pipelines.schedule import read_prompt_schedule
     from ._checks import check_guidance, check_steps
 
@@ -206,10 +204,11 @@ def _resolve(args):
                              "replace the video")
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    model = ModelFolder(model)
     init = _read_init(args)
-    defaults = read_pipeline_config(model).get("defaults", {})
+    defaults = model.pipeline_config.get("defaults", {})
     if init is not None:  # --height / --width default to the given video's size
-        spatial = 1 if args.init_video is not None else folder_vae_factors(model)[1]
+        spatial = 1 if args.init_video is not None else model.vae_factors[1]
         size = init.shape[1:3] if args.init_video is not None else init.shape[3:]
         defaults = defaults | dict(height=int(size[0]) * spatial, width=int(size[1]) * spatial)
     pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
@@ -219,17 +218,16 @@ def _resolve(args):
     check_steps(geometry["steps"])
     check_guidance(geometry["guidance"])
     if args.mode in ("recurrent", "streaming"):
-        from ..pipelines.folders import read_transformer_config
         from ._notes import folder_recurrence_problem
 
-        if read_transformer_config(model)["rehyat"] is None:
+        if model.rehyat is None:
             raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
                              "(not causal): use --mode parallel or auto, or convert it first")
         problem = folder_recurrence_problem(model)
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
     try:
-        shape = folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+        shape = model.latent_shape(geometry["frames"], geometry["height"], geometry["width"])
     except ValueError as e:  # a size taken from --init-video / --init-latents: say so
         if init is None or (args.height is not None and args.width is not None):
             raise
@@ -239,11 +237,11 @@ def _resolve(args):
         _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
     if init is not None:
         _check_init(args, model, init, shape, geometry)
-    folder_check_rope_table(model, shape)
+    model.check_rope_table(shape)
     check_video_output(model, shape[1])
     check_text_source(model, args.text_embeddings)
     device = check_device(args.device)
-    return Path(model), jobs, device, geometry
+    return model, jobs, device, geometry
 
 
 def _runner_chunk(args, model, arg: str, why: str, modes: tuple[str, ...]) -> int:

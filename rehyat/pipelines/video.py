@@ -46,8 +46,10 @@ import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
-from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder, load_vae,
-                      read_pipeline_config, read_transformer_config, write_model_folder)
+from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
+    PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, check_rope_table, check_vae_channels, default_scheduler,
+    folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors, latent_shape, load_scheduler,
+    load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
@@ -68,119 +70,6 @@ def initial_noise(seed: int, shape: tuple[int, int, int, int, int], frame_start:
         g = torch.Generator().manual_seed(seed * 1_000_003 + f)
         frames.append(torch.randn(B, C, 1, H, W, generator=g))
     return torch.cat(frames, dim=2).to(device)
-
-
-def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_frames: int, height: int, width: int,
-                 batch: int = 1) -> tuple[int, int, int, int, int]:
-    """Latent shape ``[B, C, F, H, W]`` of a video of ``num_frames`` x ``height`` x ``width`` pixels.
-
-    ``temporal``/``spatial``: the VAE's compression (1/1 in pixel space); ``patch``: the transformer's spatial
-    patch. Raises ``ValueError`` for a frame count the VAE cannot produce (``temporal * k + 1``) or a size that is
-    not a positive multiple of ``spatial * patch``.
-    """
-    mult = spatial * patch
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"frames must be an int >= 1, got {num_frames!r}")
-    if (num_frames - 1) % temporal != 0:
-        raise ValueError(f"frames must be {temporal}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
-    for name, val in (("height", height), ("width", width)):
-        if not isinstance(val, int) or val < mult or val % mult != 0:
-            raise ValueError(f"{name} must be a positive multiple of {mult} for this model, got {val!r}")
-    return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-
-
-def vae_factors(vae_config) -> tuple[int, int]:
-    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` from its config (a dict or ``vae.config``):
-    ``scale_factor_temporal`` / ``scale_factor_spatial``; where the config omits them (or sets them to null),
-    derived from its down-sampling stages and pixel patch: ``2 ** sum(temperal_downsample)`` and
-    ``2 ** len(temperal_downsample) * patch_size`` (Wan2.1's VAE: 4 and 8; Wan2.2's, with ``patch_size=2``: 4 and
-    16). The one reader of a VAE's geometry (its latent channels are ``z_dim``: :func:`check_vae_channels`)."""
-    down = vae_config.get("temperal_downsample") or [False, True, True]
-    temporal, spatial = vae_config.get("scale_factor_temporal"), vae_config.get("scale_factor_spatial")
-    return (int(temporal) if temporal is not None else 2 ** sum(down),
-            int(spatial) if spatial is not None else 2 ** len(down) * (vae_config.get("patch_size") or 1))
-
-
-def check_vae_channels(vae_config, in_channels: int) -> None:
-    """``ValueError`` when a VAE's latents (``z_dim`` channels, default 16) are not what the transformer takes
-    (``in_channels``): a VAE and a transformer of two models, e.g. Wan2.2-TI2V-5B's VAE (48) with a Wan2.1
-    transformer (16). ``vae_config``: a dict or ``vae.config``."""
-    z_dim = vae_config.get("z_dim", 16)
-    if z_dim != in_channels:
-        raise ValueError(f"the VAE makes {z_dim}-channel latents (z_dim={z_dim}) but the transformer takes "
-                         f"in_channels={in_channels}: they belong to two models (Wan2.1's VAE has 16 channels, "
-                         "Wan2.2-TI2V-5B's 48); use the VAE the transformer was trained with")
-
-
-def folder_vae_config(folder) -> dict | None:
-    """A model folder's ``vae/config.json``, or ``None`` without that file (pixel space). Raises ``ValueError``
-    naming the file for malformed JSON."""
-    from ..io import read_json_object
-
-    cfg = Path(folder) / "vae" / "config.json"
-    return read_json_object(cfg) if cfg.is_file() else None
-
-
-def folder_vae_factors(folder) -> tuple[int, int]:
-    """:func:`vae_factors` of a model folder's ``vae/config.json``; ``(1, 1)`` without that file (pixel space).
-    Raises ``ValueError`` naming the file for malformed JSON."""
-    cfg = folder_vae_config(folder)
-    return vae_factors(cfg) if cfg is not None else (1, 1)
-
-
-def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded).
-    Raises ``ValueError`` as :func:`latent_shape` does, or when its VAE's latents are not the transformer's input
-    (:func:`check_vae_channels`)."""
-    tcfg = read_transformer_config(folder)
-    vcfg = folder_vae_config(folder)
-    if vcfg is not None:
-        check_vae_channels(vcfg, tcfg["in_channels"])
-    temporal, spatial = vae_factors(vcfg) if vcfg is not None else (1, 1)
-    return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
-
-
-WAN_ROPE_MAX_SEQ_LEN = 1024  # diffusers' WanTransformer3DModel default for rope_max_seq_len
-
-
-def check_rope_table(positions: int | None, patch_size, shape, temporal: int, spatial: int) -> None:
-    """``ValueError`` when a latent video is longer or larger than a plain Wan transformer's RoPE table.
-
-    diffusers' ``WanRotaryPosEmbed`` precomputes ``rope_max_seq_len`` positions per axis (latent frames, rows and
-    columns of patches) and fails inside the forward beyond them; a ReHyAt-converted transformer computes RoPE for
-    any position (:class:`rehyat.models.wan.AbsoluteRotaryPosEmbed`), in every mode.
-
-    Args:
-        positions: the table's length (``rope_max_seq_len``), or ``None`` for a converted transformer (no limit).
-        patch_size: the transformer's ``(p_t, p_h, p_w)``.
-        shape: latents ``[B, C, F, H, W]`` (:func:`latent_shape`).
-        temporal, spatial: the VAE's compression (1, 1 in pixel space), to state the limit in pixels and frames.
-
-    Raises:
-        ValueError: one line naming ``frames``, ``height`` or ``width``, the longest the model supports (frames
-            also in latent frames) and that a converted model has no such limit.
-    """
-    if positions is None:
-        return
-    p_t, p_h, p_w = patch_size
-    _, _, frames, height, width = shape
-    table = f"this plain Wan transformer's RoPE table (rope_max_seq_len={positions} positions per axis), which supports"
-    other = "in every mode; a ReHyAt-converted model (rehyat convert) has no such limit in any mode"
-    if frames // p_t > positions:
-        longest = positions * p_t
-        raise ValueError(f"frames {(frames - 1) * temporal + 1} ({frames} latent frames) is past {table} up to "
-                         f"{(longest - 1) * temporal + 1} frames ({longest} latent frames) {other}")
-    for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
-        if size // patch > positions:
-            raise ValueError(f"{name} {size * spatial} ({size // patch} patches) is past {table} up to "
-                             f"{positions * patch * spatial} pixels ({positions} patches) {other}")
-
-
-def folder_check_rope_table(folder, shape) -> None:
-    """:func:`check_rope_table` for a model folder and its latents ``shape``, from its JSON configs alone."""
-    tcfg = read_transformer_config(folder)
-    positions = None if tcfg["rehyat"] is not None else tcfg.get("rope_max_seq_len", WAN_ROPE_MAX_SEQ_LEN)
-    check_rope_table(positions, tcfg["patch_size"], shape, *folder_vae_factors(folder))
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -401,8 +290,10 @@ class ReHyAtVideoPipeline:
         transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`) or whose VAE's latents
         are not its transformer's input (:func:`check_vae_channels`), before loading any weights. A folder written
         by diffusers' ``WanPipeline.save_pretrained`` with a converted transformer loads converted (the settings are
-        in ``transformer/config.json``)."""
-        folder = Path(folder)
+        in ``transformer/config.json``). ``folder``: a path or a :class:`~rehyat.pipelines.folders.ModelFolder`
+        (whose configs, read already by a caller's checks, are not read again)."""
+        mf = ModelFolder.of(folder)
+        folder = mf.path
         if not folder.is_dir():
             raise FileNotFoundError(f"--model folder {folder} does not exist")
         if not (folder / "transformer" / "config.json").exists():
@@ -410,20 +301,16 @@ class ReHyAtVideoPipeline:
                 f"{folder} is not a Wan or ReHyAt checkpoint: expected transformer/config.json (a diffusers "
                 "WanTransformer3DModel folder) inside it"
             )
-        cfg = read_pipeline_config(folder)
-        vae_config = folder_vae_config(folder)
-        if vae_config is not None:  # a VAE of another model: refused before any weights load
-            check_vae_channels(vae_config, read_transformer_config(folder)["in_channels"])
+        cfg = mf.pipeline_config
+        mf.check_vae_channels()  # a VAE of another model: refused before any weights load
         table = None
         if text_embeddings is not None:  # read (and fail) before any weights load
             from ..text_encoder import TextEmbeddingTable
 
             table = TextEmbeddingTable.load(text_embeddings)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
-        scheduler = load_scheduler(folder)
-        vae = load_vae(folder, device or "cpu")
         pipe = cls(
-            transformer, scheduler, vae, None, None,
+            transformer, load_scheduler(folder), load_vae(folder, device or "cpu"), None, None,
             max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
             negative_prompt=cfg.get("negative_prompt", ""), defaults=cfg.get("defaults"),
         )
@@ -433,8 +320,8 @@ class ReHyAtVideoPipeline:
             if pipe.text_table.text_dim != transformer.config.text_dim:
                 raise ValueError(f"{text_embeddings} holds {pipe.text_table.text_dim}-dim embeddings, the model takes "
                                  f"text_dim={transformer.config.text_dim}")
-        elif ((folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()) or cfg.get("text_encoder") == "minilm":
-            pipe._text_encoder_folder = folder
+        elif mf.has_text_encoder:
+            pipe._text_encoder_folder = mf
         return pipe
 
     def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:

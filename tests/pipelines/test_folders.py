@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +108,60 @@ def test_corrupt_vae_is_one_value_error_at_every_loader(pipe, tmp_path):
     for load in (lambda: ReHyAtVideoPipeline.from_pretrained(folder), lambda: load_model_folder(folder, vae=True)):
         with pytest.raises(ValueError, match=r"cannot load the VAE in .*vae"):
             load()
+
+
+@pytest.fixture
+def config_reads(monkeypatch):
+    """Counts of the reads of each config of a model folder: ``rehyat_pipeline.json``, ``vae/config.json`` (through
+    :func:`rehyat.io.read_json_object` in the folder readers) and the transformer's (:func:`read_transformer_config`)."""
+    import collections
+
+    from rehyat.pipelines import folders
+
+    counts = collections.Counter()
+    read_json, read_transformer = folders.read_json_object, folders.read_transformer_config
+
+    def json_reader(path):
+        counts["/".join(Path(path).parts[-2:])] += 1
+        return read_json(path)
+
+    def transformer_reader(folder):
+        counts["transformer"] += 1
+        return read_transformer(folder)
+
+    monkeypatch.setattr(folders, "read_json_object", json_reader)
+    monkeypatch.setattr(folders, "read_transformer_config", transformer_reader)
+    return counts
+
+
+def test_model_folder_reads_each_config_once(tmp_path, config_reads):
+    from rehyat.pipelines.folders import ModelFolder, folder_check_rope_table, folder_latent_shape, folder_vae_factors
+    from rehyat.testing import tiny_pipeline_folder
+
+    path = tiny_pipeline_folder(tmp_path / "m")
+    mf = ModelFolder(path)
+    assert str(mf) == str(path) and Path(mf) == path and ModelFolder.of(mf) is mf
+    shape = mf.latent_shape(9, 32, 32)
+    assert shape == (1, 16, 3, 4, 4) == folder_latent_shape(path, 9, 32, 32)  # the path reads again
+    assert mf.defaults["frames"] == 9 and mf.has_text_encoder
+    assert config_reads["m/rehyat_pipeline.json"] == config_reads["vae/config.json"] - 1 == 1
+    config_reads.clear()
+    mf.check_rope_table(shape)
+    folder_check_rope_table(mf, shape)
+    assert folder_vae_factors(mf) == (4, 8)
+    pipe = ReHyAtVideoPipeline.from_pretrained(mf)
+    pipe.encode_prompt(["a red circle"])  # the text encoder loads from the same folder object
+    assert pipe.defaults == mf.defaults
+    assert config_reads["m/rehyat_pipeline.json"] + config_reads["vae/config.json"] + config_reads["transformer"] == 0
+
+
+def test_generate_reads_each_config_of_the_model_once(tmp_path, config_reads):
+    from rehyat.cli import main
+    from rehyat.testing import tiny_pipeline_folder
+
+    path = tiny_pipeline_folder(tmp_path / "m")
+    assert main(["generate", "--model", str(path), "--frames", "9", "--height", "32", "--width", "32", "--steps", "1",
+                 "--prompt", "a red circle", "--mode", "streaming", "--out", str(tmp_path / "v.mp4")]) == 0
+    assert (tmp_path / "v.mp4").is_file()
+    assert (config_reads["m/rehyat_pipeline.json"], config_reads["vae/config.json"], config_reads["transformer"]) == (
+        1, 1, 1)
