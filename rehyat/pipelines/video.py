@@ -50,7 +50,7 @@ from .folders import (  # noqa: F401  (the geometry readers are re-exported: par
     PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, check_rope_table, check_vae_channels, default_scheduler,
     folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors, latent_shape, load_scheduler,
     load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
-from .sampling import SamplingLoop, denoise, guidance_embeds, guided_velocity
+from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
            "PIPELINE_CONFIG_NAME"]
@@ -237,6 +237,57 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """``[B, 3, F, H, W]`` in [-1, 1] -> first batch entry as ``[F, H, W, 3]`` uint8."""
     v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return v.permute(1, 2, 3, 0).cpu().numpy()
+
+
+@dataclass
+class _Plan:
+    """A checked generation request (:meth:`ReHyAtVideoPipeline._plan`): the mode, latents ``[B, C, F, H, W]``
+    shape, runner chunk (latent frames; ``None`` in parallel mode), steps, guidance scale, prompt segments and their
+    first runner chunks, and the continuation's latents or video (``None`` without one)."""
+
+    mode: str
+    shape: tuple[int, int, int, int, int]
+    chunk: int | None
+    steps: int
+    guidance: float
+    segments: list
+    starts: list[int]
+    init_latents: torch.Tensor | None
+    init_video: np.ndarray | None
+
+
+class _FrameSink:
+    """Where decoded ``[f, H, W, 3]`` uint8 blocks go: ``on_frames`` as soon as each is ready, and kept for the
+    returned video when ``keep_video``."""
+
+    def __init__(self, keep_video: bool, on_frames: Callable[[np.ndarray], None] | None) -> None:
+        self.keep_video, self.on_frames, self.blocks = keep_video, on_frames, []
+
+    def emit(self, frames: np.ndarray) -> None:
+        if self.keep_video:
+            self.blocks.append(frames)
+        if self.on_frames is not None:
+            self.on_frames(frames)
+
+    def video(self) -> np.ndarray | None:
+        """The kept frames ``[F, H, W, 3]``, ``None`` when none were kept."""
+        return np.concatenate(self.blocks, axis=0) if self.blocks else None
+
+
+def _check_call_arguments(prompt, prompt_schedule, prompt_embeds, steps, mode, output_type) -> None:
+    """``ValueError`` for a bad mode, output type or step count, no prompt, or a prompt schedule given with a
+    prompt (:meth:`ReHyAtVideoPipeline.__call__`), before the frames and size are checked."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
+        raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
+    if prompt_schedule is None and prompt_embeds is None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
 
 
 class ReHyAtVideoPipeline:
@@ -480,24 +531,31 @@ class ReHyAtVideoPipeline:
                 earlier chunks' frames have been handed out already, all finite), naming it as a video frame and
                 a latent frame.
         """
+        plan = self._plan(prompt, prompt_schedule, prompt_embeds, num_frames, height, width, num_inference_steps,
+                          guidance_scale, mode, output_type, init_latents, init_video)
+        t0 = time.perf_counter()
+        embeds = self._chunk_conditioning(plan, negative_prompt, negative_prompt_embeds)
+        sink = _FrameSink(keep_video, on_frames)
+        decoder = StreamingDecoder(self.vae) if output_type == "np" else None
+        try:
+            latents = self._generate(plan, seed, embeds, decoder, sink.emit, progress)
+        finally:
+            if decoder is not None:
+                decoder.close()
+        return GenerationOutput(video=sink.video(), latents=latents, seconds=time.perf_counter() - t0)
+
+    def _plan(self, prompt, prompt_schedule, prompt_embeds, num_frames, height, width, steps, guidance, mode,
+              output_type, init_latents, init_video) -> "_Plan":
+        """Check :meth:`__call__`'s arguments before any work (``ValueError`` as it documents) and resolve unset
+        sizes and settings from the folder's ``defaults``, else Wan2.1's."""
         d = self.defaults
         height, width = self._init_size(init_latents, init_video, height, width)
         num_frames = num_frames if num_frames is not None else d.get("frames", 81)
         height = height if height is not None else d.get("height", 480)
         width = width if width is not None else d.get("width", 832)
-        num_inference_steps = num_inference_steps if num_inference_steps is not None else d.get("steps", 50)
-        guidance_scale = guidance_scale if guidance_scale is not None else d.get("guidance", 5.0)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
-            raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
-        if prompt_schedule is None and prompt_embeds is None:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError("prompt must be a non-empty string")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        steps = steps if steps is not None else d.get("steps", 50)
+        guidance = guidance if guidance is not None else d.get("guidance", 5.0)
+        _check_call_arguments(prompt, prompt_schedule, prompt_embeds, steps, mode, output_type)
         shape = self.latent_shape(num_frames, height, width)
         if prompt_schedule is not None and mode == "parallel":
             raise ValueError("prompt_schedule needs mode 'recurrent' or 'streaming': parallel mode denoises all "
@@ -517,41 +575,34 @@ class ReHyAtVideoPipeline:
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
         if init_latents is not None or init_video is not None:
             self._check_init(init_latents, init_video, mode, shape, chunk, height, width)
+        return _Plan(mode, shape, chunk, steps, guidance, segments, starts, init_latents, init_video)
 
-        t0 = time.perf_counter()
-        conds = self._conditioning(segments, negative_prompt, negative_prompt_embeds, guidance_scale > 1.0)
-        embeds = conds[0]
-        if mode != "parallel":  # one conditioning per runner chunk: the last segment starting at or before it
-            n_chunks = -(-shape[2] // chunk)
-            embeds = [conds[sum(s <= k for s in starts) - 1] for k in range(n_chunks)]
+    def _chunk_conditioning(self, plan: "_Plan", negative_prompt, negative_prompt_embeds):
+        """The text input (:meth:`_conditioning`): one tensor in parallel mode, else one per runner chunk (the
+        last prompt segment starting at or before the chunk)."""
+        conds = self._conditioning(plan.segments, negative_prompt, negative_prompt_embeds, guidance_on(plan.guidance))
+        if plan.mode == "parallel":
+            return conds[0]
+        n_chunks = -(-plan.shape[2] // plan.chunk)
+        return [conds[sum(s <= k for s in plan.starts) - 1] for k in range(n_chunks)]
 
-        blocks: list[np.ndarray] = []
-
-        def emit(frames: np.ndarray) -> None:
-            if keep_video:
-                blocks.append(frames)
-            if on_frames is not None:
-                on_frames(frames)
-
-        decoder = StreamingDecoder(self.vae) if output_type == "np" else None
-        if mode == "streaming":
-            init = init_latents if init_video is None else self.encode_video(init_video)
+    def _generate(self, plan: "_Plan", seed, embeds, decoder, emit, progress) -> torch.Tensor:
+        """Denoise in ``plan.mode`` from the noise of ``seed``, handing decoded frames to ``emit`` (per chunk when
+        streaming, once at the end otherwise; none without ``decoder``). Returns the final latents."""
+        if plan.mode == "streaming":
+            init = plan.init_latents if plan.init_video is None else self.encode_video(plan.init_video)
             init = None if init is None else init.to(self.device, torch.float32)
-            latents = self._streaming(shape, seed, embeds, num_inference_steps, guidance_scale, chunk, decoder, emit,
-                                      progress, init)
+            return self._streaming(plan.shape, seed, embeds, plan.steps, plan.guidance, plan.chunk, decoder, emit,
+                                   progress, init)
+        if plan.mode == "parallel":
+            forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
         else:
-            if mode == "parallel":
-                forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
-            else:
-                forward = lambda i, x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
-            latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
-                                    guidance_scale, forward, progress=progress)
-            if decoder is not None:
-                emit(to_uint8_frames(decoder(latents.float())))
+            forward = lambda i, x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=plan.chunk)  # noqa: E731
+        latents = self._denoise(initial_noise(seed, plan.shape, 0, self.device), embeds, plan.steps, plan.guidance,
+                                forward, progress=progress)
         if decoder is not None:
-            decoder.close()
-        video = np.concatenate(blocks, axis=0) if blocks else None
-        return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
+            emit(to_uint8_frames(decoder(latents.float())))
+        return latents
 
     def _init_size(self, init_latents, init_video, height, width) -> tuple[int | None, int | None]:
         """``height`` and ``width``, where not given, from the video a continuation starts from (``None`` without
