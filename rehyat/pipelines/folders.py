@@ -19,7 +19,7 @@ from ..models.wan import read_rehyat_settings, read_wan_config
 __all__ = ["PIPELINE_CONFIG_NAME", "ModelFolder", "read_transformer_config", "read_pipeline_config", "latent_shape",
            "vae_factors", "check_vae_channels", "check_rope_table", "folder_vae_config", "folder_vae_factors",
            "folder_latent_shape", "folder_check_rope_table", "default_scheduler", "load_scheduler",
-           "load_text_encoder_from_folder", "load_vae", "copy_components", "write_model_folder"]
+           "load_text_encoder_from_folder", "load_prompt_encoder", "load_vae", "copy_components", "write_model_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 
@@ -297,6 +297,31 @@ def load_text_encoder_from_folder(folder, *, device="cpu"):
         raise ValueError(f"{folder}'s text encoder gives {width}-dim embeddings, its transformer takes text_dim={text_dim}")
     return tokenizer, encoder
 
+
+
+def load_prompt_encoder(folder, *, device="cpu", batch_size: int = 64):
+    """``encode(prompts) -> [n, L, text_dim]`` float32 on the CPU with a model folder's text encoder
+    (:func:`load_text_encoder_from_folder`, loaded once, here, on ``device``), ``L`` its ``max_sequence_length``
+    (``rehyat_pipeline.json``, default 512), in batches of ``batch_size`` prompts; padded tokens are zero
+    (:func:`rehyat.text_encoder.encode_prompts`). For the tools that encode many prompts at once (a run's prompt
+    pool, a caption table); the pipeline encodes its own prompts (:meth:`ReHyAtVideoPipeline.encode_prompt`).
+
+    Raises:
+        ValueError: the folder has no text encoder, or its width is not the transformer's ``text_dim``.
+    """
+    import torch
+
+    from ..text_encoder import encode_prompts
+
+    mf = ModelFolder.of(folder)
+    tokenizer, encoder = load_text_encoder_from_folder(mf, device=device)
+    length = mf.pipeline_config.get("max_sequence_length", 512)
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        return torch.cat([encode_prompts(tokenizer, encoder, prompts[i : i + batch_size], max_length=length)[0]
+                          .float().cpu() for i in range(0, len(prompts), batch_size)])
+
+    return encode
 
 
 def load_vae(folder, device="cpu"):

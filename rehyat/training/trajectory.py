@@ -90,15 +90,14 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
         FileNotFoundError: a missing file or folder.
     """
     from ..text_encoder import TextEmbeddingTable
-    from .components import load_text_encoder_from_folder, read_pipeline_config
+    from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
-    model = Path(model)
+    model = ModelFolder(model)
     if (prompts is not None) + (data is not None) == 2:
         raise ValueError("pass either a prompt file or --data, not both")
     if prompts is None and data is None and text_embeddings is None:
         raise ValueError("no prompts: pass a prompt file (--prompts), --data DATASET or --text-embeddings TABLE")
-    pcfg = read_pipeline_config(model)
-    neg_text = pcfg.get("negative_prompt", "")
+    neg_text = model.pipeline_config.get("negative_prompt", "")
     negative = None
     if data is not None:
         _, embeds, negative, captions = _dataset_prompt_embeds(Path(data))
@@ -115,14 +114,9 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
             if neg_text in table:
                 negative = table.lookup([neg_text])[0].float()
         else:
-            from ..text_encoder import encode_prompts
-
-            tok, enc = load_text_encoder_from_folder(model, device=device)
-            L = pcfg.get("max_sequence_length", 512)
-            embeds = torch.cat([encode_prompts(tok, enc, captions[i : i + 64], max_length=L)[0].float().cpu()
-                                for i in range(0, len(captions), 64)])
-            negative = encode_prompts(tok, enc, [neg_text], max_length=L)[0][0].float().cpu()
-            del tok, enc
+            encode = load_prompt_encoder(model, device=device)
+            embeds, negative = encode(captions), encode([neg_text])[0]
+            del encode  # frees the text encoder
     if text_dim is not None and embeds.shape[-1] != text_dim:
         raise ValueError(f"the prompts' text embeddings are {embeds.shape[-1]}-dim, the model takes text_dim={text_dim}")
     return PromptPool(embeds.cpu(), None if negative is None else negative.cpu(), list(captions))

@@ -9,7 +9,7 @@ import torch
 
 from rehyat.pipelines import ReHyAtVideoPipeline
 from rehyat.pipelines.folders import load_vae
-from rehyat.testing import folder_weights, tiny_vae, tiny_wan_transformer
+from rehyat.testing import assert_outputs_close, folder_weights, tiny_vae, tiny_wan_transformer
 
 
 class Boom(RuntimeError):
@@ -165,3 +165,17 @@ def test_generate_reads_each_config_of_the_model_once(tmp_path, config_reads):
     assert (tmp_path / "v.mp4").is_file()
     assert (config_reads["m/rehyat_pipeline.json"], config_reads["vae/config.json"], config_reads["transformer"]) == (
         1, 1, 1)
+
+
+def test_load_prompt_encoder_is_the_folders_text_encoder_in_batches(tmp_path):
+    from rehyat.pipelines.folders import load_prompt_encoder, load_text_encoder_from_folder
+    from rehyat.testing import tiny_pipeline_folder
+    from rehyat.text_encoder import encode_prompts
+
+    folder = tiny_pipeline_folder(tmp_path / "m")
+    prompts = ["a red circle", "a blue square moving left", ""]
+    emb = load_prompt_encoder(folder, batch_size=2)(prompts)
+    tok, enc = load_text_encoder_from_folder(folder)
+    ref = encode_prompts(tok, enc, prompts, max_length=16)[0]  # the folder's max_sequence_length, one batch
+    assert emb.shape == (3, 16, 64) and emb.dtype == torch.float32 and emb.device.type == "cpu"
+    assert_outputs_close(emb, ref.float())
