@@ -59,6 +59,55 @@ def replace_atomically(path, write) -> Path:
     return path
 
 
+def _temporary_folder(folder: Path, suffix: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=suffix, dir=folder.parent))
+
+
+def write_folder_atomically(folder, write, *, overwrite: bool = False) -> Path:
+    """Write a folder through ``write(tmp)`` into a new temporary folder beside it, then move it into place, so a
+    failed or interrupted write never leaves a half-written folder or entry.
+
+    Where ``folder`` is absent or empty, the written folder replaces it by one rename: ``folder`` is then either
+    absent (or still empty) or complete. Into a non-empty folder (``overwrite=True``) each top-level entry ``write``
+    made is moved in by one rename, in place of the entry of that name (other entries are kept, e.g. a training
+    run's ``train/``); the replaced entries go to a temporary folder beside it, deleted at the end. The temporary
+    folders (hidden: ``.NAME.*.partial``) are deleted when ``write`` fails. Missing parent folders are created.
+
+    Raises:
+        FileExistsError: ``folder`` is a file, or (without ``overwrite``) a non-empty folder; raised before
+            anything is written.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_folder(folder, ".partial")
+    try:
+        write(tmp)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            if folder.is_dir():
+                folder.rmdir()
+            tmp.rename(folder)
+            return folder
+        old = _temporary_folder(folder, ".old.partial")
+        for entry in sorted(tmp.iterdir()):
+            target = folder / entry.name
+            if target.exists() or target.is_symlink():
+                target.rename(old / entry.name)
+            entry.rename(target)
+        shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
 class VideoWriter:
     """Append ``[f, H, W, 3]`` uint8 frames to an MP4 (H.264 via imageio-ffmpeg) as they are produced.
 

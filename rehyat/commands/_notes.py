@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 
+def _settings(folder):
+    """``(ReHyAt settings or None, num_layers)`` of a model folder (a path or a ModelFolder, whose configs are read
+    once)."""
+    from ..models.wan import ReHyAtConfig
+    from ..pipelines.folders import ModelFolder
+
+    tcfg = ModelFolder.of(folder).transformer_config
+    settings = None if tcfg["rehyat"] is None else ReHyAtConfig.from_dict(tcfg["rehyat"])
+    return settings, int(tcfg.get("num_layers", 0))
+
+
 def folder_recurrence_problem(folder) -> str | None:
     """Why the ReHyAt model in ``folder`` cannot generate chunk by chunk (recurrent / streaming), or ``None`` when it
     can or the folder holds no ReHyAt model (see :meth:`ReHyAtConfig.recurrence_problem`). Reads configs only."""
-    from ..models.wan import read_rehyat_settings, read_wan_config
-
-    tdir, config = read_wan_config(folder)
-    settings = read_rehyat_settings(tdir, config)
-    return None if settings is None else settings.recurrence_problem(int(config.get("num_layers", 0)))
+    settings, num_layers = _settings(folder)
+    return None if settings is None else settings.recurrence_problem(num_layers)
 
 
 def folder_runner_chunk(folder) -> int | None:
     """Latent frames per recurrent runner chunk of the ReHyAt model in ``folder``
     (:meth:`ReHyAtConfig.runner_chunk_frames`), or ``None`` for a plain Wan transformer. Reads configs only."""
-    from ..models.wan import read_rehyat_settings, read_wan_config
-
-    settings = read_rehyat_settings(*read_wan_config(folder))
+    settings, _ = _settings(folder)
     return None if settings is None else settings.runner_chunk_frames()
 
 

@@ -67,23 +67,22 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
     is not a checkpoint, has no text encoder, cannot decode video, has other default sizes than the other model, or
     cannot make the student's videos (or makes other latents); naming ``lengths_arg`` for a video under one frame.
     """
-    from ..pipelines.folders import read_pipeline_config
-    from ..pipelines.video import folder_latent_shape, folder_vae_factors
+    from ..pipelines.folders import ModelFolder
     from .generate import check_text_source, check_video_output
 
-    folders = {"--teacher": Path(teacher_dir), "--student": Path(student_dir)}
+    folders = {"--teacher": ModelFolder.of(teacher_dir), "--student": ModelFolder.of(student_dir)}
     for name, d in folders.items():
-        if not (d / "transformer" / "config.json").exists():
+        if not (d.path / "transformer" / "config.json").exists():
             raise ValueError(f"{name} {d} is not a Wan or ReHyAt checkpoint (no transformer/config.json)")
         check_text_source(d, text_embeddings, arg=name)
-    dt, ds = (read_pipeline_config(f).get("defaults", {}) for f in (teacher_dir, student_dir))
+    dt, ds = (f.pipeline_config.get("defaults", {}) for f in folders.values())
     differ = [f"{k} {dt[k]} vs {ds[k]}" for k in ("frames", "height", "width")
               if k in dt and k in ds and dt[k] != ds[k]]
     if differ:
         raise ValueError(f"--teacher {teacher_dir} and --student {student_dir} have different default sizes "
                          f"({', '.join(differ)}): pass the student's own teacher")
     d = {"frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, **ds}
-    lengths = [scale_length(d["frames"], m, folder_vae_factors(student_dir)[0]) for m in multiples]
+    lengths = [scale_length(d["frames"], m, folders["--student"].vae_factors[0]) for m in multiples]
     short = [f"{m:g}" for m, n in zip(multiples, lengths) if n < 1]
     if short:
         raise ValueError(f"{lengths_arg} {','.join(short)} gives a video shorter than one frame")
@@ -91,7 +90,7 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
         shapes = {}
         for name, folder in folders.items():
             try:
-                shapes[name] = folder_latent_shape(folder, n, d["height"], d["width"])
+                shapes[name] = folder.latent_shape(n, d["height"], d["width"])
             except ValueError as e:
                 raise ValueError(f"{name} {folder} cannot make the student's {n} frames of {d['height']}x{d['width']}: "
                                  f"{e}; pass a teacher and student of the same geometry") from None
@@ -113,13 +112,14 @@ def run(args) -> int:
     from ..assets import default_model
     from ..evaluation import evaluate_models, results_markdown
     from ..pipelines import ReHyAtVideoPipeline
+    from ..pipelines.folders import ModelFolder
     from ..world import caption, sample_scene
     from ._checks import check_guidance, check_output_folder, check_steps
 
     check_steps(args.steps)
     check_guidance(args.guidance)
-    teacher_dir = args.teacher or default_model("teacher")
-    student_dir = args.student or default_model("student")
+    teacher_dir = ModelFolder(args.teacher or default_model("teacher"))  # configs read once, for checks and loading
+    student_dir = ModelFolder(args.student or default_model("student"))
     d, lengths = check_pair(teacher_dir, student_dir, args.lengths, args.text_embeddings)
     if args.prompt_file is not None:
         prompts = [ln.strip() for ln in args.prompt_file.read_text().splitlines() if ln.strip()]

@@ -106,13 +106,11 @@ def check_text_source(model, text_embeddings, arg: str = "--model") -> None:
     """``ValueError`` when prompts cannot be encoded: ``model`` has no text encoder (``tokenizer/`` +
     ``text_encoder/``, or ``"text_encoder": "minilm"`` in ``rehyat_pipeline.json``) and no ``--text-embeddings``
     table is given."""
-    from ..pipelines.folders import read_pipeline_config
+    from ..pipelines.folders import ModelFolder
 
     if text_embeddings is not None:
         return
-    model = Path(model)
-    named = read_pipeline_config(model).get("text_encoder") == "minilm"  # as ReHyAtVideoPipeline.from_pretrained
-    if not named and not ((model / "tokenizer").is_dir() and (model / "text_encoder").is_dir()):
+    if not ModelFolder.of(model).has_text_encoder:  # as ReHyAtVideoPipeline.from_pretrained
         raise ValueError(f"{arg} {model} has no text encoder (no tokenizer/ and text_encoder/): pass "
                          "--text-embeddings FILE, a caption-embedding table holding your prompts")
 
@@ -154,19 +152,21 @@ def _prompt_file_jobs(args) -> list[tuple[str, int, Path]]:
 
 
 def _resolve(args):
-    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings).
+    """Check every argument that can be checked without the model's weights; return (folder, jobs, device, settings),
+    the folder a :class:`~rehyat.pipelines.folders.ModelFolder` whose configs are read once, here.
 
     Raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` / ``IsADirectoryError`` naming the argument:
     bad settings, existing outputs without ``--overwrite``, ``--out`` a file with ``--prompt-file``, a video past a
     plain Wan transformer's RoPE table, a model folder without a text encoder (and no ``--text-embeddings``) or
     without the VAE its latents need for a video.
     """
-    from ..pipelines.video import folder_check_rope_table
+    from ..pipelines.folders import ModelFolder
 
     model = _check_model_and_counts(args)
     jobs, labels = _jobs(args)
     if not (Path(model) / "transformer" / "config.json").exists():
         raise ValueError(f"--model {model} is not a Wan or ReHyAt checkpoint: no transformer/config.json inside it")
+    model = ModelFolder(model)
     geometry = _geometry(args, model)
     _check_mode(args, model)
     shape = _latent_shape(args, model, geometry)
@@ -174,11 +174,11 @@ def _resolve(args):
         _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
     if geometry["init"] is not None:
         _check_init(args, model, geometry["init"], shape, geometry)
-    folder_check_rope_table(model, shape)
+    model.check_rope_table(shape)
     check_video_output(model, shape[1])
     check_text_source(model, args.text_embeddings)
     device = check_device(args.device)
-    return Path(model), jobs, device, geometry
+    return model, jobs, device, geometry
 
 
 def _check_model_and_counts(args):
@@ -240,14 +240,12 @@ def _geometry(args, model) -> dict:
     """``frames``, ``height``, ``width``, ``steps``, ``guidance`` (the argument, else the folder's default, else
     Wan's 81 x 480 x 832, 50 steps, 5.0; height and width default to an ``--init-*``'s size) and ``init``
     (:func:`_read_init`); the steps and guidance checked."""
-    from ..pipelines.folders import read_pipeline_config
-    from ..pipelines.video import folder_vae_factors
     from ._checks import check_guidance, check_steps
 
     init = _read_init(args)
-    defaults = read_pipeline_config(model).get("defaults", {})
+    defaults = model.pipeline_config.get("defaults", {})
     if init is not None:  # --height / --width default to the given video's size
-        spatial = 1 if args.init_video is not None else folder_vae_factors(model)[1]
+        spatial = 1 if args.init_video is not None else model.vae_factors[1]
         size = init.shape[1:3] if args.init_video is not None else init.shape[3:]
         defaults = defaults | dict(height=int(size[0]) * spatial, width=int(size[1]) * spatial)
     pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
@@ -262,10 +260,9 @@ def _geometry(args, model) -> dict:
 def _check_mode(args, model) -> None:
     """ValueError when ``--mode`` is recurrent or streaming and the model is plain Wan or cannot run chunk by chunk."""
     if args.mode in ("recurrent", "streaming"):
-        from ..pipelines.folders import read_transformer_config
         from ._notes import folder_recurrence_problem
 
-        if read_transformer_config(model)["rehyat"] is None:
+        if model.rehyat is None:
             raise ValueError(f"--mode {args.mode} needs a converted ReHyAt model; {model} is a plain Wan transformer "
                              "(not causal): use --mode parallel or auto, or convert it first")
         problem = folder_recurrence_problem(model)
@@ -274,13 +271,11 @@ def _check_mode(args, model) -> None:
 
 
 def _latent_shape(args, model, geometry: dict) -> tuple[int, int, int, int, int]:
-    """The latents' shape ``[1, C, F, h, w]`` of the video to generate (:func:`~rehyat.pipelines.video.
-    folder_latent_shape`); its ValueError names ``--init-*`` when the size came from there."""
-    from ..pipelines.video import folder_latent_shape
-
+    """The latents' shape ``[1, C, F, h, w]`` of the video to generate (:meth:`~rehyat.pipelines.folders.
+    ModelFolder.latent_shape`); its ValueError names ``--init-*`` when the size came from there."""
     init = geometry["init"]
     try:
-        return folder_latent_shape(model, geometry["frames"], geometry["height"], geometry["width"])
+        return model.latent_shape(geometry["frames"], geometry["height"], geometry["width"])
     except ValueError as e:  # a size taken from --init-video / --init-latents: say so
         if init is None or (args.height is not None and args.width is not None):
             raise

@@ -35,10 +35,9 @@ image-to-video mode (the first latent frame replaced by an encoded image, held a
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -47,8 +46,11 @@ import torch
 
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
-from .folders import (PIPELINE_CONFIG_NAME, default_scheduler, load_scheduler, load_text_encoder_from_folder,
-                      read_pipeline_config, read_transformer_config)
+from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
+    PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, check_rope_table, check_vae_channels, default_scheduler,
+    folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors, latent_shape, load_scheduler,
+    load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
+from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
            "PIPELINE_CONFIG_NAME"]
@@ -68,119 +70,6 @@ def initial_noise(seed: int, shape: tuple[int, int, int, int, int], frame_start:
         g = torch.Generator().manual_seed(seed * 1_000_003 + f)
         frames.append(torch.randn(B, C, 1, H, W, generator=g))
     return torch.cat(frames, dim=2).to(device)
-
-
-def latent_shape(temporal: int, spatial: int, patch: int, channels: int, num_frames: int, height: int, width: int,
-                 batch: int = 1) -> tuple[int, int, int, int, int]:
-    """Latent shape ``[B, C, F, H, W]`` of a video of ``num_frames`` x ``height`` x ``width`` pixels.
-
-    ``temporal``/``spatial``: the VAE's compression (1/1 in pixel space); ``patch``: the transformer's spatial
-    patch. Raises ``ValueError`` for a frame count the VAE cannot produce (``temporal * k + 1``) or a size that is
-    not a positive multiple of ``spatial * patch``.
-    """
-    mult = spatial * patch
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"frames must be an int >= 1, got {num_frames!r}")
-    if (num_frames - 1) % temporal != 0:
-        raise ValueError(f"frames must be {temporal}k+1 for this model's VAE (e.g. 81, 321, 1281), got {num_frames!r}")
-    for name, val in (("height", height), ("width", width)):
-        if not isinstance(val, int) or val < mult or val % mult != 0:
-            raise ValueError(f"{name} must be a positive multiple of {mult} for this model, got {val!r}")
-    return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-
-
-def vae_factors(vae_config) -> tuple[int, int]:
-    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` from its config (a dict or ``vae.config``):
-    ``scale_factor_temporal`` / ``scale_factor_spatial``; where the config omits them (or sets them to null),
-    derived from its down-sampling stages and pixel patch: ``2 ** sum(temperal_downsample)`` and
-    ``2 ** len(temperal_downsample) * patch_size`` (Wan2.1's VAE: 4 and 8; Wan2.2's, with ``patch_size=2``: 4 and
-    16). The one reader of a VAE's geometry (its latent channels are ``z_dim``: :func:`check_vae_channels`)."""
-    down = vae_config.get("temperal_downsample") or [False, True, True]
-    temporal, spatial = vae_config.get("scale_factor_temporal"), vae_config.get("scale_factor_spatial")
-    return (int(temporal) if temporal is not None else 2 ** sum(down),
-            int(spatial) if spatial is not None else 2 ** len(down) * (vae_config.get("patch_size") or 1))
-
-
-def check_vae_channels(vae_config, in_channels: int) -> None:
-    """``ValueError`` when a VAE's latents (``z_dim`` channels, default 16) are not what the transformer takes
-    (``in_channels``): a VAE and a transformer of two models, e.g. Wan2.2-TI2V-5B's VAE (48) with a Wan2.1
-    transformer (16). ``vae_config``: a dict or ``vae.config``."""
-    z_dim = vae_config.get("z_dim", 16)
-    if z_dim != in_channels:
-        raise ValueError(f"the VAE makes {z_dim}-channel latents (z_dim={z_dim}) but the transformer takes "
-                         f"in_channels={in_channels}: they belong to two models (Wan2.1's VAE has 16 channels, "
-                         "Wan2.2-TI2V-5B's 48); use the VAE the transformer was trained with")
-
-
-def folder_vae_config(folder) -> dict | None:
-    """A model folder's ``vae/config.json``, or ``None`` without that file (pixel space). Raises ``ValueError``
-    naming the file for malformed JSON."""
-    from ..io import read_json_object
-
-    cfg = Path(folder) / "vae" / "config.json"
-    return read_json_object(cfg) if cfg.is_file() else None
-
-
-def folder_vae_factors(folder) -> tuple[int, int]:
-    """:func:`vae_factors` of a model folder's ``vae/config.json``; ``(1, 1)`` without that file (pixel space).
-    Raises ``ValueError`` naming the file for malformed JSON."""
-    cfg = folder_vae_config(folder)
-    return vae_factors(cfg) if cfg is not None else (1, 1)
-
-
-def folder_latent_shape(folder, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """:func:`latent_shape` for a model folder, read from its JSON configs alone (no weights are loaded).
-    Raises ``ValueError`` as :func:`latent_shape` does, or when its VAE's latents are not the transformer's input
-    (:func:`check_vae_channels`)."""
-    tcfg = read_transformer_config(folder)
-    vcfg = folder_vae_config(folder)
-    if vcfg is not None:
-        check_vae_channels(vcfg, tcfg["in_channels"])
-    temporal, spatial = vae_factors(vcfg) if vcfg is not None else (1, 1)
-    return latent_shape(temporal, spatial, tcfg["patch_size"][1], tcfg["in_channels"], num_frames, height, width)
-
-
-WAN_ROPE_MAX_SEQ_LEN = 1024  # diffusers' WanTransformer3DModel default for rope_max_seq_len
-
-
-def check_rope_table(positions: int | None, patch_size, shape, temporal: int, spatial: int) -> None:
-    """``ValueError`` when a latent video is longer or larger than a plain Wan transformer's RoPE table.
-
-    diffusers' ``WanRotaryPosEmbed`` precomputes ``rope_max_seq_len`` positions per axis (latent frames, rows and
-    columns of patches) and fails inside the forward beyond them; a ReHyAt-converted transformer computes RoPE for
-    any position (:class:`rehyat.models.wan.AbsoluteRotaryPosEmbed`), in every mode.
-
-    Args:
-        positions: the table's length (``rope_max_seq_len``), or ``None`` for a converted transformer (no limit).
-        patch_size: the transformer's ``(p_t, p_h, p_w)``.
-        shape: latents ``[B, C, F, H, W]`` (:func:`latent_shape`).
-        temporal, spatial: the VAE's compression (1, 1 in pixel space), to state the limit in pixels and frames.
-
-    Raises:
-        ValueError: one line naming ``frames``, ``height`` or ``width``, the longest the model supports (frames
-            also in latent frames) and that a converted model has no such limit.
-    """
-    if positions is None:
-        return
-    p_t, p_h, p_w = patch_size
-    _, _, frames, height, width = shape
-    table = f"this plain Wan transformer's RoPE table (rope_max_seq_len={positions} positions per axis), which supports"
-    other = "in every mode; a ReHyAt-converted model (rehyat convert) has no such limit in any mode"
-    if frames // p_t > positions:
-        longest = positions * p_t
-        raise ValueError(f"frames {(frames - 1) * temporal + 1} ({frames} latent frames) is past {table} up to "
-                         f"{(longest - 1) * temporal + 1} frames ({longest} latent frames) {other}")
-    for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
-        if size // patch > positions:
-            raise ValueError(f"{name} {size * spatial} ({size // patch} patches) is past {table} up to "
-                             f"{positions * patch * spatial} pixels ({positions} patches) {other}")
-
-
-def folder_check_rope_table(folder, shape) -> None:
-    """:func:`check_rope_table` for a model folder and its latents ``shape``, from its JSON configs alone."""
-    tcfg = read_transformer_config(folder)
-    positions = None if tcfg["rehyat"] is not None else tcfg.get("rope_max_seq_len", WAN_ROPE_MAX_SEQ_LEN)
-    check_rope_table(positions, tcfg["patch_size"], shape, *folder_vae_factors(folder))
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -350,6 +239,57 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return v.permute(1, 2, 3, 0).cpu().numpy()
 
 
+@dataclass
+class _Plan:
+    """A checked generation request (:meth:`ReHyAtVideoPipeline._plan`): the mode, latents ``[B, C, F, H, W]``
+    shape, runner chunk (latent frames; ``None`` in parallel mode), steps, guidance scale, prompt segments and their
+    first runner chunks, and the continuation's latents or video (``None`` without one)."""
+
+    mode: str
+    shape: tuple[int, int, int, int, int]
+    chunk: int | None
+    steps: int
+    guidance: float
+    segments: list
+    starts: list[int]
+    init_latents: torch.Tensor | None
+    init_video: np.ndarray | None
+
+
+class _FrameSink:
+    """Where decoded ``[f, H, W, 3]`` uint8 blocks go: ``on_frames`` as soon as each is ready, and kept for the
+    returned video when ``keep_video``."""
+
+    def __init__(self, keep_video: bool, on_frames: Callable[[np.ndarray], None] | None) -> None:
+        self.keep_video, self.on_frames, self.blocks = keep_video, on_frames, []
+
+    def emit(self, frames: np.ndarray) -> None:
+        if self.keep_video:
+            self.blocks.append(frames)
+        if self.on_frames is not None:
+            self.on_frames(frames)
+
+    def video(self) -> np.ndarray | None:
+        """The kept frames ``[F, H, W, 3]``, ``None`` when none were kept."""
+        return np.concatenate(self.blocks, axis=0) if self.blocks else None
+
+
+def _check_call_arguments(prompt, prompt_schedule, prompt_embeds, steps, mode, output_type) -> None:
+    """``ValueError`` for a bad mode, output type or step count, no prompt, or a prompt schedule given with a
+    prompt (:meth:`ReHyAtVideoPipeline.__call__`), before the frames and size are checked."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
+        raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
+    if prompt_schedule is None and prompt_embeds is None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+
+
 class ReHyAtVideoPipeline:
     """Text-to-video on Wan components with a plain or ReHyAt transformer.
 
@@ -401,8 +341,10 @@ class ReHyAtVideoPipeline:
         transformer weights do not match its ReHyAt settings (:func:`rehyat.load_transformer`) or whose VAE's latents
         are not its transformer's input (:func:`check_vae_channels`), before loading any weights. A folder written
         by diffusers' ``WanPipeline.save_pretrained`` with a converted transformer loads converted (the settings are
-        in ``transformer/config.json``)."""
-        folder = Path(folder)
+        in ``transformer/config.json``). ``folder``: a path or a :class:`~rehyat.pipelines.folders.ModelFolder`
+        (whose configs, read already by a caller's checks, are not read again)."""
+        mf = ModelFolder.of(folder)
+        folder = mf.path
         if not folder.is_dir():
             raise FileNotFoundError(f"--model folder {folder} does not exist")
         if not (folder / "transformer" / "config.json").exists():
@@ -410,24 +352,16 @@ class ReHyAtVideoPipeline:
                 f"{folder} is not a Wan or ReHyAt checkpoint: expected transformer/config.json (a diffusers "
                 "WanTransformer3DModel folder) inside it"
             )
-        cfg = read_pipeline_config(folder)
-        vae_config = folder_vae_config(folder)
-        if vae_config is not None:  # a VAE of another model: refused before any weights load
-            check_vae_channels(vae_config, read_transformer_config(folder)["in_channels"])
+        cfg = mf.pipeline_config
+        mf.check_vae_channels()  # a VAE of another model: refused before any weights load
         table = None
         if text_embeddings is not None:  # read (and fail) before any weights load
             from ..text_encoder import TextEmbeddingTable
 
             table = TextEmbeddingTable.load(text_embeddings)
         transformer = load_transformer(folder / "transformer", torch_dtype=torch_dtype, device=device).eval()
-        scheduler = load_scheduler(folder)
-        vae = None
-        if (folder / "vae").is_dir():
-            from diffusers import AutoencoderKLWan
-
-            vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device or "cpu").eval()
         pipe = cls(
-            transformer, scheduler, vae, None, None,
+            transformer, load_scheduler(folder), load_vae(folder, device or "cpu"), None, None,
             max_sequence_length=cfg.get("max_sequence_length", 512), fps=cfg.get("fps", 16),
             negative_prompt=cfg.get("negative_prompt", ""), defaults=cfg.get("defaults"),
         )
@@ -437,32 +371,25 @@ class ReHyAtVideoPipeline:
             if pipe.text_table.text_dim != transformer.config.text_dim:
                 raise ValueError(f"{text_embeddings} holds {pipe.text_table.text_dim}-dim embeddings, the model takes "
                                  f"text_dim={transformer.config.text_dim}")
-        elif ((folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()) or cfg.get("text_encoder") == "minilm":
-            pipe._text_encoder_folder = folder
+        elif mf.has_text_encoder:
+            pipe._text_encoder_folder = mf
         return pipe
 
     def save_pretrained(self, folder, *, overwrite: bool = False, text_encoder: str | None = None) -> Path:
-        """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm")."""
-        from ..models.wan import get_rehyat_config, save_rehyat
+        """Write transformer, scheduler, VAE and ``rehyat_pipeline.json`` (text encoder by name, e.g. "minilm"),
+        atomically (:func:`~rehyat.pipelines.folders.write_model_folder`: nothing half-written is left on an error).
 
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace its files")
-        folder.mkdir(parents=True, exist_ok=True)
-        if get_rehyat_config(self.transformer) is not None:
-            save_rehyat(self.transformer, folder / "transformer", overwrite=True)
-        else:
-            self.transformer.save_pretrained(folder / "transformer")
-        self.scheduler.save_pretrained(folder / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(folder / "vae")
+        Raises:
+            FileExistsError: ``folder`` exists and is not empty, without ``overwrite`` (then its entries of these
+                names are replaced, the others kept); before anything is written.
+        """
         cfg = {"max_sequence_length": self.max_sequence_length, "fps": self.fps, "negative_prompt": self.negative_prompt}
         if self.defaults:
             cfg["defaults"] = self.defaults
         if text_encoder is not None:
             cfg["text_encoder"] = text_encoder
-        (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return folder
+        return write_model_folder(folder, self.transformer, cfg, scheduler=self.scheduler, vae=self.vae,
+                                  overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------------------ geometry
     @property
@@ -538,18 +465,6 @@ class ReHyAtVideoPipeline:
         return np.concatenate(blocks, axis=0) if blocks else None
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def _velocity(self, latents, t, embeds, guidance_scale, forward):
-        """One guided model evaluation: the batch is [uncond; cond] when guidance is on."""
-        dtype = self.transformer.dtype
-        cfg = guidance_scale > 1.0
-        x = torch.cat([latents, latents]) if cfg else latents
-        ts = t.expand(x.shape[0]).to(x.device)
-        out = forward(x.to(dtype), ts, embeds).float()
-        if not cfg:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -616,24 +531,31 @@ class ReHyAtVideoPipeline:
                 earlier chunks' frames have been handed out already, all finite), naming it as a video frame and
                 a latent frame.
         """
+        plan = self._plan(prompt, prompt_schedule, prompt_embeds, num_frames, height, width, num_inference_steps,
+                          guidance_scale, mode, output_type, init_latents, init_video)
+        t0 = time.perf_counter()
+        embeds = self._chunk_conditioning(plan, negative_prompt, negative_prompt_embeds)
+        sink = _FrameSink(keep_video, on_frames)
+        decoder = StreamingDecoder(self.vae) if output_type == "np" else None
+        try:
+            latents = self._generate(plan, seed, embeds, decoder, sink.emit, progress)
+        finally:
+            if decoder is not None:
+                decoder.close()
+        return GenerationOutput(video=sink.video(), latents=latents, seconds=time.perf_counter() - t0)
+
+    def _plan(self, prompt, prompt_schedule, prompt_embeds, num_frames, height, width, steps, guidance, mode,
+              output_type, init_latents, init_video) -> "_Plan":
+        """Check :meth:`__call__`'s arguments before any work (``ValueError`` as it documents) and resolve unset
+        sizes and settings from the folder's ``defaults``, else Wan2.1's."""
         d = self.defaults
         height, width = self._init_size(init_latents, init_video, height, width)
         num_frames = num_frames if num_frames is not None else d.get("frames", 81)
         height = height if height is not None else d.get("height", 480)
         width = width if width is not None else d.get("width", 832)
-        num_inference_steps = num_inference_steps if num_inference_steps is not None else d.get("steps", 50)
-        guidance_scale = guidance_scale if guidance_scale is not None else d.get("guidance", 5.0)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        if prompt_schedule is not None and (prompt is not None or prompt_embeds is not None):
-            raise ValueError("pass prompt_schedule or prompt / prompt_embeds, not both")
-        if prompt_schedule is None and prompt_embeds is None:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError("prompt must be a non-empty string")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        steps = steps if steps is not None else d.get("steps", 50)
+        guidance = guidance if guidance is not None else d.get("guidance", 5.0)
+        _check_call_arguments(prompt, prompt_schedule, prompt_embeds, steps, mode, output_type)
         shape = self.latent_shape(num_frames, height, width)
         if prompt_schedule is not None and mode == "parallel":
             raise ValueError("prompt_schedule needs mode 'recurrent' or 'streaming': parallel mode denoises all "
@@ -653,41 +575,34 @@ class ReHyAtVideoPipeline:
             raise ValueError("this model folder has no text encoder: pass prompt_embeds instead of a prompt")
         if init_latents is not None or init_video is not None:
             self._check_init(init_latents, init_video, mode, shape, chunk, height, width)
+        return _Plan(mode, shape, chunk, steps, guidance, segments, starts, init_latents, init_video)
 
-        t0 = time.perf_counter()
-        conds = self._conditioning(segments, negative_prompt, negative_prompt_embeds, guidance_scale > 1.0)
-        embeds = conds[0]
-        if mode != "parallel":  # one conditioning per runner chunk: the last segment starting at or before it
-            n_chunks = -(-shape[2] // chunk)
-            embeds = [conds[sum(s <= k for s in starts) - 1] for k in range(n_chunks)]
+    def _chunk_conditioning(self, plan: "_Plan", negative_prompt, negative_prompt_embeds):
+        """The text input (:meth:`_conditioning`): one tensor in parallel mode, else one per runner chunk (the
+        last prompt segment starting at or before the chunk)."""
+        conds = self._conditioning(plan.segments, negative_prompt, negative_prompt_embeds, guidance_on(plan.guidance))
+        if plan.mode == "parallel":
+            return conds[0]
+        n_chunks = -(-plan.shape[2] // plan.chunk)
+        return [conds[sum(s <= k for s in plan.starts) - 1] for k in range(n_chunks)]
 
-        blocks: list[np.ndarray] = []
-
-        def emit(frames: np.ndarray) -> None:
-            if keep_video:
-                blocks.append(frames)
-            if on_frames is not None:
-                on_frames(frames)
-
-        decoder = StreamingDecoder(self.vae) if output_type == "np" else None
-        if mode == "streaming":
-            init = init_latents if init_video is None else self.encode_video(init_video)
+    def _generate(self, plan: "_Plan", seed, embeds, decoder, emit, progress) -> torch.Tensor:
+        """Denoise in ``plan.mode`` from the noise of ``seed``, handing decoded frames to ``emit`` (per chunk when
+        streaming, once at the end otherwise; none without ``decoder``). Returns the final latents."""
+        if plan.mode == "streaming":
+            init = plan.init_latents if plan.init_video is None else self.encode_video(plan.init_video)
             init = None if init is None else init.to(self.device, torch.float32)
-            latents = self._streaming(shape, seed, embeds, num_inference_steps, guidance_scale, chunk, decoder, emit,
-                                      progress, init)
+            return self._streaming(plan.shape, seed, embeds, plan.steps, plan.guidance, plan.chunk, decoder, emit,
+                                   progress, init)
+        if plan.mode == "parallel":
+            forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
         else:
-            if mode == "parallel":
-                forward = lambda x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
-            else:
-                forward = lambda x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=chunk)  # noqa: E731
-            latents = self._denoise(initial_noise(seed, shape, 0, self.device), embeds, num_inference_steps,
-                                    guidance_scale, forward, progress)
-            if decoder is not None:
-                emit(to_uint8_frames(decoder(latents.float())))
+            forward = lambda i, x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=plan.chunk)  # noqa: E731
+        latents = self._denoise(initial_noise(seed, plan.shape, 0, self.device), embeds, plan.steps, plan.guidance,
+                                forward, progress=progress)
         if decoder is not None:
-            decoder.close()
-        video = np.concatenate(blocks, axis=0) if blocks else None
-        return GenerationOutput(video=video, latents=latents, seconds=time.perf_counter() - t0)
+            emit(to_uint8_frames(decoder(latents.float())))
+        return latents
 
     def _init_size(self, init_latents, init_video, height, width) -> tuple[int | None, int | None]:
         """``height`` and ``width``, where not given, from the video a continuation starts from (``None`` without
@@ -751,56 +666,55 @@ class ReHyAtVideoPipeline:
             neg = self.negative_prompt if negative_prompt is None else negative_prompt
             negative_prompt_embeds = self.encode_prompt([neg]) if self.has_text_encoder else torch.zeros_like(embeds[0])
         neg = negative_prompt_embeds.to(dev, dtype)
-        out = []
-        for e in embeds:
-            L = max(neg.shape[1], e.shape[1])
-            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]))  # noqa: E731
-            out.append(torch.cat([pad(neg), pad(e)]))
-        return out
+        return [guidance_embeds(neg, e) for e in embeds]
 
-    def _denoise(self, latents, embeds, steps, guidance_scale, forward, progress, desc="denoising"):
-        from tqdm.auto import tqdm
+    def _denoise(self, latents, embeds, steps, guidance_scale, forward, *, progress=False, chunk_start=None,
+                 path=None):
+        """All steps (:func:`~rehyat.pipelines.sampling.denoise`) with the guided velocity of ``forward(i, x, ts,
+        embeds)`` (``i``: the step) on latents ``[B, C, f, h, w]``, checked after every step (:meth:`_check_latents`).
+        ``chunk_start``: for one chunk, the latent frame it starts at (named in errors); ``path``: a list that gets
+        the input of every step."""
+        dtype = self.transformer.dtype
+        f0 = chunk_start or 0
+        where = "" if chunk_start is None else f" of the chunk starting at latent frame {f0}"
 
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps, device=latents.device)
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False)):
-            v = self._velocity(latents, t, embeds, guidance_scale, forward)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            self._check_latents(latents, 0, f"after denoising step {i + 1} of {steps}")
-        return latents
+        def velocity(x, t, i):
+            if path is not None:
+                path.append(x)
+            return guided_velocity(partial(forward, i), x, t, embeds, guidance_scale, dtype)
+
+        def check(i, x):
+            self._check_latents(x, f0, f"after denoising step {i + 1} of {steps}{where}")
+
+        return denoise(self.scheduler, latents, steps, velocity, after_step=check, progress=progress)
+
+    def _chunk_forward(self, states, new_states):
+        """``forward(i, x, ts, embeds)`` of one chunk at step ``i`` on ``states[i]`` (the earlier chunks' state at
+        that step, not modified), keeping the state after the chunk in ``new_states[i]``."""
+        def forward(i, x, ts, e):
+            out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+            return out
+
+        return forward
 
     def _denoise_chunk(self, latents, embeds, states, steps, guidance_scale, f0):
         """Denoise one chunk ``[B, C, n, h, w]`` starting at latent frame ``f0`` (all steps) on the per-step
         ``states`` of the earlier chunks (not modified). Returns ``(latents, states after the chunk, path)``:
         ``path[i]`` is the chunk's input to step ``i``."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps, device=latents.device)
         new_states, path = list(states), []
-        for i, t in enumerate(scheduler.timesteps):
-            def forward(x, ts, e, i=i):
-                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                return out
-
-            path.append(latents)
-            v = self._velocity(latents, t, embeds, guidance_scale, forward)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            self._check_latents(latents, f0, f"after denoising step {i + 1} of {steps} of the chunk starting "
-                                             f"at latent frame {f0}")
+        latents = self._denoise(latents, embeds, steps, guidance_scale, self._chunk_forward(states, new_states),
+                                chunk_start=f0, path=path)
         return latents, new_states, path
 
     def _context_states(self, path, own, given, embeds, states, guidance_scale):
         """Per-step states after a given chunk (see :meth:`_streaming`): step ``i`` runs the model on
         ``path[i] + (1 - sigma_i) (given - own)`` over ``states[i]`` (not modified) and keeps the new state."""
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(len(path), device=own.device)
+        loop = SamplingLoop(self.scheduler, own, len(path))
         new_states = list(states)
-        for i, t in enumerate(scheduler.timesteps):
-            def forward(x, ts, e, i=i):
-                out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
-                return out
-
-            context = path[i] + (1.0 - float(scheduler.sigmas[i])) * (given - own)
-            self._velocity(context, t, embeds, guidance_scale, forward)
+        forward = self._chunk_forward(states, new_states)
+        for i, t in enumerate(loop.timesteps):
+            context = path[i] + (1.0 - float(loop.scheduler.sigmas[i])) * (given - own)
+            guided_velocity(partial(forward, i), context, t, embeds, guidance_scale, self.transformer.dtype)
         return new_states
 
     def _check_latents(self, latents, frame_start: int, when: str) -> None:

@@ -8,18 +8,19 @@ only when they need one, so a GPU machine without the text encoder's weights can
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..pipelines.folders import (  # noqa: F401  (re-exported: part of this module's API)
     PIPELINE_CONFIG_NAME,
+    copy_components,
     load_scheduler,
     load_text_encoder_from_folder,
+    load_vae,
     read_pipeline_config,
     read_transformer_config,
+    write_model_folder,
 )
 
 __all__ = [
@@ -63,62 +64,30 @@ def load_model_folder(folder, *, device="cpu", dtype: torch.dtype | None = None,
     tok = enc = v = None
     if text_encoder:
         tok, enc = load_text_encoder_from_folder(folder, device=device)
-    if vae and (folder / "vae").is_dir():
-        from diffusers import AutoencoderKLWan
-
-        v = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+    if vae:
+        v = load_vae(folder, device)
     return ReHyAtVideoPipeline(
         transformer, load_scheduler(folder), v, tok, enc, max_sequence_length=cfg.get("max_sequence_length", 512),
         fps=cfg.get("fps", 16), negative_prompt=cfg.get("negative_prompt", ""),
     )
 
 
-def copy_components(src, dst, *, exclude=("transformer",)) -> None:
-    """Copy every top-level entry of model folder ``src`` into ``dst`` except ``exclude`` and training files."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    skip = set(exclude) | {"train"}
-    for entry in src.iterdir():
-        if entry.name in skip or entry.name.startswith(("distill_", "finetune_", "selection")):
-            continue
-        target = dst / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(entry, target)
-
-
 def save_model_folder(transformer, out, *, components_from=None, pipeline_config: dict | None = None) -> Path:
     """Write a model folder: ``transformer/`` (with :func:`rehyat.save_rehyat` for a converted model, else
     ``save_pretrained``), the other components copied from ``components_from`` (a model folder), or a default
-    scheduler when there is none, and ``rehyat_pipeline.json`` updated with ``pipeline_config``.
+    scheduler when there is none, and ``rehyat_pipeline.json`` (that of ``components_from``, else the one already
+    in ``out``) updated with ``pipeline_config`` (a dict value updates a dict entry key by key).
 
-    The transformer folder is written next to its final place and moved in, so an interrupted save never leaves a
-    half-written ``transformer/``.
+    Written atomically by :func:`~rehyat.pipelines.folders.write_model_folder`: into a temporary folder beside
+    ``out``, then moved in, so an interrupted save never leaves a half-written folder or component; entries of
+    ``out`` it does not write (a run's ``train/``, its reports) are kept.
     """
-    from ..models import get_rehyat_config, save_rehyat
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if components_from is not None:
-        copy_components(components_from, out)
-    if not (out / "scheduler").is_dir():
-        load_scheduler(out).save_pretrained(out / "scheduler")  # Wan's default
-    tmp = out / ".transformer.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if get_rehyat_config(transformer) is not None:
-        save_rehyat(transformer, tmp, overwrite=True)
-    else:
-        transformer.save_pretrained(tmp)
-    if (out / "transformer").exists():
-        shutil.rmtree(out / "transformer")
-    tmp.rename(out / "transformer")
-    cfg = read_pipeline_config(out)
+    src = Path(components_from) if components_from is not None else None
+    cfg = read_pipeline_config(src if src is not None and (src / PIPELINE_CONFIG_NAME).is_file() else out)
     for k, v in (pipeline_config or {}).items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
-    (out / PIPELINE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    return out
+    return write_model_folder(out, transformer, cfg, components_from=src, overwrite=True)

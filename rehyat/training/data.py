@@ -481,8 +481,8 @@ def encode_text_table(model, captions: list[str], out, *, device="cpu", batch_si
             ``overwrite``). FileNotFoundError: the folder or ``out``'s parent does not exist.
     """
     from ..io import check_output_file
-    from ..text_encoder import encode_prompts
-    from .components import load_text_encoder_from_folder, read_pipeline_config
+    from ..pipelines.folders import load_prompt_encoder
+    from .components import read_pipeline_config
 
     model = Path(model)
     check_output_file(out, overwrite=overwrite, arg="--write-text-embeddings")
@@ -494,11 +494,9 @@ def encode_text_table(model, captions: list[str], out, *, device="cpu", batch_si
         neg = cfg.get("negative_prompt", "")
         if neg not in caps:
             caps.append(neg)
-    tokenizer, encoder = load_text_encoder_from_folder(model, device=device)
+    encode = load_prompt_encoder(model, device=device, batch_size=batch_size)
     L = cfg.get("max_sequence_length", 512)
-    chunks = [encode_prompts(tokenizer, encoder, caps[i : i + batch_size], max_length=L)[0].float().cpu()
-              for i in range(0, len(caps), batch_size)]
-    table = TextEmbeddingTable(caps, torch.cat(chunks), max_sequence_length=L, text_encoder=_text_encoder_name(model))
+    table = TextEmbeddingTable(caps, encode(caps), max_sequence_length=L, text_encoder=_text_encoder_name(model))
     table.save(out)
     return table
 
@@ -658,14 +656,9 @@ def _video_encoder(model: Path, device):
     """``encode(videos [B, 3, F, H, W]) -> normalised latents [B, C, f, h, w]`` with the folder's VAE (float32,
     on ``device``; the latents normalised by its ``latents_mean`` / ``latents_std``). ValueError for a VAE that
     cannot be loaded."""
-    from diffusers import AutoencoderKLWan
+    from ..pipelines.folders import load_vae
 
-    from ..io import first_line
-
-    try:
-        vae = AutoencoderKLWan.from_pretrained(model / "vae", torch_dtype=torch.float32).to(device).eval()
-    except OSError as e:  # e.g. a corrupt safetensors file
-        raise ValueError(f"cannot load the VAE in {model / 'vae'}: {first_line(e)}") from None
+    vae = load_vae(model, device)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
     return lambda x: (vae.encode(x).latent_dist.mode() - mean) / std

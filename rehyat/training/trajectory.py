@@ -12,7 +12,6 @@ model (and trains on it), and :meth:`~TeacherTrajectories.advance` moves on with
 
 from __future__ import annotations
 
-import copy
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipelines.sampling import SamplingLoop, guidance_embeds, guidance_on, guided_inputs, guided_output
 from .distributed import DistEnv, local_slice
 
 __all__ = ["PromptPool", "read_prompt_file", "resolve_prompt_pool", "TeacherTrajectories"]
@@ -90,15 +90,14 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
         FileNotFoundError: a missing file or folder.
     """
     from ..text_encoder import TextEmbeddingTable
-    from .components import load_text_encoder_from_folder, read_pipeline_config
+    from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
-    model = Path(model)
+    model = ModelFolder(model)
     if (prompts is not None) + (data is not None) == 2:
         raise ValueError("pass either a prompt file or --data, not both")
     if prompts is None and data is None and text_embeddings is None:
         raise ValueError("no prompts: pass a prompt file (--prompts), --data DATASET or --text-embeddings TABLE")
-    pcfg = read_pipeline_config(model)
-    neg_text = pcfg.get("negative_prompt", "")
+    neg_text = model.pipeline_config.get("negative_prompt", "")
     negative = None
     if data is not None:
         _, embeds, negative, captions = _dataset_prompt_embeds(Path(data))
@@ -115,14 +114,9 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
             if neg_text in table:
                 negative = table.lookup([neg_text])[0].float()
         else:
-            from ..text_encoder import encode_prompts
-
-            tok, enc = load_text_encoder_from_folder(model, device=device)
-            L = pcfg.get("max_sequence_length", 512)
-            embeds = torch.cat([encode_prompts(tok, enc, captions[i : i + 64], max_length=L)[0].float().cpu()
-                                for i in range(0, len(captions), 64)])
-            negative = encode_prompts(tok, enc, [neg_text], max_length=L)[0][0].float().cpu()
-            del tok, enc
+            encode = load_prompt_encoder(model, device=device)
+            embeds, negative = encode(captions), encode([neg_text])[0]
+            del encode  # frees the text encoder
     if text_dim is not None and embeds.shape[-1] != text_dim:
         raise ValueError(f"the prompts' text embeddings are {embeds.shape[-1]}-dim, the model takes text_dim={text_dim}")
     return PromptPool(embeds.cpu(), None if negative is None else negative.cpu(), list(captions))
@@ -138,7 +132,9 @@ class TeacherTrajectories:
     Trajectory ``r`` samples the global batch of prompts ``perm[(r*B + i) % P]`` (``i < B``, ``perm`` a seeded
     permutation of the pool) from the noise :func:`rehyat.pipelines.initial_noise` gives for seed
     ``SeedSequence(seed, r, i)``, with ``sampling_steps`` steps of a copy of ``scheduler`` and guidance scale
-    ``guidance_scale`` (off at <= 1). This process holds the samples ``local_slice(B)``.
+    ``guidance_scale`` (off at <= 1), through the pipeline's own sampling path
+    (:class:`rehyat.pipelines.sampling.SamplingLoop`, :func:`~rehyat.pipelines.sampling.guided_inputs`,
+    :func:`~rehyat.pipelines.sampling.guided_output`). This process holds the samples ``local_slice(B)``.
 
     Args:
         scheduler: a diffusers flow-matching scheduler (copied per trajectory).
@@ -162,16 +158,25 @@ class TeacherTrajectories:
         self.local = local_slice(batch_size, env)
         g = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(pool), generator=g)
-        self.trajectory, self.step = 0, 0
-        self.latents: torch.Tensor | None = None
-        self.sched = None
-        self.cfg = guidance_scale > 1.0
+        self.trajectory = 0
+        self.loop: SamplingLoop | None = None  # the current trajectory's scheduler loop, None between trajectories
+        self.cfg = guidance_on(guidance_scale)
         L, D = pool.embeds.shape[1:]
         neg = pool.negative if pool.negative is not None else torch.zeros(L, D)
         self.Lmax = max(L, neg.shape[0])
         pad = lambda e: torch.nn.functional.pad(e, (0, 0, 0, self.Lmax - e.shape[-2]))  # noqa: E731
         self.pool_embeds = pad(pool.embeds).to(self.device)
         self.negative = pad(neg).to(self.device)
+
+    @property
+    def step(self) -> int:
+        """The current trajectory's step (0 between trajectories)."""
+        return 0 if self.loop is None else self.loop.index
+
+    @property
+    def latents(self) -> torch.Tensor | None:
+        """The current trajectory's latents ``[b, C, F, H, W]`` float32, ``None`` between trajectories."""
+        return None if self.loop is None else self.loop.latents
 
     def _start(self) -> None:
         from ..pipelines import initial_noise
@@ -180,53 +185,44 @@ class TeacherTrajectories:
         idx = [r * B + i for i in range(self.local.start, self.local.stop)]
         prompt_idx = self.order[torch.tensor([i % len(self.pool) for i in idx])]
         C, F, H, W = self.shape
-        self.latents = torch.cat([initial_noise(_noise_seed(self.seed, r, i), (1, C, F, H, W)) for i in idx]).to(self.device)
+        latents = torch.cat([initial_noise(_noise_seed(self.seed, r, i), (1, C, F, H, W)) for i in idx]).to(self.device)
         self.embeds = self.pool_embeds[prompt_idx.to(self.device)]
-        self.sched = copy.deepcopy(self.scheduler)
-        self.sched.set_timesteps(self.steps, device=self.device)
+        self.loop = SamplingLoop(self.scheduler, latents, self.steps)
 
     def inputs(self):
         """Model inputs of the current step: ``(x [n, C, F, H, W], t [n], embeds [n, L, D])`` with ``n = 2b`` under
         guidance (``[uncond; cond]``, as the pipeline) else ``b``, in ``dtype`` on the device."""
-        if self.latents is None:
+        if self.loop is None:
             self._start()
-        t = self.sched.timesteps[self.step]
-        x, e = self.latents, self.embeds
-        if self.cfg:
-            x = torch.cat([x, x])
-            e = torch.cat([self.negative.expand(x.shape[0] // 2, -1, -1), e])
-        return x.to(self.dtype), t.expand(x.shape[0]).to(self.device), e.to(self.dtype)
+        x, ts = guided_inputs(self.loop.latents, self.loop.timestep, self.guidance, self.dtype)
+        e = guidance_embeds(self.negative, self.embeds) if self.cfg else self.embeds
+        return x, ts, e.to(self.dtype)
 
     def guided(self, out: torch.Tensor) -> torch.Tensor:
         """The guided velocity (float32) from the model output on :meth:`inputs`."""
-        out = out.float()
-        if not self.cfg:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+        return guided_output(out, self.guidance)
 
     def advance(self, out: torch.Tensor) -> None:
         """Step the trajectory with the model output on :meth:`inputs`; start the next trajectory after the last step."""
-        t = self.sched.timesteps[self.step]
-        self.latents = self.sched.step(self.guided(out), t, self.latents, return_dict=False)[0]
-        self.step += 1
-        if self.step == self.steps:
-            self.trajectory, self.step, self.latents, self.sched = self.trajectory + 1, 0, None, None
+        self.loop.step(self.guided(out))
+        if self.loop.index == self.steps:
+            self.trajectory, self.loop = self.trajectory + 1, None
 
     def state_dict(self) -> dict:
         """This process's position and, mid-trajectory, its latents and scheduler (pickled)."""
         return {
             "trajectory": self.trajectory,
             "step": self.step,
-            "latents": None if self.latents is None else self.latents.cpu(),
-            "scheduler": None if self.sched is None else pickle.dumps(self.sched),
+            "latents": None if self.loop is None else self.loop.latents.cpu(),
+            "scheduler": None if self.loop is None else pickle.dumps(self.loop.scheduler),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.trajectory, self.step = state["trajectory"], state["step"]
+        """Go back to where :meth:`state_dict` was taken (its trajectory, step, latents and scheduler)."""
+        self.trajectory = state["trajectory"]
         if state["latents"] is None:
-            self.latents, self.sched = None, None
+            self.loop = None
             return
         self._start()  # prompts of this trajectory
-        self.latents = state["latents"].to(self.device)
-        self.sched = pickle.loads(state["scheduler"])
+        self.loop = SamplingLoop.resume(pickle.loads(state["scheduler"]), state["latents"].to(self.device),
+                                        state["step"])

@@ -84,6 +84,7 @@ def pixel_dataset(root, pixel_teacher, videos):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Loading a model's weights fails the test: an error the test expects must come first."""
+    import rehyat.pipelines.folders as folders
     import rehyat.training.components as comp
 
     def refuse(*a, **k):
@@ -91,3 +92,4 @@ def no_weights(monkeypatch):
 
     monkeypatch.setattr(comp, "load_model_folder", refuse)
     monkeypatch.setattr(comp, "load_text_encoder_from_folder", refuse)
+    monkeypatch.setattr(folders, "load_text_encoder_from_folder", refuse)  # through load_prompt_encoder
