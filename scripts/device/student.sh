@@ -3,15 +3,18 @@
 # every block (chunk 4, overlap 1, block-causal like its teacher), fine-tune with the teacher-velocity loss, world
 # checks of teacher, student and distilled model on the same prompts and noise. Each stage has a time limit; a
 # stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
-# Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT.
+# Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
+# unrotated), MASS_WEIGHT (distill --mass-weight), EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
+# student and the teacher, 8 prompts; 0 skips them).
 source scripts/device/common.sh
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
 F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
-EVAL_PROMPTS=${EVAL_PROMPTS:-32} EVAL_LIMIT=${EVAL_LIMIT:-100}
+EVAL_PROMPTS=${EVAL_PROMPTS:-32} EVAL_LIMIT=${EVAL_LIMIT:-100} EVAL128_LIMIT=${EVAL128_LIMIT:-0}
+FEATURE_MAP_INPUT=${FEATURE_MAP_INPUT:-rotated} MASS_WEIGHT=${MASS_WEIGHT:-0}
 stamp distill
 dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames 1
        --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
-       --mass-every 25)
+       --mass-every 25 --feature-map-input "$FEATURE_MAP_INPUT" --mass-weight "$MASS_WEIGHT")
 timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
     --no-progress --overwrite || finish_from_checkpoint distill "$W/distilled" "${dargs[@]}"
 pack "$W/distilled" distilled
@@ -25,5 +28,10 @@ stamp eval
 timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \
     --model "student=$W/student" --model "distilled=$W/distilled" --prompts "$EVAL_PROMPTS" --seeds 0,1 --frames 16 \
     || echo "eval stopped"
+if [ "$EVAL128_LIMIT" != 0 ]; then stamp "eval at 128 frames"
+  timeout "$EVAL128_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval128.json" --model "student=$W/student:streaming" \
+      --model "teacher=$W/teacher" --prompts 8 --seeds 0 --frames 128 || echo "eval at 128 frames stopped"
+fi
+cp "$W/student/train/log.jsonl" "$OUT/student_log.jsonl"
 stamp done
 ls -la "$OUT"
