@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     t.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on attention/FFN linears (+ feature maps)")
     t.add_argument("--lora-alpha", type=float, default=None)
+    t.add_argument("--trainable", choices=["all", "feature_maps"], default="all",
+                   help="all (default) or feature_maps: only a converted model's feature maps and linear scales train; "
+                        "the teacher's weights stay, so a block-causal student's first chunk stays its teacher's")
     t.add_argument("--timestep-sampling", choices=["shifted", "uniform"], default="shifted",
                    help="noise levels: shifted (t = s u / (1 + (s-1) u), u uniform; default) or uniform")
     t.add_argument("--flow-shift", type=float, default=3.0)
@@ -73,7 +76,7 @@ def run(args) -> int:
             guidance=args.guidance, components_from=args.components_from, steps=args.steps, batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
-            max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            max_grad_norm=args.max_grad_norm or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, trainable=args.trainable,
             timestep_sampling=args.timestep_sampling, flow_shift=args.flow_shift, text_dropout=args.text_dropout,
             seed=args.seed, init_seed=args.init_seed, chunk_causal=args.chunk_causal, precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, deterministic=args.deterministic,

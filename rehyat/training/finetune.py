@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 TIMESTEP_SAMPLING = ("shifted", "uniform")
+TRAINABLE = ("all", "feature_maps")  # what fine-tuning trains (``--trainable``)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 EVAL_SEED_OFFSET = 9_999_991
 
@@ -182,6 +183,20 @@ def check_transformer_config(cfg: dict, source: str = "--config") -> None:
     except Exception as e:  # e.g. diffusers' RoPE asserts an even split of attention_head_dim
         raise ValueError(f"{source}: WanTransformer3DModel cannot be built from these settings "
                          f"({e!r}); check attention_head_dim (must be even)") from None
+
+
+def train_feature_maps_only(transformer) -> list[str]:
+    """Freeze everything but the converted blocks' processors (feature maps, linear-branch scales); returns the
+    trainable parameter names. ``ValueError`` for a model without converted blocks (nothing would train)."""
+    transformer.requires_grad_(False)
+    names = []
+    for n, p in transformer.named_parameters():
+        if ".attn1.processor." in n:
+            p.requires_grad_(True)
+            names.append(n)
+    if not names:
+        raise ValueError("--trainable feature_maps: the model has no converted blocks, so no feature maps to train")
+    return names
 
 
 def add_lora(transformer, rank: int, alpha: float | None = None, targets=LORA_TARGETS) -> list[str]:
@@ -315,6 +330,7 @@ def finetune(
     lora_rank: int = 0,
     lora_alpha: float | None = None,
     lora_targets=LORA_TARGETS,
+    trainable: str = "all",
     timestep_sampling: str = "shifted",
     flow_shift: float = 3.0,
     text_dropout: float = 0.0,
@@ -361,6 +377,10 @@ def finetune(
             schedule. max_grad_norm: gradient clipping (``None``: off).
         lora_rank: > 0 trains LoRA adapters of that rank (``lora_alpha`` default = rank) on ``lora_targets`` plus
             the feature maps; 0 (default) trains everything.
+        trainable: ``"all"`` (default: every parameter, or the LoRA adapters and feature maps) or
+            ``"feature_maps"``: only the converted blocks' feature maps and linear-branch scales; the teacher's
+            weights stay as they are, so a block-causal student's first chunk (which has no linear keys) stays
+            exactly its teacher's. ``"feature_maps"`` needs a converted ``model`` and ``lora_rank`` 0.
         timestep_sampling: ``"shifted"`` (default, ``flow_shift`` 3.0) or ``"uniform"``.
         text_dropout: probability of replacing a sample's text embedding by the dataset's null embedding (zeros
             if it has none), for classifier-free guidance.
@@ -424,6 +444,7 @@ class FinetuneArgs:
     lora_rank: int
     lora_alpha: float | None
     lora_targets: tuple
+    trainable: str
     timestep_sampling: str
     flow_shift: float
     text_dropout: float
@@ -464,6 +485,11 @@ class _FinetuneJob:
         self._check_source()
         self._check_numbers()
         self._check_data_and_teacher()
+        if a.trainable == "feature_maps":
+            from ..pipelines.folders import read_transformer_config
+
+            if read_transformer_config(a.model)["rehyat"] is None:
+                raise ValueError(f"--trainable feature_maps: --model {a.model} is not converted (no feature maps)")
         if a.components_from is None:
             if a.model is not None:
                 a.components_from = a.model
@@ -505,6 +531,11 @@ class _FinetuneJob:
             raise ValueError(f"--text-dropout must be in [0, 1), got {a.text_dropout}")
         if a.lora_rank and (not isinstance(a.lora_rank, int) or a.lora_rank < 0):
             raise ValueError(f"--lora-rank must be an int >= 0, got {a.lora_rank!r}")
+        if a.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {TRAINABLE}, got {a.trainable!r}")
+        if a.trainable == "feature_maps" and (a.lora_rank or a.model is None):
+            raise ValueError("--trainable feature_maps trains a converted --model's feature maps alone: it needs "
+                             "--model (not --config) and no --lora-rank")
         if a.data_device not in ("auto", "cpu", "device"):
             raise ValueError(f"--data-device must be auto, cpu or device, got {a.data_device!r}")
 
@@ -560,6 +591,8 @@ class _FinetuneJob:
             "gradient_checkpointing": a.gradient_checkpointing, "compile": a.compile,
             "deterministic": a.deterministic, "checkpoint_every": a.checkpoint_every, "log_every": a.log_every,
             "eval_batches": a.eval_batches,
+            # only when set, so that the settings of runs from before the option (their resume check) are unchanged
+            **({"trainable": a.trainable} if a.trainable != "all" else {}),
         }
 
     # ------------------------------------------------------------------------------------------------ models
@@ -630,6 +663,8 @@ class _FinetuneJob:
         student.train()
         if a.lora_rank:
             add_lora(student, a.lora_rank, a.lora_alpha, a.lora_targets)
+        elif a.trainable == "feature_maps":
+            train_feature_maps_only(student)
         else:
             student.requires_grad_(True)
         if a.gradient_checkpointing:

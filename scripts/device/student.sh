@@ -4,13 +4,13 @@
 # checks of teacher, student and distilled model on the same prompts and noise. Each stage has a time limit; a
 # stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
 # Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
-# unrotated), MASS_WEIGHT (distill --mass-weight), EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
+# unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps), EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
 # student and the teacher, 8 prompts; 0 skips them).
 source scripts/device/common.sh
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
 F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
 EVAL_PROMPTS=${EVAL_PROMPTS:-32} EVAL_LIMIT=${EVAL_LIMIT:-100} EVAL128_LIMIT=${EVAL128_LIMIT:-0}
-FEATURE_MAP_INPUT=${FEATURE_MAP_INPUT:-rotated} MASS_WEIGHT=${MASS_WEIGHT:-0}
+FEATURE_MAP_INPUT=${FEATURE_MAP_INPUT:-rotated} MASS_WEIGHT=${MASS_WEIGHT:-0} F_TRAINABLE=${F_TRAINABLE:-all}
 stamp distill
 dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames 1
        --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
@@ -20,7 +20,8 @@ timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/
 pack "$W/distilled" distilled
 stamp finetune
 fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-weight 1.0 --batch-size "$F_BATCH"
-       --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100)
+       --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100
+       --trainable "$F_TRAINABLE")
 timeout -s INT "$F_LIMIT" python3 -m rehyat.cli finetune "${fargs[@]}" --out "$W/student" --steps "$F_STEPS" \
     --no-progress --overwrite || finish_from_checkpoint finetune "$W/student" "${fargs[@]}"
 pack "$W/student" student

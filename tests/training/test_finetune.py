@@ -221,3 +221,31 @@ def test_bad_chunk_causal_refused_up_front(pixel_student, pixel_dataset, tmp_pat
         finetune(tmp_path / "o", data=pixel_dataset, chunk_causal=value, steps=1, progress=False, **source)
     assert ("with --model" in str(e.value)) == (how == "model")
     assert not (tmp_path / "o").exists()
+
+
+def test_trainable_feature_maps_keeps_the_teachers_weights(pixel_student, pixel_dataset, tmp_path):
+    """--trainable feature_maps: only the converted blocks' feature maps and linear scales change, bit for bit."""
+    finetune(tmp_path / "fm", model=pixel_student, data=pixel_dataset, steps=3, batch_size=2, lr=1e-2,
+             trainable="feature_maps", progress=False)
+    before, after = folder_weights(pixel_student), folder_weights(tmp_path / "fm")
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn1.processor." in k for k in changed)
+    assert all(torch.equal(before[k], after[k]) for k in before if ".attn1.processor." not in k)
+    run = json.loads((tmp_path / "fm" / "train" / "run_config.json").read_text())
+    assert json.dumps(run).count('"trainable": "feature_maps"') == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(trainable="everything"), "--trainable must be one of"),
+    (dict(trainable="feature_maps", lora_rank=2), "--trainable feature_maps trains a converted --model"),
+    (dict(trainable="feature_maps", model="teacher"), "is not converted"),
+])
+def test_trainable_refused_before_any_weights(pixel_teacher, pixel_student, pixel_dataset, tmp_path, no_weights,
+                                              kwargs, match):
+    kwargs = {"model": pixel_student, **kwargs}
+    if kwargs["model"] == "teacher":
+        kwargs["model"] = pixel_teacher
+    with pytest.raises(ValueError, match=match):
+        finetune(tmp_path / "bad", data=pixel_dataset, steps=1, batch_size=2, progress=False, **kwargs)
+    assert not (tmp_path / "bad").exists()
