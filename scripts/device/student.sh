@@ -4,7 +4,8 @@
 # checks of teacher, student and distilled model on the same prompts and noise. Each stage has a time limit; a
 # stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
 # Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
-# unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps), EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
+# unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps),
+# EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
 # student and the teacher, 8 prompts; 0 skips them).
 source scripts/device/common.sh
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
