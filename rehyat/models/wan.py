@@ -245,6 +245,13 @@ def recurrent_mode(model_or_context, *, frame_offset: int, states: dict):
 # ----------------------------------------------------------------------------------------------------------------
 # RoPE at absolute frame positions
 # ----------------------------------------------------------------------------------------------------------------
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a head's channels between RoPE's time, height and width axes ``(t, h, w)``: h = w =
+    2 * (D // 6), t the rest (Wan2.1's D = 128: 44 / 42 / 42); the time channels come first."""
+    h = 2 * (head_dim // 6)
+    return head_dim - 2 * h, h, h
+
+
 class AbsoluteRotaryPosEmbed(nn.Module):
     """Wan's 3-D RoPE computed for absolute positions instead of read from a precomputed table.
 
@@ -261,8 +268,7 @@ class AbsoluteRotaryPosEmbed(nn.Module):
         self.attention_head_dim = attention_head_dim
         self.patch_size = tuple(patch_size)
         self.theta = theta
-        self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
-        self.t_dim = attention_head_dim - self.h_dim - self.w_dim
+        self.t_dim, self.h_dim, self.w_dim = rope_axis_dims(attention_head_dim)
         self.context = context
 
     def _axis(self, dim: int, start: int, length: int, device):
@@ -299,10 +305,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def spatial_rotary(rotary_emb, head_dim: int):
-    """RoPE's ``(cos, sin)`` ``[1, N, 1, D]`` with the temporal rotation removed (cos 1, sin 0 on the first
-    ``D - 4 * (D // 6)`` channels, Wan's time axis; :class:`AbsoluteRotaryPosEmbed`): the height and width rotations
-    only, the same at every frame position."""
-    t_dim = head_dim - 4 * (head_dim // 6)
+    """RoPE's ``(cos, sin)`` ``[1, N, 1, D]`` with the temporal rotation removed (cos 1, sin 0 on the time channels,
+    :func:`rope_axis_dims`): the height and width rotations only, the same at every frame position."""
+    t_dim = rope_axis_dims(head_dim)[0]
     cos, sin = (x.clone() for x in rotary_emb)
     cos[..., :t_dim], sin[..., :t_dim] = 1.0, 0.0
     return cos, sin

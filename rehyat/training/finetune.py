@@ -39,6 +39,7 @@ from .checkpoint import load_trainable_state
 from .common import (
     cast_frozen_model,
     default_geometry,
+    feature_map_parameters,
     latent_shape_for,
     resolve_dtype,
     set_deterministic,
@@ -190,10 +191,9 @@ def train_feature_maps_only(transformer) -> list[str]:
     trainable parameter names. ``ValueError`` for a model without converted blocks (nothing would train)."""
     transformer.requires_grad_(False)
     names = []
-    for n, p in transformer.named_parameters():
-        if ".attn1.processor." in n:
-            p.requires_grad_(True)
-            names.append(n)
+    for n, p in feature_map_parameters(transformer):
+        p.requires_grad_(True)
+        names.append(n)
     if not names:
         raise ValueError("--trainable feature_maps: the model has no converted blocks, so no feature maps to train")
     return names
@@ -485,11 +485,8 @@ class _FinetuneJob:
         self._check_source()
         self._check_numbers()
         self._check_data_and_teacher()
-        if a.trainable == "feature_maps":
-            from ..pipelines.folders import read_transformer_config
-
-            if read_transformer_config(a.model)["rehyat"] is None:
-                raise ValueError(f"--trainable feature_maps: --model {a.model} is not converted (no feature maps)")
+        if a.trainable == "feature_maps" and self.scfg.get("rehyat") is None:  # the --model's config, read once
+            raise ValueError(f"--trainable feature_maps: --model {a.model} is not converted (no feature maps)")
         if a.components_from is None:
             if a.model is not None:
                 a.components_from = a.model
