@@ -5,8 +5,8 @@
 # stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
 # Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
 # unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps),
-# EVAL128_LIMIT (seconds for the 128-frame checks of the streamed
-# student and the teacher, 8 prompts; 0 skips them).
+# EVAL_LIMIT (seconds for the 16-frame checks; 0 skips them), EVAL128_LIMIT (seconds for the 128-frame checks of
+# the streamed student and the teacher, 8 prompts; 0 skips them).
 source scripts/device/common.sh
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
 F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
@@ -26,10 +26,11 @@ fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-
 timeout -s INT "$F_LIMIT" python3 -m rehyat.cli finetune "${fargs[@]}" --out "$W/student" --steps "$F_STEPS" \
     --no-progress --overwrite || finish_from_checkpoint finetune "$W/student" "${fargs[@]}"
 pack "$W/student" student
-stamp eval
-timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \
-    --model "student=$W/student" --model "distilled=$W/distilled" --prompts "$EVAL_PROMPTS" --seeds 0,1 --frames 16 \
-    || echo "eval stopped"
+if [ "$EVAL_LIMIT" != 0 ]; then stamp eval
+  timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \
+      --model "student=$W/student" --model "distilled=$W/distilled" --prompts "$EVAL_PROMPTS" --seeds 0,1 \
+      --frames 16 || echo "eval stopped"
+fi
 if [ "$EVAL128_LIMIT" != 0 ]; then stamp "eval at 128 frames"
   timeout "$EVAL128_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval128.json" --model "student=$W/student:streaming" \
       --model "teacher=$W/teacher" --prompts 8 --seeds 0 --frames 128 || echo "eval at 128 frames stopped"
