@@ -5,8 +5,8 @@
 # stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
 # Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
 # unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps),
-# EVAL_LIMIT (seconds for the 16-frame checks; 0 skips them), EVAL128_LIMIT (seconds for the 128-frame checks of
-# the streamed student and the teacher, 8 prompts; 0 skips them).
+# F_STEPS=0 stops after distillation, EVAL_LIMIT (seconds for the 16-frame checks; 0 skips them), EVAL128_LIMIT
+# (seconds for the 128-frame checks of the streamed student and the teacher, 8 prompts; 0 skips them).
 source scripts/device/common.sh
 D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
 F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
@@ -19,6 +19,8 @@ dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --o
 timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
     --no-progress --overwrite || finish_from_checkpoint distill "$W/distilled" "${dargs[@]}"
 pack "$W/distilled" distilled
+cp "$W/distilled"/distill_report.* "$OUT/"
+[ "$F_STEPS" != 0 ] || { stamp "done (F_STEPS=0: no fine-tuning)"; exit 0; }
 stamp finetune
 fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-weight 1.0 --batch-size "$F_BATCH"
        --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100

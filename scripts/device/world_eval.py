@@ -4,7 +4,10 @@ every model, and PSNR/SSIM of every model against the first. Prompts: the ``rehy
 (``caption(sample_scene(10_000 + i))``)."""
 import argparse
 import json
+import os
 import time
+
+import numpy as np
 
 import torch
 
@@ -16,6 +19,8 @@ p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--model", action="append", required=True)
 p.add_argument("--prompts", type=int, default=48)
+p.add_argument("--first-prompt", type=int, default=0, help="index of the first prompt (to split a run over processes)")
+p.add_argument("--save-videos", default=None, help="folder: each video as NAME_F<frames>_p<prompt>_s<seed>.npy (uint8)")
 p.add_argument("--seeds", default="0,1")
 p.add_argument("--frames", default="16")
 p.add_argument("--steps", type=int, default=20)
@@ -24,7 +29,7 @@ p.add_argument("--text-embeddings", default=".devcarry/world_text_embeddings.saf
 a = p.parse_args()
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-prompts = [caption(sample_scene(10_000 + i)) for i in range(a.prompts)]
+prompts = [caption(sample_scene(10_000 + i)) for i in range(a.first_prompt, a.first_prompt + a.prompts)]
 seeds = [int(s) for s in a.seeds.split(",")]
 rows = []
 for frames in [int(f) for f in a.frames.split(",")]:
@@ -38,6 +43,10 @@ for frames in [int(f) for f in a.frames.split(",")]:
         runs = [(pr, s, _generate(pipe, pr, frames, 40, 40, a.steps, a.guidance, s, mode or "parallel"))
                 for pr in prompts for s in seeds]
         checks = [check_video(r.video, pr) for pr, _, r in runs]
+        if a.save_videos:
+            os.makedirs(a.save_videos, exist_ok=True)
+            for i, (_, s, r) in enumerate(runs):
+                np.save(os.path.join(a.save_videos, f"{name}_F{frames}_p{a.first_prompt + i // len(seeds)}_s{s}.npy"), r.video)
         row = {"model": name, "folder": folder, "mode": mode or "parallel", "frames": frames, "videos": len(runs),
                "seconds": time.time() - t0, **summarise(checks)}
         speeds = [abs(c["mean_velocity"][0]) + abs(c["mean_velocity"][1]) for c in checks]

@@ -25,6 +25,16 @@ def test_video_similarity_identity_and_noise():
         video_similarity(a, a[:2])
 
 
+def test_video_similarity_psnr_is_the_whole_videos_not_a_frame_mean():
+    # frames 0-1 identical, frames 2-3 off by 16 everywhere: the video's MSE is 128, PSNR 10 log10(255^2 / 128);
+    # a mean of per-frame PSNRs (capped at 100 dB) would give (100 + 100 + 24.0 + 24.0) / 4 = 62 dB
+    a = np.full((4, 8, 8, 3), 100, dtype=np.uint8)
+    b = a.copy()
+    b[2:] += 16
+    got = video_similarity(a, b)["psnr"]
+    assert got == pytest.approx(10 * np.log10(255.0**2 / 128), rel=1e-9)
+
+
 def test_attention_errors_zero_for_one_chunk_and_positive_otherwise():
     emb = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
     one = ReHyAtVideoPipeline(convert_wan(tiny_wan_transformer(), chunk_frames=8, overlap_frames=1))
