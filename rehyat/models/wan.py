@@ -29,6 +29,7 @@ still gives the plain teacher to users without rehyat.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -890,34 +891,57 @@ def _open_weights(path: Path):
         raise ValueError(f"{path} is not a readable {kind} file: {e}") from None
 
 
-def _weight_map(folder: Path) -> dict[str, Path]:
-    """``{key: file}`` of a transformer folder's weights (one safetensors file, a sharded one with its index, or
-    one PyTorch ``.bin``), read from the headers. ``FileNotFoundError`` when there are none."""
-    from ..io import read_json_object
+class _WeightFiles:
+    """A transformer folder's weights (one safetensors file, a sharded one with its index, or one PyTorch ``.bin``),
+    each file opened once: its header gives the keys, and its tensors are read from that same handle.
 
-    single, index, pickled = folder / _SAFETENSORS, folder / f"{_SAFETENSORS}.index.json", folder / _BIN
-    if index.exists() and not single.exists():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object")
-        return {k: folder / f for k, f in weight_map.items()}
-    path = single if single.exists() else pickled
-    if not path.exists():
-        raise FileNotFoundError(f"no {_SAFETENSORS} (or its index, or {_BIN}) in {folder}")
-    return dict.fromkeys(_open_weights(path).keys(), path)
+    Attributes:
+        weight_map: ``{key: file}`` of every weight in the folder.
 
+    Raises (at construction):
+        FileNotFoundError: no weights file. ValueError: an index without a ``weight_map`` object, or an unreadable
+            file, naming it.
+    """
 
-def _read_weights(weight_map: dict[str, Path], keys) -> dict[str, torch.Tensor]:
-    """The tensors ``keys`` (a subset of ``weight_map``), each file opened once."""
-    out = {}
-    for path in sorted({weight_map[k] for k in keys}):
-        f = _open_weights(path)
-        mine = [k for k in keys if weight_map[k] == path]
-        try:
-            out.update({k: f[k] if isinstance(f, dict) else f.get_tensor(k) for k in mine})
-        except Exception as e:  # a key the index names but the file lacks, a truncated file
-            raise ValueError(f"cannot read {mine[:4]} from {path}: {e}") from None
-    return out
+    def __init__(self, folder: Path) -> None:
+        from ..io import read_json_object
+
+        single, index, pickled = folder / _SAFETENSORS, folder / f"{_SAFETENSORS}.index.json", folder / _BIN
+        self._files: dict[Path, object] = {}
+        if index.exists() and not single.exists():
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object")
+            self.weight_map = {k: folder / f for k, f in weight_map.items()}
+            return
+        path = single if single.exists() else pickled
+        if not path.exists():
+            raise FileNotFoundError(f"no {_SAFETENSORS} (or its index, or {_BIN}) in {folder}")
+        self.weight_map = dict.fromkeys(self._open(path).keys(), path)
+
+    def _open(self, path: Path):
+        if path not in self._files:
+            self._files[path] = _open_weights(path)
+        return self._files[path]
+
+    def by_file(self, keys) -> dict[Path, list[str]]:
+        """``{file: its keys among keys}`` (``keys``: a subset of :attr:`weight_map`), files in sorted order."""
+        out: dict[Path, list[str]] = {}
+        for k in keys:
+            out.setdefault(self.weight_map[k], []).append(k)
+        return dict(sorted(out.items()))
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` (a subset of :attr:`weight_map`); ValueError naming the file for a key it lacks or a
+        truncated file."""
+        out = {}
+        for path, mine in self.by_file(keys).items():
+            f = self._open(path)
+            try:
+                out.update({k: f[k] if isinstance(f, dict) else f.get_tensor(k) for k in mine})
+            except Exception as e:  # a key the index names but the file lacks, a truncated file
+                raise ValueError(f"cannot read {mine[:4]} from {path}: {e}") from None
+        return out
 
 
 def _expected_keys(folder: Path, config: dict, settings: ReHyAtConfig | None) -> set[str]:
@@ -973,24 +997,49 @@ def _check_weight_keys(folder: Path, saved, expected, settings: ReHyAtConfig | N
     raise ValueError(f"the weights in {folder} do not match {what}: {'; '.join(parts)}{hint}")
 
 
-def _from_pretrained(folder: Path, torch_dtype, quiet: bool):
-    """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights.
-    ``quiet`` silences diffusers' warnings (for a ReHyAt folder: the "rehyat" config entry and the feature maps,
-    which diffusers does not know and :func:`load_transformer` handles)."""
-    from diffusers import WanTransformer3DModel
+@contextmanager
+def _diffusers_quiet(quiet: bool):
+    """Silence diffusers' warnings inside the block when ``quiet``."""
     from diffusers.utils import logging as diffusers_logging
-
-    from ..io import first_line
 
     level = diffusers_logging.get_verbosity()
     if quiet:
         diffusers_logging.set_verbosity_error()
     try:
-        return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
-    except OSError as e:  # diffusers: "Unable to load weights from checkpoint file ...", "no file named ..."
-        raise ValueError(f"cannot load the transformer weights in {folder}: {first_line(e)}") from None
+        yield
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def _load_teacher(folder: Path, config: dict, weights: _WeightFiles, torch_dtype, quiet: bool):
+    """The plain ``WanTransformer3DModel`` of ``config`` (``config.json`` as already read) with its weights from
+    ``weights`` (the files already opened), built as ``WanTransformer3DModel.from_pretrained(folder,
+    torch_dtype=...)`` builds it (no weight initialisation, built under ``torch_dtype``, weights cast by diffusers'
+    ``load_model_dict_into_meta`` with the modules diffusers keeps in float32 kept there, ``_name_or_path``, eval
+    mode) without reading the config or a file header again. ``quiet`` silences diffusers' warnings (for a ReHyAt
+    folder: the ``"rehyat"`` config entry, which diffusers does not know)."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+    from diffusers.models.modeling_utils import no_init_weights
+
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
+    default = torch.get_default_dtype()
+    try:
+        if torch_dtype is not None:
+            torch.set_default_dtype(torch_dtype)
+        with _diffusers_quiet(quiet), no_init_weights(), init_empty_weights():
+            model = WanTransformer3DModel.from_config(copy.deepcopy(config))
+    finally:
+        torch.set_default_dtype(default)
+    keep = WanTransformer3DModel._keep_in_fp32_modules or []
+    wanted = set(model.state_dict())
+    for keys in weights.by_file(k for k in weights.weight_map if k in wanted).values():  # one file at a time
+        load_model_dict_into_meta(model, weights.read(keys), dtype=torch_dtype, model_name_or_path=str(folder),
+                                  keep_in_fp32_modules=list(keep))
+    model.register_to_config(_name_or_path=folder)
+    return model.eval()
 
 
 def read_wan_config(folder) -> tuple[Path, dict]:
@@ -1037,17 +1086,16 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
             malformed or disagreeing ReHyAt settings; an unreadable weights file; feature-map weights without
             settings, settings without feature-map weights, or any other missing or unexpected weight key.
     """
-    folder, config = read_wan_config(folder)
+    folder, config = read_wan_config(folder)  # config.json and each weights file's header: read once, here
     settings = read_rehyat_settings(folder, config)
-    weight_map = _weight_map(folder)
-    _check_weight_keys(folder, set(weight_map), _expected_keys(folder, config, settings), settings)
-    # The teacher's weights load through diffusers (dtype handling, fp32-kept modules); the feature maps, which
-    # diffusers does not know, are read from the same files afterwards.
-    model = _from_pretrained(folder, torch_dtype, quiet=settings is not None)
+    weights = _WeightFiles(folder)
+    _check_weight_keys(folder, set(weights.weight_map), _expected_keys(folder, config, settings), settings)
+    # The teacher's weights load as diffusers loads them (dtype handling, fp32-kept modules); the feature maps,
+    # which diffusers does not know, then come from the same open files.
+    model = _load_teacher(folder, config, weights, torch_dtype, quiet=settings is not None)
     if settings is not None:
         convert_wan(model, **settings.conversion_kwargs())
-        features = _read_weights(weight_map, [k for k in weight_map if _is_processor_key(k)])
-        model.load_state_dict(features, strict=False)
+        model.load_state_dict(weights.read([k for k in weights.weight_map if _is_processor_key(k)]), strict=False)
     model = model.to(device) if device is not None else model
     return model.eval()
 
