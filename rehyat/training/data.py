@@ -457,11 +457,11 @@ class GlobalBatchSampler:
 # a table without importing training; re-exported here because `rehyat.training.data.TextEmbeddingTable` was its
 # public path)
 # ----------------------------------------------------------------------------------------------------------------
-def _text_encoder_name(folder: Path) -> str | None:
-    from .components import read_pipeline_config
+def _text_encoder_name(folder) -> str | None:
+    from ..pipelines.folders import ModelFolder
 
-    cfg = read_pipeline_config(folder)
-    return cfg.get("text_encoder") or ("folder" if (folder / "text_encoder").is_dir() else None)
+    folder = ModelFolder.of(folder)
+    return folder.pipeline_config.get("text_encoder") or ("folder" if (folder / "text_encoder").is_dir() else None)
 
 
 @torch.no_grad()
@@ -481,15 +481,14 @@ def encode_text_table(model, captions: list[str], out, *, device="cpu", batch_si
             ``overwrite``). FileNotFoundError: the folder or ``out``'s parent does not exist.
     """
     from ..io import check_output_file
-    from ..pipelines.folders import load_prompt_encoder
-    from .components import read_pipeline_config
+    from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
-    model = Path(model)
+    model = ModelFolder.of(model)  # rehyat_pipeline.json read once, for the settings here and the encoder
     check_output_file(out, overwrite=overwrite, arg="--write-text-embeddings")
     caps = list(dict.fromkeys(c for c in captions if c.strip()))
     if not caps:
         raise ValueError("no captions to encode")
-    cfg = read_pipeline_config(model)
+    cfg = model.pipeline_config
     if include_negative:
         neg = cfg.get("negative_prompt", "")
         if neg not in caps:
@@ -551,7 +550,8 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
+    from ..pipelines.folders import ModelFolder
+    from .components import load_text_encoder_from_folder
 
     model, videos = Path(model), Path(videos)
     if not model.is_dir():
@@ -563,8 +563,8 @@ def prepare_dataset(
     if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
         raise ValueError(f"--frames must be an int >= 1, got {num_frames!r}")
     prepare_output_folder(out, overwrite=overwrite)
-    tcfg = read_transformer_config(model)
-    pcfg = read_pipeline_config(model)
+    model = ModelFolder(model)  # each config read once, here, for every check and setting below
+    tcfg, pcfg = model.transformer_config, model.pipeline_config
     rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
     has_vae = (model / "vae").is_dir()
     first = _read_video(videos / rows[0]["file_name"])
@@ -580,9 +580,9 @@ def prepare_dataset(
         text_dim=tcfg["text_dim"], max_sequence_length=L, latent_space="vae" if has_vae else "pixel",
         num_frames=F, height=H, width=W, num_samples=len(rows), fps=rows[0].get("fps", pcfg.get("fps")),
         text_encoder=(table.text_encoder if table is not None else _text_encoder_name(model)),
-        source_model=str(model.resolve()),
+        source_model=str(model.path.resolve()),
     )
-    encode_video = _video_encoder(model, device) if has_vae else (lambda x: x)
+    encode_video = _video_encoder(model.path, device) if has_vae else (lambda x: x)
 
     def embed(captions):
         if table is not None:
@@ -624,17 +624,17 @@ def _check_videos_and_captions(videos: Path, text_embeddings, tcfg: dict):
     return rows, table
 
 
-def _check_geometry(model: Path, tcfg: dict, rows: list[dict], F: int, H: int, W: int) -> tuple[int, int, int]:
+def _check_geometry(model, tcfg: dict, rows: list[dict], F: int, H: int, W: int) -> tuple[int, int, int]:
     """``(temporal factor, spatial factor, latent channels)`` of the model's VAE (``(1, 1, 3)`` in pixel space),
-    after checking that ``F x H x W`` videos fit it and the model, and that every row's stated size fits."""
-    from ..io import read_json_object
-    from ..pipelines.video import vae_factors
-
+    after checking that ``F x H x W`` videos fit it and the model, and that every row's stated size fits.
+    ``model``: a :class:`~rehyat.pipelines.folders.ModelFolder`."""
     has_vae = (model / "vae").is_dir()
     p_h = tcfg["patch_size"][1]
     if has_vae:
-        vcfg = read_json_object(model / "vae" / "config.json")
-        tf, sf = vae_factors(vcfg)
+        vcfg = model.vae_config
+        if vcfg is None:
+            raise FileNotFoundError(f"{model / 'vae'} has no config.json")
+        tf, sf = model.vae_factors
         if (F - 1) % tf != 0:
             raise ValueError(f"the model's VAE needs {tf}k+1 frames, got {F}; pass --frames")
         C = vcfg.get("z_dim", 16)

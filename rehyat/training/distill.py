@@ -550,10 +550,11 @@ class _DistillJob:
     # ------------------------------------------------------------------------------------------------ checks
     def open(self) -> None:
         """Every check and the run's settings, before any weights are loaded."""
-        from .components import read_pipeline_config, read_transformer_config
+        from ..pipelines.folders import ModelFolder
 
         a = self.a
-        self.tcfg = tcfg = read_transformer_config(a.model)
+        self.model = ModelFolder(a.model)  # its configs are read once, for every check and load below
+        self.tcfg = tcfg = self.model.transformer_config
         self.converted_cfg = tcfg["rehyat"]
         if block_causal_chunk(self.converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
             check_block_causal_teacher(a.model, self.converted_cfg, a.conversion.chunk_frames,
@@ -562,7 +563,7 @@ class _DistillJob:
         self.kind, self.bval = self._block_choice()
         self._check_numbers()
         self.latent_shape, geometry = self._geometry()
-        pdefaults = read_pipeline_config(a.model).get("defaults", {})
+        pdefaults = self.model.defaults
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
         self.conversion = a.conversion.to_kwargs()  # the run_config.json entry and convert_wan's keywords
         if self.converted_cfg is None:
@@ -607,8 +608,8 @@ class _DistillJob:
             info = read_dataset_info(a.data)
             check_dataset_fits_model(info, self.tcfg)
             return info.latent_shape, {"data": str(Path(a.data).resolve()), "latent_shape": list(info.latent_shape)}
-        f, h, w = default_geometry(a.model, a.frames, a.height, a.width)
-        return latent_shape_for(a.model, f, h, w), {"frames": f, "height": h, "width": w}
+        f, h, w = default_geometry(self.model, a.frames, a.height, a.width)
+        return latent_shape_for(self.model, f, h, w), {"frames": f, "height": h, "width": w}
 
     def _settings(self, geometry: dict) -> dict:
         a = self.a
@@ -631,7 +632,7 @@ class _DistillJob:
         env = self.env = self.run.attach(init_distributed(a.device))
         self.dtype = resolve_dtype(a.precision, env.device)
         torch.manual_seed(a.seed)
-        self.pool = resolve_prompt_pool(a.model, prompts=a.prompts, data=a.data, text_embeddings=a.text_embeddings,
+        self.pool = resolve_prompt_pool(self.model, prompts=a.prompts, data=a.data, text_embeddings=a.text_embeddings,
                                         device=env.device, text_dim=self.tcfg["text_dim"])
         self.chosen, self.ranking, ranked_maps = self._choose_blocks()
         self._build_teacher(ranked_maps)
@@ -663,7 +664,7 @@ class _DistillJob:
         if self.kind != "best":
             return self.bval, None, None
         chosen, errors, ranked_maps = rank_blocks(
-            a.model, self.conversion, self.bval, self.pool, self.latent_shape, rank_steps=a.rank_steps, lr=a.lr,
+            self.model, self.conversion, self.bval, self.pool, self.latent_shape, rank_steps=a.rank_steps, lr=a.lr,
             batch_size=a.batch_size, sampling_steps=a.sampling_steps, guidance=self.guidance, seed=a.seed,
             env=self.env, dtype=self.dtype, progress=a.progress)
         return chosen, {"rank_steps": a.rank_steps, "errors": {str(b): e for b, e in errors.items()}}, ranked_maps
@@ -672,7 +673,7 @@ class _DistillJob:
         from ..models import convert_wan, get_rehyat_config
         from .components import load_model_folder
 
-        self.pipe = load_model_folder(self.a.model, device=self.env.device)
+        self.pipe = load_model_folder(self.model, device=self.env.device)
         teacher = self.teacher = self.pipe.transformer
         if self.converted_cfg is None:
             torch.manual_seed(self.a.seed)
@@ -741,9 +742,9 @@ class _DistillJob:
 
         a, before, after, bs = self.a, self.before, self.after, self.block_settings
         fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(self.teacher)}
-        student = build_student(a.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
+        student = build_student(self.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
                                 None, fm_state)
-        save_model_folder(student, a.out, components_from=a.model)
+        save_model_folder(student, a.out, components_from=self.model)
         summary = {
             "blocks": {str(b): {"chunk_frames": bs[b][0], "overlap_frames": bs[b][1],
                                 "before": before and before.get(b), "after": after and after.get(b)}
