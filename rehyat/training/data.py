@@ -550,8 +550,7 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from ..pipelines.folders import ModelFolder
-    from .components import load_text_encoder_from_folder
+    from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
     model, videos = Path(model), Path(videos)
     if not model.is_dir():
@@ -571,9 +570,9 @@ def prepare_dataset(
     F = num_frames if num_frames is not None else first.shape[0]
     H, W = first.shape[1:3]
     tf, sf, C = _check_geometry(model, tcfg, rows, F, H, W)
-    text_encoder = None
-    if table is None:
-        text_encoder = load_text_encoder_from_folder(model, device=device)  # ValueError without one
+    encode_text = None
+    if table is None:  # one encoder call per batch of videos; ValueError without a text encoder
+        encode_text = load_prompt_encoder(model, device=device, batch_size=batch_size)
     L = table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512)
     info = DatasetInfo(
         latent_channels=C, latent_frames=(F - 1) // tf + 1, latent_height=H // sf, latent_width=W // sf,
@@ -585,11 +584,7 @@ def prepare_dataset(
     encode_video = _video_encoder(model.path, device) if has_vae else (lambda x: x)
 
     def embed(captions):
-        if table is not None:
-            return table.lookup(captions)
-        from ..text_encoder import encode_prompts
-
-        return encode_prompts(*text_encoder, captions, max_length=L)[0].float().cpu()
+        return table.lookup(captions) if table is not None else encode_text(captions)
 
     writer = DatasetWriter(out, info, overwrite=overwrite)
     try:
