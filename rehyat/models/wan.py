@@ -37,6 +37,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -171,12 +172,18 @@ class RunContext:
         mode: ``"parallel"`` (all frames at once) or ``"recurrent"`` (this forward is one chunk; states below).
         states: per-block recurrent state (``RecurrentState``), read and replaced by the processors.
         distill: when True, converted blocks return the teacher's softmax output (teacher forcing) and record the
-            student's error in ``records``; with ``distill_backward`` they also backpropagate their L1 loss into
-            their feature maps right away (one teacher forward trains every block).
+            student's error in ``records`` (``l1``, ``rel_error``); with ``distill_backward`` they also backpropagate
+            ``distill_loss`` into their feature maps right away (one teacher forward trains every block).
+        distill_loss: ``loss(student, teacher, mass) -> scalar tensor`` of one converted block in distillation mode
+            (``student``, ``teacher``: its hybrid output, with grad, and the teacher's attention output, both
+            ``[B, N, H, D]``; ``mass``: :func:`rehyat.ops.attention_mass`'s dict when ``measure_mass`` or
+            ``mass_weight`` asks for it, else ``None``), backpropagated with ``distill_backward``. The loss is the
+            caller's (training: :func:`rehyat.training.distill.attention_distill_loss`); ``None`` outside training.
         compile_step: recurrent mode runs the attention step through ``torch.compile``
             (``rehyat_attention_step(..., compiled=True)``); set by :func:`rehyat.models.compile_blocks`.
-        mass_weight: in distillation mode, weight of the mass term added to each converted block's L1 loss: the
-            mean L1 gap between its linear share and softmax's share of the same keys on the sampled queries.
+        mass_weight: in distillation mode, weight of the mass term of each converted block's loss (the mean L1 gap
+            between its linear share and softmax's share of the same keys on the sampled queries): when nonzero,
+            the blocks compute the mass and pass it to ``distill_loss``.
         teacher_chunk_frames: the chunk of a block-causal teacher (``ReHyAtConfig.teacher_attention ==
             "chunk_causal"``), ``None`` for a bidirectional one: what distillation mode returns as the teacher's
             attention (:func:`teacher_attention_output`).
@@ -192,6 +199,7 @@ class RunContext:
         self.states: dict[int, RecurrentState] = {}
         self.distill: bool = False
         self.distill_backward: bool = False
+        self.distill_loss: Callable | None = None
         self.records: dict[int, dict[str, float]] = {}
         self.compile_step: bool = False
         self.measure_mass: bool = False
@@ -204,28 +212,33 @@ def _context_of(model_or_context) -> RunContext:
 
 
 @contextmanager
-def distill_mode(model_or_context, *, backward: bool = False, measure_mass: bool = False, mass_weight: float = 0.0):
+def distill_mode(model_or_context, *, backward: bool = False, measure_mass: bool = False, mass_weight: float = 0.0,
+                 loss: Callable | None = None):
     """Run a converted transformer in distillation mode inside the ``with`` block (:class:`RunContext`
     ``distill``; see there): teacher forcing, every converted block records its error in ``records`` (emptied on
     entry, kept on exit for the caller to read).
 
     Args:
         model_or_context: a converted transformer or its :class:`RunContext` (ValueError for a plain transformer).
-        backward: each block also backpropagates its loss into its feature maps (``distill_backward``).
+        backward: each block also backpropagates ``loss`` into its feature maps (``distill_backward``); a block
+            run with ``backward`` and no ``loss`` raises ValueError.
         measure_mass: record the mass diagnostic too (``measure_mass``).
-        mass_weight: weight of the mass term in each block's loss (``mass_weight``).
+        mass_weight: weight of the mass term in each block's loss (``mass_weight``; the blocks then pass the mass
+            to ``loss``).
+        loss: each block's loss (``distill_loss``; see :class:`RunContext`), e.g.
+            :func:`rehyat.training.distill.attention_distill_loss`.
 
-    On exit, also by an exception, ``distill``, ``distill_backward`` and ``measure_mass`` are False and
-    ``mass_weight`` is 0 again. Yields the context.
+    On exit, also by an exception, ``distill``, ``distill_backward`` and ``measure_mass`` are False, ``mass_weight``
+    is 0 and ``distill_loss`` ``None`` again. Yields the context.
     """
     ctx = _context_of(model_or_context)
     ctx.distill, ctx.distill_backward, ctx.measure_mass = True, bool(backward), bool(measure_mass)
-    ctx.mass_weight, ctx.records = float(mass_weight), {}
+    ctx.mass_weight, ctx.distill_loss, ctx.records = float(mass_weight), loss, {}
     try:
         yield ctx
     finally:
         ctx.distill = ctx.distill_backward = ctx.measure_mass = False
-        ctx.mass_weight = 0.0
+        ctx.mass_weight, ctx.distill_loss = 0.0, None
 
 
 @contextmanager
@@ -450,8 +463,8 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
 
     Modes (from the shared :class:`RunContext`): parallel (:func:`rehyat.ops.rehyat_attention` over all frames),
     recurrent (:func:`rehyat.ops.rehyat_attention_step` per chunk, state in ``context.states[block_index]``), and
-    distillation (returns the teacher's softmax output, records and optionally backpropagates the student's L1
-    error, design section 7).
+    distillation (returns the teacher's softmax output, records the student's error and optionally backpropagates
+    the context's ``distill_loss`` of the two outputs, design section 7).
 
     With ``linear_scale=True`` (default) the processor also owns ``linear_log_scale [H]`` (float, init 0): the
     linear branch of head ``h`` is multiplied by ``exp(linear_log_scale[h])`` (folded into ``phi_k``, so every
@@ -505,9 +518,13 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         return self._distill(attn, hidden_states, rotary_emb)
 
     def _distill(self, attn, hidden_states, rotary_emb):
-        """Teacher forcing: return the teacher's output; fit the hybrid output to it (L1, value distillation), plus
-        ``context.mass_weight`` times the L1 gap between the linear share and softmax's share of the same keys."""
+        """Teacher forcing: return the teacher's output and record how far the hybrid output is from it; with
+        ``context.distill_backward``, backpropagate ``context.distill_loss(student, teacher, mass)`` (the
+        training's loss) into the feature maps."""
         S, ctx = self._frame_tokens(), self.context
+        if ctx.distill_backward and ctx.distill_loss is None:
+            raise ValueError("distillation with backward=True needs a loss: distill_mode(..., loss=...), e.g. "
+                             "rehyat.training.distill.attention_distill_loss")
         with torch.no_grad():
             q, k, v, q_phi, k_phi = _project_qkv(attn, hidden_states, rotary_emb, self.feature_map_input)
             teacher = teacher_attention_output(q, k, v, S, ctx.teacher_chunk_frames)
@@ -515,25 +532,28 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         with torch.enable_grad():
             fq, fk = self.features(q, k, q_phi, k_phi)
             student = self._hybrid(q, k, v, fq, fk, S)
-            l1 = (student.float() - teacher.float()).abs().mean()
-            loss = l1
             if ctx.measure_mass or ctx.mass_weight:
                 mass = self.attention_mass(q, k, fq, fk, S)
-            if ctx.mass_weight and mass["linear"].numel():
-                win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
-                loss = l1 + ctx.mass_weight * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()
-            if ctx.distill_backward and loss.requires_grad:
-                loss.backward()
-        with torch.no_grad():
-            diff = (student.detach().float() - teacher.float()).flatten(1).norm(dim=1)
-            rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
-        record = {"l1": float(l1.detach()), "rel_error": float(rel)}
-        if ctx.measure_mass:
-            mass = {key: t.detach() for key, t in mass.items()}
-            record.update(mass_summary(mass, ctx.teacher_chunk_frames is not None),
-                          masses={key: mass[key].cpu() for key in ("linear", "teacher_linear")})
-        ctx.records[self.block_index] = record
+            if ctx.distill_backward:
+                loss = ctx.distill_loss(student, teacher, mass)
+                if loss.requires_grad:
+                    loss.backward()
+        ctx.records[self.block_index] = self._record(student.detach(), teacher, mass if ctx.measure_mass else None)
         return _out(attn, teacher, q)
+
+    @torch.no_grad()
+    def _record(self, student, teacher, mass) -> dict:
+        """``{"l1", "rel_error"}`` of the student's output against the teacher's (the mean absolute error, the
+        per-sample relative L2 error averaged), with the mass diagnostic when ``mass`` is given."""
+        l1 = (student.float() - teacher.float()).abs().mean()
+        diff = (student.float() - teacher.float()).flatten(1).norm(dim=1)
+        rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
+        record = {"l1": float(l1), "rel_error": float(rel)}
+        if mass is not None:
+            mass = {key: t.detach() for key, t in mass.items()}
+            record.update(mass_summary(mass, self.context.teacher_chunk_frames is not None),
+                          masses={key: mass[key].cpu() for key in ("linear", "teacher_linear")})
+        return record
 
 
 def mass_summary(mass: dict, causal_teacher: bool = False) -> dict:

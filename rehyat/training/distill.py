@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -177,6 +178,30 @@ def _no_grad_for(params: list[torch.nn.Parameter]):
             p.requires_grad_(f)
 
 
+def attention_distill_loss(student: torch.Tensor, teacher: torch.Tensor, mass: dict | None = None, *,
+                           mass_weight: float = 0.0) -> torch.Tensor:
+    """One converted block's distillation loss (value distillation, design section 7): the mean absolute error of
+    its hybrid output against the teacher's attention output, plus ``mass_weight`` times the mean absolute gap
+    between its linear share of the normaliser and softmax's share of the same keys on the sampled queries.
+
+    Args:
+        student: the block's hybrid attention output ``[B, N, H, D]`` (any float dtype; with grad to train).
+        teacher: the teacher's attention output, same shape.
+        mass: :func:`rehyat.ops.attention_mass`'s dict (``window``, ``linear``, ``teacher_linear``: ``[B, n, H]``), or
+            ``None``; the mass term needs it and some sampled query with linear keys (``n > 0``), else it is left out.
+        mass_weight: weight of the mass term (default 0: the L1 term alone).
+
+    Returns:
+        A float32 scalar. The blocks backpropagate it in distillation mode (:func:`rehyat.models.distill_mode`
+        ``loss=``; :class:`Distiller` passes this one).
+    """
+    l1 = (student.float() - teacher.float()).abs().mean()
+    if mass_weight and mass is not None and mass["linear"].numel():
+        win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
+        return l1 + mass_weight * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()
+    return l1
+
+
 class Distiller:
     """Distillation of a converted transformer in memory: one teacher forward and one optimizer step per call.
 
@@ -190,8 +215,8 @@ class Distiller:
         mass_every: every this many steps (the first included) the forward also measures the mass diagnostic
             (``linear_share``, ``teacher_share``, ``teacher_mass`` in the records, see :func:`evaluate_blocks`);
             0: never.
-        mass_weight: weight of the mass term in every block's loss (:class:`rehyat.models.RunContext`
-            ``mass_weight``; 0: the L1 output loss alone).
+        mass_weight: weight of the mass term in every block's loss (:func:`attention_distill_loss`; 0: the L1
+            output loss alone).
 
     ``step()`` returns ``{block: {"l1", "rel_error"}}`` of that forward (before the update; averaged over
     processes), with the mass keys on measuring steps.
@@ -223,7 +248,8 @@ class Distiller:
 
         x, t, e = self.traj.inputs()
         measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
-        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight) as ctx:
+        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight,
+                          loss=partial(attention_distill_loss, mass_weight=self.mass_weight)) as ctx:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
         missing = [b for b in self.blocks if b not in ctx.records]
