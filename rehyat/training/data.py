@@ -39,6 +39,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -550,8 +551,21 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from ..pipelines.folders import ModelFolder, load_prompt_encoder
+    model, videos = _check_prepare_args(model, videos, batch_size, num_frames)
+    prepare_output_folder(out, overwrite=overwrite)
+    source = _DatasetSource.open(model, videos, text_embeddings, num_frames, batch_size=batch_size, device=device)
+    writer = DatasetWriter(out, source.info, overwrite=overwrite)
+    try:
+        source.write(writer, batch_size=batch_size, device=device, progress=progress)
+        return writer.close()
+    except BaseException:
+        writer.abort()  # no half-written dataset left to block the retry
+        raise
 
+
+def _check_prepare_args(model, videos, batch_size, num_frames) -> tuple[Path, Path]:
+    """``(model, videos)`` as paths, after checking that both folders exist and ``batch_size`` / ``num_frames``
+    are ints >= 1 (``num_frames`` may be ``None``); errors name the CLI argument."""
     model, videos = Path(model), Path(videos)
     if not model.is_dir():
         raise FileNotFoundError(f"--model folder {model} does not exist")
@@ -561,43 +575,72 @@ def prepare_dataset(
         raise ValueError(f"--batch-size must be an int >= 1 (videos per VAE call), got {batch_size!r}")
     if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
         raise ValueError(f"--frames must be an int >= 1, got {num_frames!r}")
-    prepare_output_folder(out, overwrite=overwrite)
-    model = ModelFolder(model)  # each config read once, here, for every check and setting below
+    return model, videos
+
+
+@dataclass
+class _DatasetSource:
+    """What :func:`prepare_dataset` encodes, checked: the videofolder's ``rows``, the first video's frames
+    (``first``, read once for its size), the clip size ``(F, H, W)``, the dataset's :class:`DatasetInfo`, the
+    caption embedder (``embed(captions) -> [n, L, text_dim]``: the table's lookup or the folder's text encoder), the
+    video encoder (the VAE, or the identity in pixel space) and the negative prompt (whose embedding is the
+    dataset's null embedding when it can be had)."""
+
+    videos: Path
+    rows: list[dict]
+    first: object
+    size: tuple[int, int, int]
+    info: DatasetInfo
+    embed: Callable
+    encode_video: Callable
+    negative: str | None
+
+    @classmethod
+    def open(cls, model: Path, videos: Path, text_embeddings, num_frames, *, batch_size: int, device):
+        """Every check before encoding (configs, videos, captions, geometry, text encoder), then the encoders."""
+        from ..pipelines.folders import ModelFolder, load_prompt_encoder
+
+        model = ModelFolder(model)  # each config read once, here, for every check and setting below
+        tcfg, pcfg = model.transformer_config, model.pipeline_config
+        rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
+        first = _read_video(videos / rows[0]["file_name"])
+        size = (num_frames if num_frames is not None else first.shape[0], *first.shape[1:3])
+        factors = _check_geometry(model, tcfg, rows, *size)
+        if table is None:  # one encoder call per batch of videos; ValueError without a text encoder
+            embed = load_prompt_encoder(model, device=device, batch_size=batch_size)
+        else:
+            embed = table.lookup
+        info = _dataset_info(model, rows, table, size, factors)
+        encode_video = _video_encoder(model.path, device) if info.latent_space == "vae" else (lambda x: x)
+        neg = pcfg.get("negative_prompt", "")
+        return cls(videos, rows, first, size, info, embed, encode_video,
+                   neg if table is None or neg in table else None)
+
+    def write(self, writer: DatasetWriter, *, batch_size: int, device, progress: bool) -> None:
+        """The null embedding (when there is one) and every sample, into ``writer``."""
+        if self.negative is not None:
+            writer.set_null_embeds(self.embed([self.negative])[0])
+        first, rows = self.first, self.rows
+        read = lambda r: first if r is rows[0] else _read_video(self.videos / r["file_name"])  # noqa: E731
+        _write_samples(writer, rows, read, self.encode_video, self.embed, self.size, batch_size=batch_size,
+                       device=device, progress=progress)
+
+
+def _dataset_info(model, rows: list[dict], table, size, factors) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``rows`` encoded at ``size = (F, H, W)`` by a model folder (a
+    :class:`~rehyat.pipelines.folders.ModelFolder`) whose VAE has ``factors = (temporal, spatial, channels)``
+    (:func:`_check_geometry`), with captions from ``table`` or else the folder's text encoder."""
+    (F, H, W), (tf, sf, C) = size, factors
     tcfg, pcfg = model.transformer_config, model.pipeline_config
-    rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
-    has_vae = (model / "vae").is_dir()
-    first = _read_video(videos / rows[0]["file_name"])
-    F = num_frames if num_frames is not None else first.shape[0]
-    H, W = first.shape[1:3]
-    tf, sf, C = _check_geometry(model, tcfg, rows, F, H, W)
-    encode_text = None
-    if table is None:  # one encoder call per batch of videos; ValueError without a text encoder
-        encode_text = load_prompt_encoder(model, device=device, batch_size=batch_size)
-    L = table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512)
-    info = DatasetInfo(
+    return DatasetInfo(
         latent_channels=C, latent_frames=(F - 1) // tf + 1, latent_height=H // sf, latent_width=W // sf,
-        text_dim=tcfg["text_dim"], max_sequence_length=L, latent_space="vae" if has_vae else "pixel",
+        text_dim=tcfg["text_dim"],
+        max_sequence_length=table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512),
+        latent_space="vae" if (model / "vae").is_dir() else "pixel",
         num_frames=F, height=H, width=W, num_samples=len(rows), fps=rows[0].get("fps", pcfg.get("fps")),
         text_encoder=(table.text_encoder if table is not None else _text_encoder_name(model)),
         source_model=str(model.path.resolve()),
     )
-    encode_video = _video_encoder(model.path, device) if has_vae else (lambda x: x)
-
-    def embed(captions):
-        return table.lookup(captions) if table is not None else encode_text(captions)
-
-    writer = DatasetWriter(out, info, overwrite=overwrite)
-    try:
-        neg = pcfg.get("negative_prompt", "")
-        if table is None or neg in table:
-            writer.set_null_embeds(embed([neg])[0])
-        read = lambda r: first if r is rows[0] else _read_video(videos / r["file_name"])  # noqa: E731
-        _write_samples(writer, rows, read, encode_video, embed, (F, H, W), batch_size=batch_size, device=device,
-                       progress=progress)
-        return writer.close()
-    except BaseException:
-        writer.abort()  # no half-written dataset left to block the retry
-        raise
 
 
 def _check_videos_and_captions(videos: Path, text_embeddings, tcfg: dict):
