@@ -19,7 +19,8 @@ from ..models.wan import read_rehyat_settings, read_wan_config
 __all__ = ["PIPELINE_CONFIG_NAME", "ModelFolder", "read_transformer_config", "read_pipeline_config", "latent_shape",
            "vae_factors", "check_vae_channels", "check_rope_table", "folder_vae_config", "folder_vae_factors",
            "folder_latent_shape", "folder_check_rope_table", "default_scheduler", "load_scheduler",
-           "load_text_encoder_from_folder", "PromptEncoder", "load_prompt_encoder", "load_vae", "copy_components", "write_model_folder"]
+           "load_text_encoder_from_folder", "PromptEncoder", "load_prompt_encoder", "load_vae", "copy_components",
+           "write_model_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 

@@ -48,8 +48,8 @@ from ..models.runner import TransformerState, check_recurrent, forward_chunk, re
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
     PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
-    default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors, latent_shape,
-    load_scheduler, load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
+    default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors,
+    latent_shape, load_scheduler, load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
