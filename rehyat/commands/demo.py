@@ -17,8 +17,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .evaluate import number_list
+
+if TYPE_CHECKING:
+    from ..pipelines.folders import ModelFolder
 
 #: What the report says of the embedded models (only when both are the embedded ones); numbers in
 #: docs/results/embedded_models/TRAINING.md.
@@ -120,8 +124,8 @@ class _Plan:
     geometry (:func:`~rehyat.commands.evaluate.check_pair`'s dict: frames, height, width, steps, guidance), the
     output folder, an earlier demo's files to delete (``--overwrite``) and the paths to write (:data:`OUTPUTS`)."""
 
-    teacher_dir: Path
-    student_dir: Path
+    teacher_dir: ModelFolder
+    student_dir: ModelFolder
     embedded: bool
     geometry: dict
     out: Path
@@ -134,12 +138,13 @@ def _check_args(args) -> _Plan:
     from ..assets import default_model
     from ..io import check_output_file
     from ..world import parse_caption
+    from ..pipelines.folders import ModelFolder
     from ._checks import check_output_folder, check_steps
     from .evaluate import check_pair
 
     check_steps(args.steps)
-    teacher_dir = args.teacher or default_model("teacher")
-    student_dir = args.student or default_model("student")
+    teacher_dir = ModelFolder(args.teacher or default_model("teacher"))  # configs read once, for checks and loading
+    student_dir = ModelFolder(args.student or default_model("student"))
     embedded = all(Path(d).resolve() == Path(default_model(n)).resolve()
                    for d, n in ((teacher_dir, "teacher"), (student_dir, "student")))
     for p in args.prompts:

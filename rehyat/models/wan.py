@@ -29,6 +29,7 @@ still gives the plain teacher to users without rehyat.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -36,6 +37,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -170,12 +172,18 @@ class RunContext:
         mode: ``"parallel"`` (all frames at once) or ``"recurrent"`` (this forward is one chunk; states below).
         states: per-block recurrent state (``RecurrentState``), read and replaced by the processors.
         distill: when True, converted blocks return the teacher's softmax output (teacher forcing) and record the
-            student's error in ``records``; with ``distill_backward`` they also backpropagate their L1 loss into
-            their feature maps right away (one teacher forward trains every block).
+            student's error in ``records`` (``l1``, ``rel_error``); with ``distill_backward`` they also backpropagate
+            ``distill_loss`` into their feature maps right away (one teacher forward trains every block).
+        distill_loss: ``loss(student, teacher, mass) -> scalar tensor`` of one converted block in distillation mode
+            (``student``, ``teacher``: its hybrid output, with grad, and the teacher's attention output, both
+            ``[B, N, H, D]``; ``mass``: :func:`rehyat.ops.attention_mass`'s dict when ``measure_mass`` or
+            ``mass_weight`` asks for it, else ``None``), backpropagated with ``distill_backward``. The loss is the
+            caller's (training: :func:`rehyat.training.distill.attention_distill_loss`); ``None`` outside training.
         compile_step: recurrent mode runs the attention step through ``torch.compile``
             (``rehyat_attention_step(..., compiled=True)``); set by :func:`rehyat.models.compile_blocks`.
-        mass_weight: in distillation mode, weight of the mass term added to each converted block's L1 loss: the
-            mean L1 gap between its linear share and softmax's share of the same keys on the sampled queries.
+        mass_weight: in distillation mode, weight of the mass term of each converted block's loss (the mean L1 gap
+            between its linear share and softmax's share of the same keys on the sampled queries): when nonzero,
+            the blocks compute the mass and pass it to ``distill_loss``.
         teacher_chunk_frames: the chunk of a block-causal teacher (``ReHyAtConfig.teacher_attention ==
             "chunk_causal"``), ``None`` for a bidirectional one: what distillation mode returns as the teacher's
             attention (:func:`teacher_attention_output`).
@@ -191,6 +199,7 @@ class RunContext:
         self.states: dict[int, RecurrentState] = {}
         self.distill: bool = False
         self.distill_backward: bool = False
+        self.distill_loss: Callable | None = None
         self.records: dict[int, dict[str, float]] = {}
         self.compile_step: bool = False
         self.measure_mass: bool = False
@@ -203,28 +212,33 @@ def _context_of(model_or_context) -> RunContext:
 
 
 @contextmanager
-def distill_mode(model_or_context, *, backward: bool = False, measure_mass: bool = False, mass_weight: float = 0.0):
+def distill_mode(model_or_context, *, backward: bool = False, measure_mass: bool = False, mass_weight: float = 0.0,
+                 loss: Callable | None = None):
     """Run a converted transformer in distillation mode inside the ``with`` block (:class:`RunContext`
     ``distill``; see there): teacher forcing, every converted block records its error in ``records`` (emptied on
     entry, kept on exit for the caller to read).
 
     Args:
         model_or_context: a converted transformer or its :class:`RunContext` (ValueError for a plain transformer).
-        backward: each block also backpropagates its loss into its feature maps (``distill_backward``).
+        backward: each block also backpropagates ``loss`` into its feature maps (``distill_backward``); a block
+            run with ``backward`` and no ``loss`` raises ValueError.
         measure_mass: record the mass diagnostic too (``measure_mass``).
-        mass_weight: weight of the mass term in each block's loss (``mass_weight``).
+        mass_weight: weight of the mass term in each block's loss (``mass_weight``; the blocks then pass the mass
+            to ``loss``).
+        loss: each block's loss (``distill_loss``; see :class:`RunContext`), e.g.
+            :func:`rehyat.training.distill.attention_distill_loss`.
 
-    On exit, also by an exception, ``distill``, ``distill_backward`` and ``measure_mass`` are False and
-    ``mass_weight`` is 0 again. Yields the context.
+    On exit, also by an exception, ``distill``, ``distill_backward`` and ``measure_mass`` are False, ``mass_weight``
+    is 0 and ``distill_loss`` ``None`` again. Yields the context.
     """
     ctx = _context_of(model_or_context)
     ctx.distill, ctx.distill_backward, ctx.measure_mass = True, bool(backward), bool(measure_mass)
-    ctx.mass_weight, ctx.records = float(mass_weight), {}
+    ctx.mass_weight, ctx.distill_loss, ctx.records = float(mass_weight), loss, {}
     try:
         yield ctx
     finally:
         ctx.distill = ctx.distill_backward = ctx.measure_mass = False
-        ctx.mass_weight = 0.0
+        ctx.mass_weight, ctx.distill_loss = 0.0, None
 
 
 @contextmanager
@@ -449,8 +463,8 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
 
     Modes (from the shared :class:`RunContext`): parallel (:func:`rehyat.ops.rehyat_attention` over all frames),
     recurrent (:func:`rehyat.ops.rehyat_attention_step` per chunk, state in ``context.states[block_index]``), and
-    distillation (returns the teacher's softmax output, records and optionally backpropagates the student's L1
-    error, design section 7).
+    distillation (returns the teacher's softmax output, records the student's error and optionally backpropagates
+    the context's ``distill_loss`` of the two outputs, design section 7).
 
     With ``linear_scale=True`` (default) the processor also owns ``linear_log_scale [H]`` (float, init 0): the
     linear branch of head ``h`` is multiplied by ``exp(linear_log_scale[h])`` (folded into ``phi_k``, so every
@@ -504,9 +518,13 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         return self._distill(attn, hidden_states, rotary_emb)
 
     def _distill(self, attn, hidden_states, rotary_emb):
-        """Teacher forcing: return the teacher's output; fit the hybrid output to it (L1, value distillation), plus
-        ``context.mass_weight`` times the L1 gap between the linear share and softmax's share of the same keys."""
+        """Teacher forcing: return the teacher's output and record how far the hybrid output is from it; with
+        ``context.distill_backward``, backpropagate ``context.distill_loss(student, teacher, mass)`` (the
+        training's loss) into the feature maps."""
         S, ctx = self._frame_tokens(), self.context
+        if ctx.distill_backward and ctx.distill_loss is None:
+            raise ValueError("distillation with backward=True needs a loss: distill_mode(..., loss=...), e.g. "
+                             "rehyat.training.distill.attention_distill_loss")
         with torch.no_grad():
             q, k, v, q_phi, k_phi = _project_qkv(attn, hidden_states, rotary_emb, self.feature_map_input)
             teacher = teacher_attention_output(q, k, v, S, ctx.teacher_chunk_frames)
@@ -514,25 +532,28 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         with torch.enable_grad():
             fq, fk = self.features(q, k, q_phi, k_phi)
             student = self._hybrid(q, k, v, fq, fk, S)
-            l1 = (student.float() - teacher.float()).abs().mean()
-            loss = l1
             if ctx.measure_mass or ctx.mass_weight:
                 mass = self.attention_mass(q, k, fq, fk, S)
-            if ctx.mass_weight and mass["linear"].numel():
-                win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
-                loss = l1 + ctx.mass_weight * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()
-            if ctx.distill_backward and loss.requires_grad:
-                loss.backward()
-        with torch.no_grad():
-            diff = (student.detach().float() - teacher.float()).flatten(1).norm(dim=1)
-            rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
-        record = {"l1": float(l1.detach()), "rel_error": float(rel)}
-        if ctx.measure_mass:
-            mass = {key: t.detach() for key, t in mass.items()}
-            record.update(mass_summary(mass, ctx.teacher_chunk_frames is not None),
-                          masses={key: mass[key].cpu() for key in ("linear", "teacher_linear")})
-        ctx.records[self.block_index] = record
+            if ctx.distill_backward:
+                loss = ctx.distill_loss(student, teacher, mass)
+                if loss.requires_grad:
+                    loss.backward()
+        ctx.records[self.block_index] = self._record(student.detach(), teacher, mass if ctx.measure_mass else None)
         return _out(attn, teacher, q)
+
+    @torch.no_grad()
+    def _record(self, student, teacher, mass) -> dict:
+        """``{"l1", "rel_error"}`` of the student's output against the teacher's (the mean absolute error, the
+        per-sample relative L2 error averaged), with the mass diagnostic when ``mass`` is given."""
+        l1 = (student.float() - teacher.float()).abs().mean()
+        diff = (student.float() - teacher.float()).flatten(1).norm(dim=1)
+        rel = (diff / teacher.float().flatten(1).norm(dim=1).clamp_min(1e-30)).mean()
+        record = {"l1": float(l1), "rel_error": float(rel)}
+        if mass is not None:
+            mass = {key: t.detach() for key, t in mass.items()}
+            record.update(mass_summary(mass, self.context.teacher_chunk_frames is not None),
+                          masses={key: mass[key].cpu() for key in ("linear", "teacher_linear")})
+        return record
 
 
 def mass_summary(mass: dict, causal_teacher: bool = False) -> dict:
@@ -890,34 +911,57 @@ def _open_weights(path: Path):
         raise ValueError(f"{path} is not a readable {kind} file: {e}") from None
 
 
-def _weight_map(folder: Path) -> dict[str, Path]:
-    """``{key: file}`` of a transformer folder's weights (one safetensors file, a sharded one with its index, or
-    one PyTorch ``.bin``), read from the headers. ``FileNotFoundError`` when there are none."""
-    from ..io import read_json_object
+class _WeightFiles:
+    """A transformer folder's weights (one safetensors file, a sharded one with its index, or one PyTorch ``.bin``),
+    each file opened once: its header gives the keys, and its tensors are read from that same handle.
 
-    single, index, pickled = folder / _SAFETENSORS, folder / f"{_SAFETENSORS}.index.json", folder / _BIN
-    if index.exists() and not single.exists():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object")
-        return {k: folder / f for k, f in weight_map.items()}
-    path = single if single.exists() else pickled
-    if not path.exists():
-        raise FileNotFoundError(f"no {_SAFETENSORS} (or its index, or {_BIN}) in {folder}")
-    return dict.fromkeys(_open_weights(path).keys(), path)
+    Attributes:
+        weight_map: ``{key: file}`` of every weight in the folder.
 
+    Raises (at construction):
+        FileNotFoundError: no weights file. ValueError: an index without a ``weight_map`` object, or an unreadable
+            file, naming it.
+    """
 
-def _read_weights(weight_map: dict[str, Path], keys) -> dict[str, torch.Tensor]:
-    """The tensors ``keys`` (a subset of ``weight_map``), each file opened once."""
-    out = {}
-    for path in sorted({weight_map[k] for k in keys}):
-        f = _open_weights(path)
-        mine = [k for k in keys if weight_map[k] == path]
-        try:
-            out.update({k: f[k] if isinstance(f, dict) else f.get_tensor(k) for k in mine})
-        except Exception as e:  # a key the index names but the file lacks, a truncated file
-            raise ValueError(f"cannot read {mine[:4]} from {path}: {e}") from None
-    return out
+    def __init__(self, folder: Path) -> None:
+        from ..io import read_json_object
+
+        single, index, pickled = folder / _SAFETENSORS, folder / f"{_SAFETENSORS}.index.json", folder / _BIN
+        self._files: dict[Path, object] = {}
+        if index.exists() and not single.exists():
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object")
+            self.weight_map = {k: folder / f for k, f in weight_map.items()}
+            return
+        path = single if single.exists() else pickled
+        if not path.exists():
+            raise FileNotFoundError(f"no {_SAFETENSORS} (or its index, or {_BIN}) in {folder}")
+        self.weight_map = dict.fromkeys(self._open(path).keys(), path)
+
+    def _open(self, path: Path):
+        if path not in self._files:
+            self._files[path] = _open_weights(path)
+        return self._files[path]
+
+    def by_file(self, keys) -> dict[Path, list[str]]:
+        """``{file: its keys among keys}`` (``keys``: a subset of :attr:`weight_map`), files in sorted order."""
+        out: dict[Path, list[str]] = {}
+        for k in keys:
+            out.setdefault(self.weight_map[k], []).append(k)
+        return dict(sorted(out.items()))
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` (a subset of :attr:`weight_map`); ValueError naming the file for a key it lacks or a
+        truncated file."""
+        out = {}
+        for path, mine in self.by_file(keys).items():
+            f = self._open(path)
+            try:
+                out.update({k: f[k] if isinstance(f, dict) else f.get_tensor(k) for k in mine})
+            except Exception as e:  # a key the index names but the file lacks, a truncated file
+                raise ValueError(f"cannot read {mine[:4]} from {path}: {e}") from None
+        return out
 
 
 def _expected_keys(folder: Path, config: dict, settings: ReHyAtConfig | None) -> set[str]:
@@ -973,24 +1017,49 @@ def _check_weight_keys(folder: Path, saved, expected, settings: ReHyAtConfig | N
     raise ValueError(f"the weights in {folder} do not match {what}: {'; '.join(parts)}{hint}")
 
 
-def _from_pretrained(folder: Path, torch_dtype, quiet: bool):
-    """``WanTransformer3DModel.from_pretrained``, raising ValueError naming the folder for unreadable weights.
-    ``quiet`` silences diffusers' warnings (for a ReHyAt folder: the "rehyat" config entry and the feature maps,
-    which diffusers does not know and :func:`load_transformer` handles)."""
-    from diffusers import WanTransformer3DModel
+@contextmanager
+def _diffusers_quiet(quiet: bool):
+    """Silence diffusers' warnings inside the block when ``quiet``."""
     from diffusers.utils import logging as diffusers_logging
-
-    from ..io import first_line
 
     level = diffusers_logging.get_verbosity()
     if quiet:
         diffusers_logging.set_verbosity_error()
     try:
-        return WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)
-    except OSError as e:  # diffusers: "Unable to load weights from checkpoint file ...", "no file named ..."
-        raise ValueError(f"cannot load the transformer weights in {folder}: {first_line(e)}") from None
+        yield
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def _load_teacher(folder: Path, config: dict, weights: _WeightFiles, torch_dtype, quiet: bool):
+    """The plain ``WanTransformer3DModel`` of ``config`` (``config.json`` as already read) with its weights from
+    ``weights`` (the files already opened), built as ``WanTransformer3DModel.from_pretrained(folder,
+    torch_dtype=...)`` builds it (no weight initialisation, built under ``torch_dtype``, weights cast by diffusers'
+    ``load_model_dict_into_meta`` with the modules diffusers keeps in float32 kept there, ``_name_or_path``, eval
+    mode) without reading the config or a file header again. ``quiet`` silences diffusers' warnings (for a ReHyAt
+    folder: the ``"rehyat"`` config entry, which diffusers does not know)."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+    from diffusers.models.modeling_utils import no_init_weights
+
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
+    default = torch.get_default_dtype()
+    try:
+        if torch_dtype is not None:
+            torch.set_default_dtype(torch_dtype)
+        with _diffusers_quiet(quiet), no_init_weights(), init_empty_weights():
+            model = WanTransformer3DModel.from_config(copy.deepcopy(config))
+    finally:
+        torch.set_default_dtype(default)
+    keep = WanTransformer3DModel._keep_in_fp32_modules or []
+    wanted = set(model.state_dict())
+    for keys in weights.by_file(k for k in weights.weight_map if k in wanted).values():  # one file at a time
+        load_model_dict_into_meta(model, weights.read(keys), dtype=torch_dtype, model_name_or_path=str(folder),
+                                  keep_in_fp32_modules=list(keep))
+    model.register_to_config(_name_or_path=folder)
+    return model.eval()
 
 
 def read_wan_config(folder) -> tuple[Path, dict]:
@@ -1037,17 +1106,16 @@ def load_transformer(folder, *, torch_dtype: torch.dtype | None = None, device=N
             malformed or disagreeing ReHyAt settings; an unreadable weights file; feature-map weights without
             settings, settings without feature-map weights, or any other missing or unexpected weight key.
     """
-    folder, config = read_wan_config(folder)
+    folder, config = read_wan_config(folder)  # config.json and each weights file's header: read once, here
     settings = read_rehyat_settings(folder, config)
-    weight_map = _weight_map(folder)
-    _check_weight_keys(folder, set(weight_map), _expected_keys(folder, config, settings), settings)
-    # The teacher's weights load through diffusers (dtype handling, fp32-kept modules); the feature maps, which
-    # diffusers does not know, are read from the same files afterwards.
-    model = _from_pretrained(folder, torch_dtype, quiet=settings is not None)
+    weights = _WeightFiles(folder)
+    _check_weight_keys(folder, set(weights.weight_map), _expected_keys(folder, config, settings), settings)
+    # The teacher's weights load as diffusers loads them (dtype handling, fp32-kept modules); the feature maps,
+    # which diffusers does not know, then come from the same open files.
+    model = _load_teacher(folder, config, weights, torch_dtype, quiet=settings is not None)
     if settings is not None:
         convert_wan(model, **settings.conversion_kwargs())
-        features = _read_weights(weight_map, [k for k in weight_map if _is_processor_key(k)])
-        model.load_state_dict(features, strict=False)
+        model.load_state_dict(weights.read([k for k in weights.weight_map if _is_processor_key(k)]), strict=False)
     model = model.to(device) if device is not None else model
     return model.eval()
 

@@ -19,7 +19,8 @@ from ..models.wan import read_rehyat_settings, read_wan_config
 __all__ = ["PIPELINE_CONFIG_NAME", "ModelFolder", "read_transformer_config", "read_pipeline_config", "latent_shape",
            "vae_factors", "check_vae_channels", "check_rope_table", "folder_vae_config", "folder_vae_factors",
            "folder_latent_shape", "folder_check_rope_table", "default_scheduler", "load_scheduler",
-           "load_text_encoder_from_folder", "load_prompt_encoder", "load_vae", "copy_components", "write_model_folder"]
+           "load_text_encoder_from_folder", "PromptEncoder", "load_prompt_encoder", "load_vae", "copy_components",
+           "write_model_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
 
@@ -299,29 +300,59 @@ def load_text_encoder_from_folder(folder, *, device="cpu"):
 
 
 
+class PromptEncoder:
+    """Prompts to text embeddings at a fixed length: the one text-encoding path of the pipeline
+    (:meth:`rehyat.pipelines.ReHyAtVideoPipeline.encode_prompt`) and the training tools (:func:`load_prompt_encoder`).
+
+    Args:
+        tokenizer, text_encoder: a tokenizer and its encoder (e.g. :func:`load_text_encoder_from_folder`).
+        max_sequence_length: tokens per prompt ``L``: longer prompts are truncated, shorter ones padded.
+        batch_size: prompts per encoder call; ``None`` (default): all in one call.
+
+    ``encoder(prompts)`` (a list of str, or one str) returns ``[n, L, text_dim]`` in the encoder's dtype on its
+    device, padded positions zero (:func:`rehyat.text_encoder.encode_prompts`, which raises ``ValueError`` for no
+    prompts or a non-str one).
+    """
+
+    def __init__(self, tokenizer, text_encoder, max_sequence_length: int = 512, batch_size: int | None = None) -> None:
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.max_sequence_length, self.batch_size = max_sequence_length, batch_size
+
+    @classmethod
+    def from_folder(cls, folder, *, device="cpu", batch_size: int | None = None) -> "PromptEncoder":
+        """The text encoder of a model folder (a path or a :class:`ModelFolder`; loaded here, on ``device``, by
+        :func:`load_text_encoder_from_folder`, whose ``ValueError`` it raises) at its ``max_sequence_length``
+        (``rehyat_pipeline.json``, default 512)."""
+        mf = ModelFolder.of(folder)
+        tokenizer, encoder = load_text_encoder_from_folder(mf, device=device)
+        return cls(tokenizer, encoder, mf.pipeline_config.get("max_sequence_length", 512), batch_size)
+
+    def __call__(self, prompts):
+        import torch
+
+        from ..text_encoder import encode_prompts
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        step = self.batch_size or max(len(prompts), 1)
+        return torch.cat([encode_prompts(self.tokenizer, self.text_encoder, prompts[i : i + step],
+                                         max_length=self.max_sequence_length)[0]
+                          for i in range(0, max(len(prompts), 1), step)])
+
+
 def load_prompt_encoder(folder, *, device="cpu", batch_size: int = 64):
-    """``encode(prompts) -> [n, L, text_dim]`` float32 on the CPU with a model folder's text encoder
-    (:func:`load_text_encoder_from_folder`, loaded once, here, on ``device``), ``L`` its ``max_sequence_length``
-    (``rehyat_pipeline.json``, default 512), in batches of ``batch_size`` prompts; padded tokens are zero
-    (:func:`rehyat.text_encoder.encode_prompts`). For the tools that encode many prompts at once (a run's prompt
-    pool, a caption table); the pipeline encodes its own prompts (:meth:`ReHyAtVideoPipeline.encode_prompt`).
+    """``encode(prompts) -> [n, L, text_dim]`` float32 on the CPU with a model folder's text encoder (loaded once,
+    here, on ``device``): :meth:`PromptEncoder.from_folder`, ``L`` its ``max_sequence_length``
+    (``rehyat_pipeline.json``, default 512), in batches of ``batch_size`` prompts; padded tokens are zero. For the
+    tools that encode many prompts at once (a run's prompt pool, a caption table, a dataset); the pipeline encodes
+    its prompts through the same :class:`PromptEncoder` (:meth:`ReHyAtVideoPipeline.encode_prompt`).
 
     Raises:
         ValueError: the folder has no text encoder, or its width is not the transformer's ``text_dim``.
     """
-    import torch
-
-    from ..text_encoder import encode_prompts
-
-    mf = ModelFolder.of(folder)
-    tokenizer, encoder = load_text_encoder_from_folder(mf, device=device)
-    length = mf.pipeline_config.get("max_sequence_length", 512)
-
-    def encode(prompts: list[str]) -> torch.Tensor:
-        return torch.cat([encode_prompts(tokenizer, encoder, prompts[i : i + batch_size], max_length=length)[0]
-                          .float().cpu() for i in range(0, len(prompts), batch_size)])
-
-    return encode
+    encoder = PromptEncoder.from_folder(folder, device=device, batch_size=batch_size)
+    return lambda prompts: encoder(prompts).float().cpu()
 
 
 def load_vae(folder, device="cpu"):

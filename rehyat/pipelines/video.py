@@ -47,9 +47,9 @@ import torch
 from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
-    PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, check_rope_table, check_vae_channels, default_scheduler,
-    folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors, latent_shape, load_scheduler,
-    load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
+    PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
+    default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors,
+    latent_shape, load_scheduler, load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
 
 __all__ = ["ReHyAtVideoPipeline", "GenerationOutput", "NonFiniteOutputError", "check_finite", "initial_noise", "MODES",
@@ -427,9 +427,7 @@ class ReHyAtVideoPipeline:
         if self.text_encoder is None:
             self.tokenizer, self.text_encoder = load_text_encoder_from_folder(self._text_encoder_folder,
                                                                               device=self.device)
-        from ..text_encoder import encode_prompts
-
-        emb, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, max_length=self.max_sequence_length)
+        emb = PromptEncoder(self.tokenizer, self.text_encoder, self.max_sequence_length)(prompts)
         return emb.to(self.device, self.transformer.dtype)
 
     # ------------------------------------------------------------------------------------------------ decoding

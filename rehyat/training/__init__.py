@@ -28,7 +28,8 @@ from .data import (
     prepare_dataset,
     read_dataset_info,
 )
-from .distill import DistillResult, Distiller, distill, evaluate_blocks, prepare_for_distillation
+from .distill import (DistillResult, Distiller, attention_distill_loss, distill, evaluate_blocks,
+                      prepare_for_distillation)
 from .distributed import DistEnv, init_distributed
 from .finetune import (
     FinetuneResult,
@@ -54,8 +55,8 @@ from .trajectory import PromptPool, TeacherTrajectories, resolve_prompt_pool
 __all__ = [
     "DatasetInfo", "DatasetWriter", "DistEnv", "DistillResult", "Distiller", "FinetuneResult", "GlobalBatchSampler",
     "LatentDataset", "PromptPool", "Selection", "TeacherTrajectories", "TextEmbeddingTable", "add_lora",
-    "attention_flops", "brute_force_mckp", "check_dataset_fits_model", "convert_model", "distill",
-    "encode_text_table", "evaluate_blocks", "evaluate_flow_matching", "finetune", "flow_matching_inputs",
+    "attention_distill_loss", "attention_flops", "brute_force_mckp", "check_dataset_fits_model", "convert_model",
+    "distill", "encode_text_table", "evaluate_blocks", "evaluate_flow_matching", "finetune", "flow_matching_inputs",
     "init_distributed", "load_checkpoint", "load_dataset", "merge_lora", "parse_candidates", "prepare_dataset",
     "prepare_for_distillation", "read_dataset_info", "resolve_prompt_pool", "sample_noise_levels",
     "save_checkpoint", "select_blocks_budget", "solve_mckp", "TrainingInterrupted",

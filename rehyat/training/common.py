@@ -98,18 +98,18 @@ def check_resume_steps(done: int, steps: int, checkpoint) -> None:
 
 
 def latent_shape_for(model, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``(C, F, H, W)`` of the latents of a ``frames x height x width`` video for a model folder (reads configs only).
+    """``(C, F, H, W)`` of the latents of a ``frames x height x width`` video for a model folder (a path or a
+    :class:`~rehyat.pipelines.folders.ModelFolder`; reads configs only, through it).
 
     Raises:
         ValueError: a frame count the VAE cannot take (``4k+1`` for Wan's) or a size that is not a multiple of VAE
             stride x patch size.
     """
-    from ..pipelines.video import folder_vae_factors
-    from .components import read_transformer_config
+    from ..pipelines.folders import ModelFolder
 
-    model = Path(model)
-    tcfg = read_transformer_config(model)
-    tf, sf = folder_vae_factors(model)
+    model = ModelFolder.of(model)
+    tcfg = model.transformer_config
+    tf, sf = model.vae_factors
     mult = sf * tcfg["patch_size"][1]
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % tf != 0:
         raise ValueError(f"--frames must be {tf}k+1 for this model's VAE, got {frames!r}")
@@ -181,10 +181,10 @@ def feature_map_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
 
 def default_geometry(model, frames, height, width) -> tuple[int, int, int]:
     """Frames/height/width: the given ones, else the folder's ``rehyat_pipeline.json`` ``defaults``, else Wan's
-    (81, 480, 832)."""
-    from .components import read_pipeline_config
+    (81, 480, 832). ``model``: a path or a :class:`~rehyat.pipelines.folders.ModelFolder`."""
+    from ..pipelines.folders import ModelFolder
 
-    d = read_pipeline_config(model).get("defaults", {})
+    d = ModelFolder.of(model).defaults
     return (frames or d.get("frames", 81), height or d.get("height", 480), width or d.get("width", 832))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..pipelines.folders import (  # noqa: F401  (re-exported: part of this module's API)
     PIPELINE_CONFIG_NAME,
+    ModelFolder,
     copy_components,
     load_scheduler,
     load_text_encoder_from_folder,
@@ -48,7 +49,8 @@ def same_architecture(a: dict, b: dict) -> list[str]:
 def load_model_folder(folder, *, device="cpu", dtype: torch.dtype | None = None, text_encoder: bool = False,
                       vae: bool = False):
     """A :class:`~rehyat.pipelines.ReHyAtVideoPipeline` with the folder's transformer and scheduler, and its text
-    encoder / VAE only when asked for (``None`` otherwise).
+    encoder / VAE only when asked for (``None`` otherwise). ``folder``: a path or a
+    :class:`~rehyat.pipelines.folders.ModelFolder` (whose configs, once read, are not read again).
 
     Raises:
         FileNotFoundError / ValueError: as :func:`read_transformer_config`; ValueError for ``text_encoder=True``
@@ -57,17 +59,17 @@ def load_model_folder(folder, *, device="cpu", dtype: torch.dtype | None = None,
     from ..models import load_transformer
     from ..pipelines import ReHyAtVideoPipeline
 
-    folder = Path(folder)
-    read_transformer_config(folder)
-    cfg = read_pipeline_config(folder)
-    transformer = load_transformer(folder, torch_dtype=dtype, device=device)
+    folder = ModelFolder.of(folder)
+    folder.transformer_config  # noqa: B018  (a missing or malformed config fails here, before any weights)
+    cfg = folder.pipeline_config
+    transformer = load_transformer(folder.path, torch_dtype=dtype, device=device)
     tok = enc = v = None
     if text_encoder:
         tok, enc = load_text_encoder_from_folder(folder, device=device)
     if vae:
-        v = load_vae(folder, device)
+        v = load_vae(folder.path, device)
     return ReHyAtVideoPipeline(
-        transformer, load_scheduler(folder), v, tok, enc, max_sequence_length=cfg.get("max_sequence_length", 512),
+        transformer, load_scheduler(folder.path), v, tok, enc, max_sequence_length=cfg.get("max_sequence_length", 512),
         fps=cfg.get("fps", 16), negative_prompt=cfg.get("negative_prompt", ""),
     )
 
@@ -83,11 +85,12 @@ def save_model_folder(transformer, out, *, components_from=None, pipeline_config
     ``out`` it does not write (a run's ``train/``, its reports) are kept.
     """
     out = Path(out)
-    src = Path(components_from) if components_from is not None else None
-    cfg = read_pipeline_config(src if src is not None and (src / PIPELINE_CONFIG_NAME).is_file() else out)
+    src = ModelFolder.of(components_from) if components_from is not None else None
+    cfg = dict((src if src is not None and (src / PIPELINE_CONFIG_NAME).is_file() else ModelFolder(out))
+               .pipeline_config)  # a copy: the entries below must not change a ModelFolder's cached config
     for k, v in (pipeline_config or {}).items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
-    return write_model_folder(out, transformer, cfg, components_from=src, overwrite=True)
+    return write_model_folder(out, transformer, cfg, components_from=src and src.path, overwrite=True)

@@ -39,6 +39,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -457,11 +458,11 @@ class GlobalBatchSampler:
 # a table without importing training; re-exported here because `rehyat.training.data.TextEmbeddingTable` was its
 # public path)
 # ----------------------------------------------------------------------------------------------------------------
-def _text_encoder_name(folder: Path) -> str | None:
-    from .components import read_pipeline_config
+def _text_encoder_name(folder) -> str | None:
+    from ..pipelines.folders import ModelFolder
 
-    cfg = read_pipeline_config(folder)
-    return cfg.get("text_encoder") or ("folder" if (folder / "text_encoder").is_dir() else None)
+    folder = ModelFolder.of(folder)
+    return folder.pipeline_config.get("text_encoder") or ("folder" if (folder / "text_encoder").is_dir() else None)
 
 
 @torch.no_grad()
@@ -481,15 +482,14 @@ def encode_text_table(model, captions: list[str], out, *, device="cpu", batch_si
             ``overwrite``). FileNotFoundError: the folder or ``out``'s parent does not exist.
     """
     from ..io import check_output_file
-    from ..pipelines.folders import load_prompt_encoder
-    from .components import read_pipeline_config
+    from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
-    model = Path(model)
+    model = ModelFolder.of(model)  # rehyat_pipeline.json read once, for the settings here and the encoder
     check_output_file(out, overwrite=overwrite, arg="--write-text-embeddings")
     caps = list(dict.fromkeys(c for c in captions if c.strip()))
     if not caps:
         raise ValueError("no captions to encode")
-    cfg = read_pipeline_config(model)
+    cfg = model.pipeline_config
     if include_negative:
         neg = cfg.get("negative_prompt", "")
         if neg not in caps:
@@ -551,8 +551,21 @@ def prepare_dataset(
             whose size ``metadata.jsonl`` does not state or that cannot be decoded (found when it is read; what
             the run wrote is then deleted, so ``out`` can be written by a retry).
     """
-    from .components import load_text_encoder_from_folder, read_pipeline_config, read_transformer_config
+    model, videos = _check_prepare_args(model, videos, batch_size, num_frames)
+    prepare_output_folder(out, overwrite=overwrite)
+    source = _DatasetSource.open(model, videos, text_embeddings, num_frames, batch_size=batch_size, device=device)
+    writer = DatasetWriter(out, source.info, overwrite=overwrite)
+    try:
+        source.write(writer, batch_size=batch_size, device=device, progress=progress)
+        return writer.close()
+    except BaseException:
+        writer.abort()  # no half-written dataset left to block the retry
+        raise
 
+
+def _check_prepare_args(model, videos, batch_size, num_frames) -> tuple[Path, Path]:
+    """``(model, videos)`` as paths, after checking that both folders exist and ``batch_size`` / ``num_frames``
+    are ints >= 1 (``num_frames`` may be ``None``); errors name the CLI argument."""
     model, videos = Path(model), Path(videos)
     if not model.is_dir():
         raise FileNotFoundError(f"--model folder {model} does not exist")
@@ -562,47 +575,72 @@ def prepare_dataset(
         raise ValueError(f"--batch-size must be an int >= 1 (videos per VAE call), got {batch_size!r}")
     if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
         raise ValueError(f"--frames must be an int >= 1, got {num_frames!r}")
-    prepare_output_folder(out, overwrite=overwrite)
-    tcfg = read_transformer_config(model)
-    pcfg = read_pipeline_config(model)
-    rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
-    has_vae = (model / "vae").is_dir()
-    first = _read_video(videos / rows[0]["file_name"])
-    F = num_frames if num_frames is not None else first.shape[0]
-    H, W = first.shape[1:3]
-    tf, sf, C = _check_geometry(model, tcfg, rows, F, H, W)
-    text_encoder = None
-    if table is None:
-        text_encoder = load_text_encoder_from_folder(model, device=device)  # ValueError without one
-    L = table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512)
-    info = DatasetInfo(
+    return model, videos
+
+
+@dataclass
+class _DatasetSource:
+    """What :func:`prepare_dataset` encodes, checked: the videofolder's ``rows``, the first video's frames
+    (``first``, read once for its size), the clip size ``(F, H, W)``, the dataset's :class:`DatasetInfo`, the
+    caption embedder (``embed(captions) -> [n, L, text_dim]``: the table's lookup or the folder's text encoder), the
+    video encoder (the VAE, or the identity in pixel space) and the negative prompt (whose embedding is the
+    dataset's null embedding when it can be had)."""
+
+    videos: Path
+    rows: list[dict]
+    first: object
+    size: tuple[int, int, int]
+    info: DatasetInfo
+    embed: Callable
+    encode_video: Callable
+    negative: str | None
+
+    @classmethod
+    def open(cls, model: Path, videos: Path, text_embeddings, num_frames, *, batch_size: int, device):
+        """Every check before encoding (configs, videos, captions, geometry, text encoder), then the encoders."""
+        from ..pipelines.folders import ModelFolder, load_prompt_encoder
+
+        model = ModelFolder(model)  # each config read once, here, for every check and setting below
+        tcfg, pcfg = model.transformer_config, model.pipeline_config
+        rows, table = _check_videos_and_captions(videos, text_embeddings, tcfg)
+        first = _read_video(videos / rows[0]["file_name"])
+        size = (num_frames if num_frames is not None else first.shape[0], *first.shape[1:3])
+        factors = _check_geometry(model, tcfg, rows, *size)
+        if table is None:  # one encoder call per batch of videos; ValueError without a text encoder
+            embed = load_prompt_encoder(model, device=device, batch_size=batch_size)
+        else:
+            embed = table.lookup
+        info = _dataset_info(model, rows, table, size, factors)
+        encode_video = _video_encoder(model.path, device) if info.latent_space == "vae" else (lambda x: x)
+        neg = pcfg.get("negative_prompt", "")
+        return cls(videos, rows, first, size, info, embed, encode_video,
+                   neg if table is None or neg in table else None)
+
+    def write(self, writer: DatasetWriter, *, batch_size: int, device, progress: bool) -> None:
+        """The null embedding (when there is one) and every sample, into ``writer``."""
+        if self.negative is not None:
+            writer.set_null_embeds(self.embed([self.negative])[0])
+        first, rows = self.first, self.rows
+        read = lambda r: first if r is rows[0] else _read_video(self.videos / r["file_name"])  # noqa: E731
+        _write_samples(writer, rows, read, self.encode_video, self.embed, self.size, batch_size=batch_size,
+                       device=device, progress=progress)
+
+
+def _dataset_info(model, rows: list[dict], table, size, factors) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``rows`` encoded at ``size = (F, H, W)`` by a model folder (a
+    :class:`~rehyat.pipelines.folders.ModelFolder`) whose VAE has ``factors = (temporal, spatial, channels)``
+    (:func:`_check_geometry`), with captions from ``table`` or else the folder's text encoder."""
+    (F, H, W), (tf, sf, C) = size, factors
+    tcfg, pcfg = model.transformer_config, model.pipeline_config
+    return DatasetInfo(
         latent_channels=C, latent_frames=(F - 1) // tf + 1, latent_height=H // sf, latent_width=W // sf,
-        text_dim=tcfg["text_dim"], max_sequence_length=L, latent_space="vae" if has_vae else "pixel",
+        text_dim=tcfg["text_dim"],
+        max_sequence_length=table.embeds.shape[1] if table is not None else pcfg.get("max_sequence_length", 512),
+        latent_space="vae" if (model / "vae").is_dir() else "pixel",
         num_frames=F, height=H, width=W, num_samples=len(rows), fps=rows[0].get("fps", pcfg.get("fps")),
         text_encoder=(table.text_encoder if table is not None else _text_encoder_name(model)),
-        source_model=str(model.resolve()),
+        source_model=str(model.path.resolve()),
     )
-    encode_video = _video_encoder(model, device) if has_vae else (lambda x: x)
-
-    def embed(captions):
-        if table is not None:
-            return table.lookup(captions)
-        from ..text_encoder import encode_prompts
-
-        return encode_prompts(*text_encoder, captions, max_length=L)[0].float().cpu()
-
-    writer = DatasetWriter(out, info, overwrite=overwrite)
-    try:
-        neg = pcfg.get("negative_prompt", "")
-        if table is None or neg in table:
-            writer.set_null_embeds(embed([neg])[0])
-        read = lambda r: first if r is rows[0] else _read_video(videos / r["file_name"])  # noqa: E731
-        _write_samples(writer, rows, read, encode_video, embed, (F, H, W), batch_size=batch_size, device=device,
-                       progress=progress)
-        return writer.close()
-    except BaseException:
-        writer.abort()  # no half-written dataset left to block the retry
-        raise
 
 
 def _check_videos_and_captions(videos: Path, text_embeddings, tcfg: dict):
@@ -624,17 +662,17 @@ def _check_videos_and_captions(videos: Path, text_embeddings, tcfg: dict):
     return rows, table
 
 
-def _check_geometry(model: Path, tcfg: dict, rows: list[dict], F: int, H: int, W: int) -> tuple[int, int, int]:
+def _check_geometry(model, tcfg: dict, rows: list[dict], F: int, H: int, W: int) -> tuple[int, int, int]:
     """``(temporal factor, spatial factor, latent channels)`` of the model's VAE (``(1, 1, 3)`` in pixel space),
-    after checking that ``F x H x W`` videos fit it and the model, and that every row's stated size fits."""
-    from ..io import read_json_object
-    from ..pipelines.video import vae_factors
-
+    after checking that ``F x H x W`` videos fit it and the model, and that every row's stated size fits.
+    ``model``: a :class:`~rehyat.pipelines.folders.ModelFolder`."""
     has_vae = (model / "vae").is_dir()
     p_h = tcfg["patch_size"][1]
     if has_vae:
-        vcfg = read_json_object(model / "vae" / "config.json")
-        tf, sf = vae_factors(vcfg)
+        vcfg = model.vae_config
+        if vcfg is None:
+            raise FileNotFoundError(f"{model / 'vae'} has no config.json")
+        tf, sf = model.vae_factors
         if (F - 1) % tf != 0:
             raise ValueError(f"the model's VAE needs {tf}k+1 frames, got {F}; pass --frames")
         C = vcfg.get("z_dim", 16)

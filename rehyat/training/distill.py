@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -177,6 +178,30 @@ def _no_grad_for(params: list[torch.nn.Parameter]):
             p.requires_grad_(f)
 
 
+def attention_distill_loss(student: torch.Tensor, teacher: torch.Tensor, mass: dict | None = None, *,
+                           mass_weight: float = 0.0) -> torch.Tensor:
+    """One converted block's distillation loss (value distillation, design section 7): the mean absolute error of
+    its hybrid output against the teacher's attention output, plus ``mass_weight`` times the mean absolute gap
+    between its linear share of the normaliser and softmax's share of the same keys on the sampled queries.
+
+    Args:
+        student: the block's hybrid attention output ``[B, N, H, D]`` (any float dtype; with grad to train).
+        teacher: the teacher's attention output, same shape.
+        mass: :func:`rehyat.ops.attention_mass`'s dict (``window``, ``linear``, ``teacher_linear``: ``[B, n, H]``), or
+            ``None``; the mass term needs it and some sampled query with linear keys (``n > 0``), else it is left out.
+        mass_weight: weight of the mass term (default 0: the L1 term alone).
+
+    Returns:
+        A float32 scalar. The blocks backpropagate it in distillation mode (:func:`rehyat.models.distill_mode`
+        ``loss=``; :class:`Distiller` passes this one).
+    """
+    l1 = (student.float() - teacher.float()).abs().mean()
+    if mass_weight and mass is not None and mass["linear"].numel():
+        win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
+        return l1 + mass_weight * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()
+    return l1
+
+
 class Distiller:
     """Distillation of a converted transformer in memory: one teacher forward and one optimizer step per call.
 
@@ -190,8 +215,8 @@ class Distiller:
         mass_every: every this many steps (the first included) the forward also measures the mass diagnostic
             (``linear_share``, ``teacher_share``, ``teacher_mass`` in the records, see :func:`evaluate_blocks`);
             0: never.
-        mass_weight: weight of the mass term in every block's loss (:class:`rehyat.models.RunContext`
-            ``mass_weight``; 0: the L1 output loss alone).
+        mass_weight: weight of the mass term in every block's loss (:func:`attention_distill_loss`; 0: the L1
+            output loss alone).
 
     ``step()`` returns ``{block: {"l1", "rel_error"}}`` of that forward (before the update; averaged over
     processes), with the mass keys on measuring steps.
@@ -223,7 +248,8 @@ class Distiller:
 
         x, t, e = self.traj.inputs()
         measure = bool(self.mass_every) and self.step_count % self.mass_every == 0
-        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight) as ctx:
+        with distill_mode(self.ctx, backward=True, measure_mass=measure, mass_weight=self.mass_weight,
+                          loss=partial(attention_distill_loss, mass_weight=self.mass_weight)) as ctx:
             with torch.no_grad():
                 out = self.model(x, t, e, return_dict=False)[0]
         missing = [b for b in self.blocks if b not in ctx.records]
@@ -550,10 +576,11 @@ class _DistillJob:
     # ------------------------------------------------------------------------------------------------ checks
     def open(self) -> None:
         """Every check and the run's settings, before any weights are loaded."""
-        from .components import read_pipeline_config, read_transformer_config
+        from ..pipelines.folders import ModelFolder
 
         a = self.a
-        self.tcfg = tcfg = read_transformer_config(a.model)
+        self.model = ModelFolder(a.model)  # its configs are read once, for every check and load below
+        self.tcfg = tcfg = self.model.transformer_config
         self.converted_cfg = tcfg["rehyat"]
         if block_causal_chunk(self.converted_cfg) is not None:  # a block-causal teacher: its blocks are converted here
             check_block_causal_teacher(a.model, self.converted_cfg, a.conversion.chunk_frames,
@@ -562,7 +589,7 @@ class _DistillJob:
         self.kind, self.bval = self._block_choice()
         self._check_numbers()
         self.latent_shape, geometry = self._geometry()
-        pdefaults = read_pipeline_config(a.model).get("defaults", {})
+        pdefaults = self.model.defaults
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
         self.conversion = a.conversion.to_kwargs()  # the run_config.json entry and convert_wan's keywords
         if self.converted_cfg is None:
@@ -607,8 +634,8 @@ class _DistillJob:
             info = read_dataset_info(a.data)
             check_dataset_fits_model(info, self.tcfg)
             return info.latent_shape, {"data": str(Path(a.data).resolve()), "latent_shape": list(info.latent_shape)}
-        f, h, w = default_geometry(a.model, a.frames, a.height, a.width)
-        return latent_shape_for(a.model, f, h, w), {"frames": f, "height": h, "width": w}
+        f, h, w = default_geometry(self.model, a.frames, a.height, a.width)
+        return latent_shape_for(self.model, f, h, w), {"frames": f, "height": h, "width": w}
 
     def _settings(self, geometry: dict) -> dict:
         a = self.a
@@ -631,7 +658,7 @@ class _DistillJob:
         env = self.env = self.run.attach(init_distributed(a.device))
         self.dtype = resolve_dtype(a.precision, env.device)
         torch.manual_seed(a.seed)
-        self.pool = resolve_prompt_pool(a.model, prompts=a.prompts, data=a.data, text_embeddings=a.text_embeddings,
+        self.pool = resolve_prompt_pool(self.model, prompts=a.prompts, data=a.data, text_embeddings=a.text_embeddings,
                                         device=env.device, text_dim=self.tcfg["text_dim"])
         self.chosen, self.ranking, ranked_maps = self._choose_blocks()
         self._build_teacher(ranked_maps)
@@ -663,7 +690,7 @@ class _DistillJob:
         if self.kind != "best":
             return self.bval, None, None
         chosen, errors, ranked_maps = rank_blocks(
-            a.model, self.conversion, self.bval, self.pool, self.latent_shape, rank_steps=a.rank_steps, lr=a.lr,
+            self.model, self.conversion, self.bval, self.pool, self.latent_shape, rank_steps=a.rank_steps, lr=a.lr,
             batch_size=a.batch_size, sampling_steps=a.sampling_steps, guidance=self.guidance, seed=a.seed,
             env=self.env, dtype=self.dtype, progress=a.progress)
         return chosen, {"rank_steps": a.rank_steps, "errors": {str(b): e for b, e in errors.items()}}, ranked_maps
@@ -672,7 +699,7 @@ class _DistillJob:
         from ..models import convert_wan, get_rehyat_config
         from .components import load_model_folder
 
-        self.pipe = load_model_folder(self.a.model, device=self.env.device)
+        self.pipe = load_model_folder(self.model, device=self.env.device)
         teacher = self.teacher = self.pipe.transformer
         if self.converted_cfg is None:
             torch.manual_seed(self.a.seed)
@@ -741,9 +768,9 @@ class _DistillJob:
 
         a, before, after, bs = self.a, self.before, self.after, self.block_settings
         fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(self.teacher)}
-        student = build_student(a.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
+        student = build_student(self.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
                                 None, fm_state)
-        save_model_folder(student, a.out, components_from=a.model)
+        save_model_folder(student, a.out, components_from=self.model)
         summary = {
             "blocks": {str(b): {"chunk_frames": bs[b][0], "overlap_frames": bs[b][1],
                                 "before": before and before.get(b), "after": after and after.get(b)}

@@ -479,8 +479,6 @@ class _FinetuneJob:
     # ------------------------------------------------------------------------------------------------ checks
     def open(self) -> None:
         """Every check and the run's settings, before any weights are loaded."""
-        from .components import read_pipeline_config
-
         a = self.a
         self._check_source()
         self._check_numbers()
@@ -489,28 +487,29 @@ class _FinetuneJob:
             raise ValueError(f"--trainable feature_maps: --model {a.model} is not converted (no feature maps)")
         if a.components_from is None:
             if a.model is not None:
-                a.components_from = a.model
+                a.components_from = self.model  # its configs already read
             elif self.info is not None and self.info.source_model and Path(self.info.source_model).is_dir():
                 a.components_from = self.info.source_model
-        pdefaults = read_pipeline_config(a.teacher).get("defaults", {}) if a.teacher is not None else {}
+        pdefaults = self.teacher.defaults if self.teacher is not None else {}
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
         self.run = TrainingRun.open(a.out, self._settings(), steps=a.steps, checkpoint_every=a.checkpoint_every,
                                     log_every=a.log_every, resume=a.resume, overwrite=a.overwrite, desc="finetune",
                                     progress=a.progress)
 
     def _check_source(self) -> None:
-        from .components import read_pipeline_config, read_transformer_config
+        from ..pipelines.folders import ModelFolder
 
         a = self.a
         if (a.model is None) == (a.config is None):
             raise ValueError("pass exactly one of --model (a model folder to fine-tune) and --config (a fresh model)")
-        self.scfg = read_transformer_config(a.model) if a.model is not None else transformer_config(a.config)
+        self.model = ModelFolder(a.model) if a.model is not None else None  # configs read once, here and below
+        self.scfg = self.model.transformer_config if a.model is not None else transformer_config(a.config)
         cc = a.chunk_causal
         if cc is not None and (a.config is None or not isinstance(cc, int) or cc < 1):
             raise ValueError(f"--chunk-causal goes with --config and must be an int >= 1 (latent frames per chunk), "
                              f"got {cc!r}{'' if a.config is not None else ' with --model'}")
         if a.model is not None:
-            read_pipeline_config(a.model)  # a malformed rehyat_pipeline.json fails here, naming the file
+            self.model.pipeline_config  # noqa: B018  (a malformed rehyat_pipeline.json fails here, naming the file)
 
     def _check_numbers(self) -> None:
         a = self.a
@@ -539,16 +538,18 @@ class _FinetuneJob:
     def _check_data_and_teacher(self) -> None:
         """The dataset and the teacher fit the student; the latent shape (the dataset's, or the teacher's
         trajectories')."""
-        from .components import read_transformer_config, same_architecture
+        from ..pipelines.folders import ModelFolder
+        from .components import same_architecture
         from .data import check_dataset_fits_model, read_dataset_info
 
         a, scfg = self.a, self.scfg
         self.info = None
+        self.teacher = ModelFolder(a.teacher) if a.teacher is not None else None  # configs read once
         if a.data is not None:
             self.info = read_dataset_info(a.data)
             check_dataset_fits_model(self.info, scfg)
         if a.teacher is not None:
-            tcfg = read_transformer_config(a.teacher)
+            tcfg = self.teacher.transformer_config
             diff = same_architecture(tcfg, scfg)
             if diff:
                 detail = ", ".join(f"{k}: teacher {tcfg.get(k)!r} vs student {scfg.get(k)!r}" for k in diff[:4])
@@ -564,7 +565,8 @@ class _FinetuneJob:
             elif a.text_embeddings is None:
                 raise ValueError("the teacher-velocity loss without --data needs prompts: --prompts FILE or "
                                  "--text-embeddings")
-            self.latent_shape = latent_shape_for(a.teacher, *default_geometry(a.teacher, a.frames, a.height, a.width))
+            self.latent_shape = latent_shape_for(self.teacher, *default_geometry(self.teacher, a.frames, a.height,
+                                                                                 a.width))
             if self.latent_shape[0] != scfg["in_channels"]:
                 raise ValueError(f"the teacher's latents have {self.latent_shape[0]} channels, the student takes "
                                  f"{scfg['in_channels']}")
@@ -622,7 +624,7 @@ class _FinetuneJob:
         a, dev = self.a, self.dev
         self.pool = self.dataset = self.sampler = self.null = None
         if a.data is None:
-            self.pool = resolve_prompt_pool(a.teacher, prompts=a.prompts, text_embeddings=a.text_embeddings,
+            self.pool = resolve_prompt_pool(self.teacher, prompts=a.prompts, text_embeddings=a.text_embeddings,
                                             device=dev, text_dim=self.scfg["text_dim"])
             return
         dataset = self.dataset = load_dataset(a.data)
@@ -647,7 +649,7 @@ class _FinetuneJob:
 
         a, dev = self.a, self.dev
         if a.model is not None:
-            student = load_model_folder(a.model, device=dev).transformer
+            student = load_model_folder(self.model, device=dev).transformer
         else:
             from diffusers import WanTransformer3DModel
 
@@ -678,7 +680,7 @@ class _FinetuneJob:
         self.teacher_model = self.traj = None
         if self.a.teacher is None:
             return
-        tp = load_model_folder(self.a.teacher, device=self.dev)
+        tp = load_model_folder(self.teacher, device=self.dev)
         self.teacher_model, self.scheduler = tp.transformer.eval().requires_grad_(False), tp.scheduler
         if self.autocast_dtype is not None:
             cast_frozen_model(self.teacher_model, self.autocast_dtype)

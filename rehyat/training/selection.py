@@ -339,10 +339,11 @@ def convert_model(
         ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
             folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
     """
+    from ..pipelines.folders import ModelFolder
     from .data import prepare_output_folder
     from .distributed import init_distributed
 
-    model, out = Path(model), Path(out)
+    model, out = ModelFolder.of(model), Path(out)  # its configs are read once, for every step below
     tcfg, kind, bval, conversion = _check_conversion(model, blocks, ConversionSettings.from_kwargs(locals()))
     cands = _check_selection_args(kind, blocks, budget, candidates, prompts, data, text_embeddings,
                                   rank_steps=rank_steps, sampling_steps=sampling_steps, batch_size=batch_size)
@@ -372,14 +373,13 @@ def convert_model(
     return out, selection
 
 
-def _check_conversion(model: Path, blocks, settings: ConversionSettings):
+def _check_conversion(model, blocks, settings: ConversionSettings):
     """``(transformer config, blocks kind, its value, conversion kwargs)`` after checking that ``model`` is a teacher
     (or a block-causal teacher converted with its own chunk) and that the conversion ``settings`` are valid."""
     from .common import parse_blocks
-    from .components import read_transformer_config
     from .distill import block_causal_chunk, check_block_causal_teacher
 
-    tcfg = read_transformer_config(model)
+    tcfg = model.transformer_config
     if block_causal_chunk(tcfg["rehyat"]) is not None:  # a block-causal teacher: its blocks are converted here
         check_block_causal_teacher(model, tcfg["rehyat"], settings.chunk_frames, settings.softmax_blocks)
     elif tcfg["rehyat"] is not None:
@@ -417,7 +417,7 @@ def _check_selection_args(kind: str, blocks, budget, candidates, prompts, data, 
     return cands
 
 
-def _latent_shape(model: Path, tcfg: dict, data, frames, height, width) -> tuple[int, int, int, int]:
+def _latent_shape(model, tcfg: dict, data, frames, height, width) -> tuple[int, int, int, int]:
     """``(C, F, H, W)`` of the target geometry: the dataset's (checked against the model), else the given or the
     folder's default video size."""
     from .common import default_geometry, latent_shape_for
@@ -449,17 +449,16 @@ class _BlockCosts:
         return attention_flops(*self._shape, setting, **self._fm)
 
 
-def _selection_run(model: Path, tcfg: dict, latent_shape, env, *, prompts, data, text_embeddings, guidance, lr,
+def _selection_run(model, tcfg: dict, latent_shape, env, *, prompts, data, text_embeddings, guidance, lr,
                    batch_size, sampling_steps, seed, precision, progress) -> dict:
     """The keyword arguments every short distillation of a ranked selection takes: the prompt pool
     (:func:`~rehyat.training.trajectory.resolve_prompt_pool`), the guidance (``None``: the folder's default, else
     5.0), the run's dtype from ``precision`` on ``env.device``, and the rest as given."""
     from .common import resolve_dtype
-    from .components import read_pipeline_config
     from .trajectory import resolve_prompt_pool
 
     if guidance is None:
-        guidance = read_pipeline_config(model).get("defaults", {}).get("guidance", 5.0)
+        guidance = model.defaults.get("guidance", 5.0)
     return dict(pool=resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
                                          device=env.device, text_dim=tcfg["text_dim"]),
                 latent_shape=latent_shape, lr=lr, batch_size=batch_size, sampling_steps=sampling_steps,
@@ -517,7 +516,7 @@ def _budget_selection(model, conversion: dict, cands: list, costs: _BlockCosts, 
     return selection, feature_maps, block_settings
 
 
-def _write_converted(model: Path, out: Path, chosen, conversion: dict, block_settings, feature_maps: dict,
+def _write_converted(model, out: Path, chosen, conversion: dict, block_settings, feature_maps: dict,
                      selection: Selection | None, *, seed: int, overwrite: bool) -> None:
     """Write the converted model folder (with ``feature_maps`` if any, else freshly initialised ones from ``seed``)
     and, for a selection, ``selection.{json,md}``."""

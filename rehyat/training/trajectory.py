@@ -92,7 +92,7 @@ def resolve_prompt_pool(model, *, prompts=None, text_embeddings=None, data=None,
     from ..text_encoder import TextEmbeddingTable
     from ..pipelines.folders import ModelFolder, load_prompt_encoder
 
-    model = ModelFolder(model)
+    model = ModelFolder.of(model)
     if (prompts is not None) + (data is not None) == 2:
         raise ValueError("pass either a prompt file or --data, not both")
     if prompts is None and data is None and text_embeddings is None:

@@ -630,3 +630,53 @@ def test_mode_context_managers_restore_the_run_context_on_an_error():
     with pytest.raises(ValueError, match="not converted"):
         with distill_mode(tiny_wan_transformer(num_layers=1)):
             pass
+
+
+class TestReadsOnce:
+    """load_transformer reads config.json once and opens each weights file once (its header gives the keys to check,
+    the same handle the tensors): it used to read both again through diffusers' from_pretrained, and each
+    safetensors file a third time for the feature maps."""
+
+    @staticmethod
+    def _count_reads(monkeypatch, folder) -> dict[str, int]:
+        import builtins
+        import io
+
+        import safetensors
+        import safetensors.torch
+
+        counts: dict[str, int] = {}
+
+        def note(path):
+            name = str(path)
+            if name.startswith(str(folder)) and name.endswith(("config.json", ".safetensors")):
+                counts[name[len(str(folder)) + 1:]] = counts.get(name[len(str(folder)) + 1:], 0) + 1
+
+        def counting(real):
+            def wrapped(path, *args, **kwargs):
+                note(path)
+                return real(path, *args, **kwargs)
+            return wrapped
+
+        for module, name in ((builtins, "open"), (io, "open"), (safetensors, "safe_open"),
+                             (safetensors.torch, "safe_open")):
+            monkeypatch.setattr(module, name, counting(getattr(module, name)))
+        return counts
+
+    def test_converted_folder(self, student, tmp_path, monkeypatch):
+        save_rehyat(student, tmp_path / "m")
+        counts = self._count_reads(monkeypatch, tmp_path / "m")
+        loaded = load_transformer(tmp_path / "m")
+        monkeypatch.undo()
+        assert counts == {"config.json": 1, "rehyat_config.json": 1, "diffusion_pytorch_model.safetensors": 1}
+        _assert_same_weights(loaded, student)
+
+    def test_sharded_teacher(self, teacher, tmp_path, monkeypatch):
+        teacher.save_pretrained(tmp_path / "t", max_shard_size="40KB")
+        shards = sorted(p.name for p in (tmp_path / "t").glob("*.safetensors"))
+        assert len(shards) > 1
+        counts = self._count_reads(monkeypatch, tmp_path / "t")
+        loaded = load_transformer(tmp_path / "t")
+        monkeypatch.undo()
+        assert counts == {"config.json": 1, **dict.fromkeys(shards, 1)}
+        _assert_same_weights(loaded, teacher)

@@ -179,3 +179,24 @@ def test_load_prompt_encoder_is_the_folders_text_encoder_in_batches(tmp_path):
     ref = encode_prompts(tok, enc, prompts, max_length=16)[0]  # the folder's max_sequence_length, one batch
     assert emb.shape == (3, 16, 64) and emb.dtype == torch.float32 and emb.device.type == "cpu"
     assert_outputs_close(emb, ref.float())
+
+
+def test_pipeline_and_training_tools_encode_prompts_through_one_path(tmp_path, monkeypatch):
+    """ReHyAtVideoPipeline.encode_prompt, load_prompt_encoder (prompt pools, caption tables) and prepare-data all
+    encode through PromptEncoder (issue 17: the pipeline kept its own copy of that path)."""
+    from rehyat.pipelines import ReHyAtVideoPipeline
+    from rehyat.pipelines.folders import PromptEncoder, load_prompt_encoder
+    from rehyat.testing import tiny_pipeline_folder
+
+    folder = tiny_pipeline_folder(tmp_path / "m")
+    pipe = ReHyAtVideoPipeline.from_pretrained(folder)
+    prompts = ["a red circle", "a blue square moving left"]
+    expected = pipe.encode_prompt(prompts)  # the pipeline's behaviour: [B, L, text_dim] in its dtype, on its device
+    assert expected.shape == (2, 16, 64) and expected.dtype == pipe.transformer.dtype
+    assert_outputs_close(load_prompt_encoder(folder)(prompts), expected.float().cpu())
+    calls = []
+    real = PromptEncoder.__call__
+    monkeypatch.setattr(PromptEncoder, "__call__", lambda self, p: calls.append(list(p)) or real(self, p))
+    torch.testing.assert_close(pipe.encode_prompt(prompts), expected, rtol=0, atol=0)  # same objects, same path
+    load_prompt_encoder(folder)(prompts)
+    assert calls == [prompts, prompts]

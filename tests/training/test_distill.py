@@ -407,3 +407,57 @@ def test_an_already_converted_folder_is_not_calibrated_again(pixel_student, prom
     assert len(keys) == 2
     for k in keys:
         assert torch.equal(before[k], torch.zeros(2)) and (after[k] - before[k]).abs().max() <= 1.5 * steps * lr
+
+
+def test_distillation_loss_is_the_trainings(monkeypatch):
+    """The attention processor computes the two outputs and the mass; the loss it backpropagates is the one
+    distill_mode gets (issue 17: it was computed inside the processor): attention_distill_loss, the L1 output error
+    plus mass_weight times the mass gap, gives the gradients of that formula written out here."""
+    from functools import partial
+
+    from rehyat.models import convert_wan, distill_mode
+    from rehyat.training import attention_distill_loss
+    from rehyat.training.common import feature_map_parameters
+    from rehyat.testing import tiny_wan_transformer
+
+    torch.manual_seed(0)
+    s = convert_wan(tiny_wan_transformer(num_layers=3), blocks=[0, 2], chunk_frames=2, overlap_frames=1)
+    params = [p for _, p in feature_map_parameters(s)]
+    s.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    x, ts, e = torch.randn(1, 16, 5, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 64)
+    with distill_mode(s, backward=True, mass_weight=0.5, loss=partial(attention_distill_loss, mass_weight=0.5)) as ctx:
+        with torch.no_grad():
+            s(x, ts, e, return_dict=False)
+    grads = [p.grad.clone() for p in params]
+    assert set(ctx.records) == {0, 2} and all(g.abs().sum() > 0 for g in grads)
+
+    seen = []  # the blocks' outputs and masses, with their graphs; the loss returned here trains nothing
+
+    def capture(student, teacher, mass):
+        seen.append((student, teacher, mass))
+        return torch.zeros(())  # no grad: nothing is backpropagated
+
+    for p in params:
+        p.grad = None
+    with distill_mode(s, backward=True, mass_weight=0.5, loss=capture) as ctx:
+        with torch.no_grad():
+            s(x, ts, e, return_dict=False)
+    assert all(p.grad is None for p in params)
+    for (student, teacher, mass), block in zip(seen, (0, 2)):
+        l1 = (student.float() - teacher.float()).abs().mean()
+        assert float(l1) == ctx.records[block]["l1"]
+        win, lin, t_lin = mass["window"], mass["linear"], mass["teacher_linear"]
+        (l1 + 0.5 * (lin / (win + lin) - t_lin / (win + t_lin)).abs().mean().float()).backward()
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-9)
+
+
+def test_distillation_backward_without_a_loss_is_refused():
+    from rehyat.models import convert_wan, distill_mode
+    from rehyat.testing import tiny_wan_transformer
+
+    s = convert_wan(tiny_wan_transformer(num_layers=2), blocks=[0], chunk_frames=2, overlap_frames=1)
+    with pytest.raises(ValueError, match="loss"), distill_mode(s, backward=True):
+        s(torch.randn(1, 16, 5, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 64), return_dict=False)
