@@ -46,7 +46,8 @@ for frames in [int(f) for f in a.frames.split(",")]:
         if a.save_videos:
             os.makedirs(a.save_videos, exist_ok=True)
             for i, (_, s, r) in enumerate(runs):
-                np.save(os.path.join(a.save_videos, f"{name}_F{frames}_p{a.first_prompt + i // len(seeds)}_s{s}.npy"), r.video)
+                stem = f"{name}_F{frames}_p{a.first_prompt + i // len(seeds)}_s{s}"
+                np.save(os.path.join(a.save_videos, stem + ".npy"), r.video)
         row = {"model": name, "folder": folder, "mode": mode or "parallel", "frames": frames, "videos": len(runs),
                "seconds": time.time() - t0, **summarise(checks)}
         speeds = [abs(c["mean_velocity"][0]) + abs(c["mean_velocity"][1]) for c in checks]
