@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # World checks of packed model folders on the GPU, split over processes (the tiny models leave the GPU idle; one
 # process per model and prompt shard): unpack each NAME=TARBALL[:MODE] of MODELS into $W, then for each length of
-# FRAMES run scripts/device/world_eval.py on SHARDS prompt shards of each model at once, the videos saved as .npy
-# under $OUT/videos. Env: MODELS (space-separated NAME=TARBALL[:MODE]; the tarball holds one folder), FRAMES (e.g.
-# "16 128"), PROMPTS (per length, default 24), SEEDS (default 0,1), SHARDS (default 4), LIMIT (seconds per
-# length, default 200). Merge the shards with scripts/device/merge_evals.py.
+# FRAMES run scripts/device/world_eval.py on SHARDS prompt shards of each model at once (shards, logs and videos in
+# $W/evals), then merge them (scripts/device/merge_evals.py: $OUT/merged.json, PSNR against REFERENCE) and pack
+# for $OUT (at most 8 files come back): evals.tar.gz (shards and logs) and videos_F<frames>.tar.gz.
+# Env: MODELS (space-separated NAME=TARBALL[:MODE]; the tarball holds one folder), FRAMES (e.g. "16 128"),
+# PROMPTS (per length, default 24), SEEDS (default 0,1), SHARDS (default 4), LIMIT (seconds per length, default
+# 200), REFERENCE (default teacher). Videos of two models of the same name would overwrite each other.
 source scripts/device/common.sh
 export OMP_NUM_THREADS=1
 PROMPTS=${PROMPTS:-24} SEEDS=${SEEDS:-0,1} SHARDS=${SHARDS:-4} LIMIT=${LIMIT:-200} FRAMES=${FRAMES:-16}
+REFERENCE=${REFERENCE:-teacher} E=$W/evals
+mkdir -p "$E"
 specs=()
 for m in $MODELS; do
   name=${m%%=*} rest=${m#*=}; tarball=${rest%%:*}; mode=; [[ $rest == *:* ]] && mode=":${rest#*:}"
@@ -17,10 +21,13 @@ done
 per=$(( (PROMPTS + SHARDS - 1) / SHARDS ))
 for frames in $FRAMES; do stamp "eval at $frames frames: ${specs[*]}"
   for spec in "${specs[@]}"; do for ((s = 0; s < SHARDS; s++)); do
-    timeout "$LIMIT" python3 scripts/device/world_eval.py "$OUT/eval_${spec%%=*}_F${frames}_shard$s.json" \
+    timeout "$LIMIT" python3 scripts/device/world_eval.py "$E/eval_${spec%%=*}_F${frames}_shard$s.json" \
         --model "$spec" --prompts "$per" --first-prompt $((s * per)) --seeds "$SEEDS" --frames "$frames" \
-        --save-videos "$OUT/videos" > "$OUT/log_${spec%%=*}_F${frames}_shard$s.txt" 2>&1 &
+        --save-videos "$E/videos" > "$E/log_${spec%%=*}_F${frames}_shard$s.txt" 2>&1 &
   done; done
   wait; stamp "done at $frames frames"
+  (cd "$E/videos" && tar -czf "$OUT/videos_F$frames.tar.gz" ./*_F"$frames"_*.npy)
 done
-ls "$OUT" | head -50
+python3 scripts/device/merge_evals.py "$E" --reference "$REFERENCE" --out "$OUT/merged.json"
+tar -C "$E" -czf "$OUT/evals.tar.gz" --exclude=videos .
+ls -la "$OUT"
