@@ -20,7 +20,7 @@ Models (``--models``, default both):
   parameters, random weights, stored float32 like the released checkpoint), saved with ``save_pretrained`` into a
   temporary model folder (transformer, Wan's default UniPC scheduler, ``rehyat_pipeline.json``; no VAE or text
   encoder: neither command needs them with ``--data``), and a synthetic dataset in the project's format
-  (``rehyat.training.data.DatasetWriter``): ``--wan-samples`` samples of random latents [16, 21, 60, 104]
+  (``rehyat.training.dataset.DatasetWriter``): ``--wan-samples`` samples of random latents [16, 21, 60, 104]
   (81 frames at 480x832) and random text embeddings [512, 4096], reused. Stage 1 distils every other block
   (0, 2, ..., 28; the other 15 become chunk-causal softmax, as in the README's recipe; chunk_frames 3,
   overlap_frames 1, lr 1e-3); stage 2 fully fine-tunes the same model converted that way (lr 1e-4, gradient
@@ -234,7 +234,7 @@ def setup_world(a, work: Path, env: dict) -> ModelSpec:
 def setup_wan(a, work: Path, device: str) -> ModelSpec:
     from rehyat.models import convert_wan
     from rehyat.pipelines import ReHyAtVideoPipeline
-    from rehyat.training.data import DatasetInfo, DatasetWriter
+    from rehyat.training.dataset import DatasetInfo, DatasetWriter
 
     if a.quick:
         from rehyat.testing import tiny_wan_transformer

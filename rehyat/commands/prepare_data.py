@@ -1,4 +1,4 @@
-"""``rehyat prepare-data``: encode a videofolder into a latent dataset (see :mod:`rehyat.training.data`), or write
+"""``rehyat prepare-data``: encode a videofolder into a latent dataset (see :mod:`rehyat.training.dataset`), or write
 a caption-embedding table with ``--write-text-embeddings``."""
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..training.data import encode_text_table, prepare_dataset, read_metadata
+    from ..training.dataset import read_metadata
+    from ..training.prepare import prepare_dataset
+    from ..training.text_tables import encode_text_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.write_text_embeddings is not None:

@@ -89,7 +89,8 @@ def export_pixel_dataset(out, *, num_videos: int, frames: int, height: int, widt
 
     from tqdm.auto import tqdm
 
-    from ..training.data import DatasetInfo, DatasetWriter, _video_tensor
+    from ..training.dataset import DatasetInfo, DatasetWriter
+    from ..training.videos import video_tensor
 
     info = DatasetInfo(latent_channels=3, latent_frames=frames, latent_height=height, latent_width=width,
                        text_dim=text_dim, max_sequence_length=max_sequence_length, latent_space="pixel",
@@ -100,7 +101,7 @@ def export_pixel_dataset(out, *, num_videos: int, frames: int, height: int, widt
     workers = workers or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
         for cap, video in tqdm(pool.imap(_render, jobs, chunksize=8), total=num_videos, desc="rendering"):
-            writer.add(_video_tensor(video), embed([cap])[0], cap)
+            writer.add(video_tensor(video), embed([cap])[0], cap)
     if null_embeds is not None:
         writer.set_null_embeds(null_embeds)
     return writer.close()

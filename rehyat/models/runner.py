@@ -76,8 +76,18 @@ def forward_chunk(
 
     Returns:
         ``(output [B, C_out, F_c, H, W], new_state)``.
+
+    Raises:
+        ValueError: a model that is not causal (:func:`check_recurrent`).
     """
     check_recurrent(transformer)
+    return _forward_chunk(transformer, latents, timestep, encoder_hidden_states, state)
+
+
+@torch.no_grad()
+def _forward_chunk(transformer, latents, timestep, encoder_hidden_states, state):
+    """:func:`forward_chunk` without :func:`check_recurrent`: for callers that checked ``transformer`` once before
+    any work (:func:`recurrent_forward`, the pipeline's streaming mode) and run it chunk after chunk."""
     state = TransformerState() if state is None else state
     with recurrent_mode(transformer, frame_offset=state.frames_seen, states=dict(state.block_states)) as ctx:
         out = transformer(latents, timestep, encoder_hidden_states, return_dict=False)[0]
@@ -113,6 +123,15 @@ def recurrent_forward(
             multiple of the runner chunk, or per-chunk embeddings not one per chunk.
     """
     base = check_recurrent(transformer)
+    return _recurrent_forward(transformer, latents, timestep, encoder_hidden_states, chunk_frames=chunk_frames,
+                              runner_chunk=base)
+
+
+@torch.no_grad()
+def _recurrent_forward(transformer, latents, timestep, encoder_hidden_states, *, chunk_frames, runner_chunk: int):
+    """:func:`recurrent_forward` of a transformer whose :func:`check_recurrent` returned ``runner_chunk``: for callers
+    that checked it once before any work (the pipeline's recurrent mode, one call per denoising step)."""
+    base = runner_chunk
     chunk_frames = base if chunk_frames is None else chunk_frames
     if not isinstance(chunk_frames, int) or chunk_frames < 1 or chunk_frames % base != 0:
         raise ValueError(f"chunk_frames must be a positive multiple of the model's runner chunk ({base}), got {chunk_frames!r}")
@@ -124,6 +143,6 @@ def recurrent_forward(
     state = None
     outs = []
     for f0, text in zip(starts, texts):
-        out, state = forward_chunk(transformer, latents[:, :, f0 : f0 + chunk_frames], timestep, text, state)
+        out, state = _forward_chunk(transformer, latents[:, :, f0 : f0 + chunk_frames], timestep, text, state)
         outs.append(out)
     return torch.cat(outs, dim=2)

@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..models.runner import TransformerState, check_recurrent, forward_chunk, recurrent_forward
+from ..models.runner import TransformerState, _forward_chunk, _recurrent_forward, check_recurrent
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
     PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
@@ -595,7 +595,9 @@ class ReHyAtVideoPipeline:
         if plan.mode == "parallel":
             forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
         else:
-            forward = lambda i, x, t, e: recurrent_forward(self.transformer, x, t, e, chunk_frames=plan.chunk)  # noqa: E731
+            # the transformer was checked once, in _plan: not again per step and chunk
+            forward = lambda i, x, t, e: _recurrent_forward(self.transformer, x, t, e, chunk_frames=plan.chunk,  # noqa: E731
+                                                            runner_chunk=plan.chunk)
         latents = self._denoise(initial_noise(seed, plan.shape, 0, self.device), embeds, plan.steps, plan.guidance,
                                 forward, progress=progress)
         if decoder is not None:
@@ -690,7 +692,7 @@ class ReHyAtVideoPipeline:
         """``forward(i, x, ts, embeds)`` of one chunk at step ``i`` on ``states[i]`` (the earlier chunks' state at
         that step, not modified), keeping the state after the chunk in ``new_states[i]``."""
         def forward(i, x, ts, e):
-            out, new_states[i] = forward_chunk(self.transformer, x, ts, e, states[i])
+            out, new_states[i] = _forward_chunk(self.transformer, x, ts, e, states[i])  # checked in _plan
             return out
 
         return forward

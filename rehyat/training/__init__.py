@@ -6,8 +6,9 @@
   knapsack under an attention-FLOP budget (:func:`solve_mckp`, :func:`attention_flops`);
 * stage 2, flow-matching fine-tuning (full or LoRA, optional teacher-velocity loss) and training from scratch:
   :func:`finetune` (``rehyat finetune``);
-* data: the latent dataset format and its builder, :func:`prepare_dataset` (``rehyat prepare-data``),
-  :class:`TextEmbeddingTable`;
+* data: the latent dataset format, reader and writer (:mod:`.dataset`), the data order (:mod:`.sampler`), the
+  builder :func:`prepare_dataset` (``rehyat prepare-data``, :mod:`.prepare`), caption-embedding tables
+  (:class:`TextEmbeddingTable`, :func:`encode_text_table` in :mod:`.text_tables`);
 * infrastructure: atomic checkpoints with exact resume (:mod:`.checkpoint`), data parallelism under ``torchrun``
   (:mod:`.distributed`), progress bars and JSONL logs (:mod:`.progress`), Ctrl-C saving a resumable checkpoint
   (:mod:`.interrupt`, :class:`TrainingInterrupted`).
@@ -17,17 +18,7 @@ Importing this package is light; diffusers is imported when a function needs it.
 
 from ..text_encoder import TextEmbeddingTable
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import (
-    DatasetInfo,
-    DatasetWriter,
-    GlobalBatchSampler,
-    LatentDataset,
-    check_dataset_fits_model,
-    encode_text_table,
-    load_dataset,
-    prepare_dataset,
-    read_dataset_info,
-)
+from .dataset import DatasetInfo, DatasetWriter, LatentDataset, check_dataset_fits_model, load_dataset, read_dataset_info
 from .distill import (DistillResult, Distiller, attention_distill_loss, distill, evaluate_blocks,
                       prepare_for_distillation)
 from .distributed import DistEnv, init_distributed
@@ -41,6 +32,8 @@ from .finetune import (
     sample_noise_levels,
 )
 from .interrupt import TrainingInterrupted
+from .prepare import prepare_dataset
+from .sampler import GlobalBatchSampler
 from .selection import (
     Selection,
     attention_flops,
@@ -50,6 +43,7 @@ from .selection import (
     select_blocks_budget,
     solve_mckp,
 )
+from .text_tables import encode_text_table
 from .trajectory import PromptPool, TeacherTrajectories, resolve_prompt_pool
 
 __all__ = [

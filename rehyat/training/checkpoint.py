@@ -7,7 +7,7 @@ A checkpoint (``torch.save`` of a dict) holds everything a killed run needs to c
   by parameter name; the frozen rest is reloaded from the run's source folder;
 * ``"optimizer"``, ``"lr_scheduler"``: their ``state_dict()``;
 * ``"rng"``: per-process RNG states (torch CPU, CUDA if any, numpy, python ``random``), a list indexed by rank;
-* ``"data"``: the data order (:class:`~rehyat.training.data.GlobalBatchSampler` state) and/or per-rank teacher
+* ``"data"``: the data order (:class:`~rehyat.training.sampler.GlobalBatchSampler` state) and/or per-rank teacher
   trajectory states;
 * ``"config"``: the run's settings, checked on resume; ``"extra"``: anything else the run keeps (reports).
 

@@ -627,7 +627,7 @@ class _DistillJob:
             raise ValueError(f"--lr must be > 0, got {a.lr}")
 
     def _geometry(self):
-        from .data import check_dataset_fits_model, read_dataset_info
+        from .dataset import check_dataset_fits_model, read_dataset_info
 
         a = self.a
         if a.data is not None:

@@ -247,7 +247,7 @@ def evaluate_flow_matching(model, dataset, *, batch_size: int, num_batches: int 
                            sampling: str = "shifted", shift: float = 3.0, env: DistEnv | None = None,
                            autocast_dtype: torch.dtype | None = None) -> float:
     """Mean flow-matching loss on fixed samples, noise and noise levels (drawn from ``seed``): comparable across
-    models and runs. ``dataset`` is a :class:`~rehyat.training.data.LatentDataset`; the first ``num_batches *
+    models and runs. ``dataset`` is a :class:`~rehyat.training.dataset.LatentDataset`; the first ``num_batches *
     batch_size`` samples (cycled) are used, split across processes like training batches."""
     env = env or DistEnv(device=next(model.parameters()).device)
     local = local_slice(batch_size, env)
@@ -362,7 +362,7 @@ def finetune(
             (``rehyat.convert_wan(blocks=[], softmax_blocks="chunk_causal")``: every block's softmax attends to its
             chunk and every earlier frame, so the model streams, and a ReHyAt student of it can match it exactly
             where a causal student of a bidirectional teacher cannot); ``None`` (default): bidirectional.
-        data: dataset folder (:mod:`rehyat.training.data`): flow-matching loss on its latents.
+        data: dataset folder (:mod:`rehyat.training.dataset`): flow-matching loss on its latents.
         teacher, teacher_weight: teacher model folder (same architecture) and the weight w of the
             teacher-velocity loss (default 1.0).
         prompts, text_embeddings: prompts for the teacher's trajectories when there is no ``data`` (as in
@@ -540,7 +540,7 @@ class _FinetuneJob:
         trajectories')."""
         from ..pipelines.folders import ModelFolder
         from .components import same_architecture
-        from .data import check_dataset_fits_model, read_dataset_info
+        from .dataset import check_dataset_fits_model, read_dataset_info
 
         a, scfg = self.a, self.scfg
         self.info = None
@@ -619,7 +619,8 @@ class _FinetuneJob:
         self._resume_or_evaluate()
 
     def _load_data(self) -> None:
-        from .data import GlobalBatchSampler, load_dataset
+        from .dataset import load_dataset
+        from .sampler import GlobalBatchSampler
 
         a, dev = self.a, self.dev
         self.pool = self.dataset = self.sampler = self.null = None

@@ -340,7 +340,7 @@ def convert_model(
             folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
     """
     from ..pipelines.folders import ModelFolder
-    from .data import prepare_output_folder
+    from .dataset import prepare_output_folder
     from .distributed import init_distributed
 
     model, out = ModelFolder.of(model), Path(out)  # its configs are read once, for every step below
@@ -421,7 +421,7 @@ def _latent_shape(model, tcfg: dict, data, frames, height, width) -> tuple[int, 
     """``(C, F, H, W)`` of the target geometry: the dataset's (checked against the model), else the given or the
     folder's default video size."""
     from .common import default_geometry, latent_shape_for
-    from .data import check_dataset_fits_model, read_dataset_info
+    from .dataset import check_dataset_fits_model, read_dataset_info
 
     if data is not None:
         info = read_dataset_info(data)

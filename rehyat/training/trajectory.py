@@ -58,7 +58,7 @@ def read_prompt_file(path) -> list[str]:
 def _dataset_prompt_embeds(folder: Path):
     from safetensors import safe_open
 
-    from .data import read_dataset_info, read_metadata
+    from .dataset import read_dataset_info, read_metadata
 
     info = read_dataset_info(folder)
     rows = read_metadata(folder)

@@ -134,3 +134,22 @@ def test_per_chunk_text_switches_the_conditioning_between_chunks(teacher, single
     assert rel(out[:, :, 2:], single[:, :, 2:]) > 1e-2
     with pytest.raises(ValueError, match="one per chunk of 2 latent frames \\(3 for 6 frames\\), got 2"):
         recurrent_forward(model, x, t, [a, b])
+
+
+def test_recurrent_forward_checks_the_model_once(teacher, monkeypatch):
+    """recurrent_forward checks the transformer before any work, once: not again for each of its chunks."""
+    from rehyat.models import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "check_recurrent", lambda m: calls.append(m) or check_recurrent(m))
+    model = convert_wan(copy.deepcopy(teacher), blocks="all", chunk_frames=2, overlap_frames=1)
+    x, t, e = data(6, hw=4)
+    recurrent_forward(model, x, t, e)  # 3 chunks
+    assert calls == [model]
+
+
+def test_forward_chunk_refuses_a_model_that_is_not_causal(teacher):
+    """forward_chunk keeps its own check for callers that use it directly."""
+    x, t, e = data(2, hw=4)
+    with pytest.raises(ValueError, match="not causal"):
+        forward_chunk(copy.deepcopy(teacher), x, t, e)

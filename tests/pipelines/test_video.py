@@ -492,3 +492,21 @@ def test_shipped_student_follows_a_background_switch(single_thread):
     assert check_video(switched[12:], white)["background_correct"] == 1.0
     assert check_video(single[8:], white)["background_correct"] == 0.0
     assert check_video(single[12:], grey)["background_correct"] == 1.0
+
+
+@pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only wait on each other
+@pytest.mark.parametrize("mode", ["recurrent", "streaming"])
+def test_generation_checks_the_transformer_once(causal_pipe, monkeypatch, mode):
+    """The pipeline checks that its transformer can run chunk by chunk once, before any work; the runner does not
+    check it again at each denoising step and chunk."""
+    from rehyat.models import check_recurrent, runner
+    from rehyat.pipelines import video
+
+    calls = []
+    count = lambda m: calls.append(m) or check_recurrent(m)  # noqa: E731
+    monkeypatch.setattr(video, "check_recurrent", count)
+    monkeypatch.setattr(runner, "check_recurrent", count)
+    pos, _ = embeds()
+    causal_pipe(prompt_embeds=pos, num_frames=13, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                mode=mode, progress=False)  # 4 latent frames: 2 chunks, 2 steps
+    assert calls == [causal_pipe.transformer]
