@@ -67,7 +67,7 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
     is not a checkpoint, has no text encoder, cannot decode video, has other default sizes than the other model, or
     cannot make the student's videos (or makes other latents); naming ``lengths_arg`` for a video under one frame.
     """
-    from ..pipelines.folders import ModelFolder
+    from ..pipelines.folders import WAN21_DEFAULTS, ModelFolder
     from .generate import check_text_source, check_video_output
 
     folders = {"--teacher": ModelFolder.of(teacher_dir), "--student": ModelFolder.of(student_dir)}
@@ -81,7 +81,7 @@ def check_pair(teacher_dir, student_dir, multiples, text_embeddings=None,
     if differ:
         raise ValueError(f"--teacher {teacher_dir} and --student {student_dir} have different default sizes "
                          f"({', '.join(differ)}): pass the student's own teacher")
-    d = {"frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, **ds}
+    d = {**WAN21_DEFAULTS, **ds}
     lengths = [scale_length(d["frames"], m, folders["--student"].vae_factors[0]) for m in multiples]
     short = [f"{m:g}" for m, n in zip(multiples, lengths) if n < 1]
     if short:

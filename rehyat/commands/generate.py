@@ -243,15 +243,15 @@ def _geometry(args, model) -> dict:
     from ._checks import check_guidance, check_steps
 
     init = _read_init(args)
-    defaults = model.pipeline_config.get("defaults", {})
+    defaults = model.generation_defaults
     if init is not None:  # --height / --width default to the given video's size
         spatial = 1 if args.init_video is not None else model.vae_factors[1]
         size = init.shape[1:3] if args.init_video is not None else init.shape[3:]
         defaults = defaults | dict(height=int(size[0]) * spatial, width=int(size[1]) * spatial)
-    pick = lambda value, key, wan: value if value is not None else defaults.get(key, wan)  # noqa: E731
-    geometry = dict(frames=pick(args.frames, "frames", 81), height=pick(args.height, "height", 480),
-                    width=pick(args.width, "width", 832), steps=pick(args.steps, "steps", 50),
-                    guidance=pick(args.guidance, "guidance", 5.0), init=init)
+    pick = lambda value, key: value if value is not None else defaults[key]  # noqa: E731
+    geometry = dict(frames=pick(args.frames, "frames"), height=pick(args.height, "height"),
+                    width=pick(args.width, "width"), steps=pick(args.steps, "steps"),
+                    guidance=pick(args.guidance, "guidance"), init=init)
     check_steps(geometry["steps"])
     check_guidance(geometry["guidance"])
     return geometry

@@ -16,13 +16,16 @@ from pathlib import Path
 from ..io import first_line, read_json_object, write_folder_atomically
 from ..models.wan import read_rehyat_settings, read_wan_config
 
-__all__ = ["PIPELINE_CONFIG_NAME", "ModelFolder", "read_transformer_config", "read_pipeline_config", "latent_shape",
-           "vae_factors", "check_vae_channels", "check_rope_table", "folder_vae_config", "folder_vae_factors",
-           "folder_latent_shape", "folder_check_rope_table", "default_scheduler", "load_scheduler",
-           "load_text_encoder_from_folder", "PromptEncoder", "load_prompt_encoder", "load_vae", "copy_components",
-           "write_model_folder"]
+__all__ = ["PIPELINE_CONFIG_NAME", "WAN21_DEFAULTS", "ModelFolder", "read_transformer_config", "read_pipeline_config",
+           "latent_shape", "vae_factors", "check_vae_channels", "check_rope_table", "folder_vae_config",
+           "folder_vae_factors", "folder_latent_shape", "folder_check_rope_table", "default_scheduler",
+           "load_scheduler", "load_text_encoder_from_folder", "PromptEncoder", "load_prompt_encoder", "load_vae",
+           "copy_components", "write_model_folder"]
 
 PIPELINE_CONFIG_NAME = "rehyat_pipeline.json"
+# Wan2.1's generation defaults (frames, pixels, denoising steps, CFG scale): what every command and the pipeline
+# fall back on for a setting neither the caller nor the folder's ``rehyat_pipeline.json`` "defaults" gives
+WAN21_DEFAULTS = {"frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0}
 
 
 def read_transformer_config(folder) -> dict:
@@ -181,6 +184,12 @@ class ModelFolder:
     def defaults(self) -> dict:
         """The model's default generation settings (``"defaults"`` of ``rehyat_pipeline.json``; ``{}`` without)."""
         return self.pipeline_config.get("defaults") or {}
+
+    @property
+    def generation_defaults(self) -> dict:
+        """Every default generation setting: :attr:`defaults` over :data:`WAN21_DEFAULTS` (frames, height,
+        width, steps, guidance, and any other key the folder gives)."""
+        return {**WAN21_DEFAULTS, **self.defaults}
 
     @property
     def rehyat(self) -> dict | None:

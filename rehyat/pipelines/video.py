@@ -47,7 +47,7 @@ import torch
 from ..models.runner import TransformerState, _forward_chunk, _recurrent_forward, check_recurrent
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
-    PIPELINE_CONFIG_NAME, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
+    PIPELINE_CONFIG_NAME, WAN21_DEFAULTS, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
     default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors,
     latent_shape, load_scheduler, load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
@@ -546,13 +546,13 @@ class ReHyAtVideoPipeline:
               output_type, init_latents, init_video) -> "_Plan":
         """Check :meth:`__call__`'s arguments before any work (``ValueError`` as it documents) and resolve unset
         sizes and settings from the folder's ``defaults``, else Wan2.1's."""
-        d = self.defaults
+        d = {**WAN21_DEFAULTS, **self.defaults}
         height, width = self._init_size(init_latents, init_video, height, width)
-        num_frames = num_frames if num_frames is not None else d.get("frames", 81)
-        height = height if height is not None else d.get("height", 480)
-        width = width if width is not None else d.get("width", 832)
-        steps = steps if steps is not None else d.get("steps", 50)
-        guidance = guidance if guidance is not None else d.get("guidance", 5.0)
+        num_frames = num_frames if num_frames is not None else d["frames"]
+        height = height if height is not None else d["height"]
+        width = width if width is not None else d["width"]
+        steps = steps if steps is not None else d["steps"]
+        guidance = guidance if guidance is not None else d["guidance"]
         _check_call_arguments(prompt, prompt_schedule, prompt_embeds, steps, mode, output_type)
         shape = self.latent_shape(num_frames, height, width)
         if prompt_schedule is not None and mode == "parallel":

@@ -184,8 +184,8 @@ def default_geometry(model, frames, height, width) -> tuple[int, int, int]:
     (81, 480, 832). ``model``: a path or a :class:`~rehyat.pipelines.folders.ModelFolder`."""
     from ..pipelines.folders import ModelFolder
 
-    d = ModelFolder.of(model).defaults
-    return (frames or d.get("frames", 81), height or d.get("height", 480), width or d.get("width", 832))
+    d = ModelFolder.of(model).generation_defaults
+    return (frames or d["frames"], height or d["height"], width or d["width"])
 
 
 def cast_frozen_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -589,8 +589,7 @@ class _DistillJob:
         self.kind, self.bval = self._block_choice()
         self._check_numbers()
         self.latent_shape, geometry = self._geometry()
-        pdefaults = self.model.defaults
-        self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
+        self.guidance = float(a.guidance if a.guidance is not None else self.model.generation_defaults["guidance"])
         self.conversion = a.conversion.to_kwargs()  # the run_config.json entry and convert_wan's keywords
         if self.converted_cfg is None:
             a.conversion.check(tcfg["attention_head_dim"])  # bad settings fail here, before loading weights
@@ -679,8 +678,8 @@ class _DistillJob:
         if a.eval_trajectories > 0:
             self.before = self._evaluate()
         if self.converted_cfg is None and ranked_maps is None:  # a fresh conversion: calibrate first
-            self.calibration = calibrate_linear_scale(self.teacher, self._trajectories(a.seed + CALIBRATION_SEED_OFFSET),
-                                                      env)
+            trajectories = self._trajectories(a.seed + CALIBRATION_SEED_OFFSET)
+            self.calibration = calibrate_linear_scale(self.teacher, trajectories, env)
 
     def _choose_blocks(self):
         """``(chosen blocks, ranking or None, the ranking's feature maps or None)``."""

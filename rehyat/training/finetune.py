@@ -490,8 +490,10 @@ class _FinetuneJob:
                 a.components_from = self.model  # its configs already read
             elif self.info is not None and self.info.source_model and Path(self.info.source_model).is_dir():
                 a.components_from = self.info.source_model
-        pdefaults = self.teacher.defaults if self.teacher is not None else {}
-        self.guidance = float(a.guidance if a.guidance is not None else pdefaults.get("guidance", 5.0))
+        from ..pipelines.folders import WAN21_DEFAULTS
+
+        pdefaults = {**WAN21_DEFAULTS, **(self.teacher.defaults if self.teacher is not None else {})}
+        self.guidance = float(a.guidance if a.guidance is not None else pdefaults["guidance"])
         self.run = TrainingRun.open(a.out, self._settings(), steps=a.steps, checkpoint_every=a.checkpoint_every,
                                     log_every=a.log_every, resume=a.resume, overwrite=a.overwrite, desc="finetune",
                                     progress=a.progress)

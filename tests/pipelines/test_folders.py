@@ -200,3 +200,30 @@ def test_pipeline_and_training_tools_encode_prompts_through_one_path(tmp_path, m
     torch.testing.assert_close(pipe.encode_prompt(prompts), expected, rtol=0, atol=0)  # same objects, same path
     load_prompt_encoder(folder)(prompts)
     assert calls == [prompts, prompts]
+
+
+def test_generation_defaults_come_from_one_table(tmp_path, monkeypatch):
+    # a folder's own defaults win; every other setting comes from WAN21_DEFAULTS, read where it is used (the
+    # training geometry and `rehyat generate` see a change to the table)
+    import argparse
+    import json
+
+    from rehyat.commands.generate import _geometry
+    from rehyat.pipelines.folders import WAN21_DEFAULTS, ModelFolder
+    from rehyat.testing import tiny_pipeline_folder
+    from rehyat.training.common import default_geometry
+
+    path = tiny_pipeline_folder(tmp_path / "m")
+    cfg_path = path / "rehyat_pipeline.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["defaults"] = {"frames": 9}
+    cfg_path.write_text(json.dumps(cfg))
+    monkeypatch.setitem(WAN21_DEFAULTS, "height", 48)
+    monkeypatch.setitem(WAN21_DEFAULTS, "guidance", 3.5)
+    folder = ModelFolder(path)
+    assert folder.generation_defaults == {"frames": 9, "height": 48, "width": 832, "steps": 50, "guidance": 3.5}
+    assert default_geometry(folder, None, None, None) == (9, 48, 832)
+    args = argparse.Namespace(frames=None, height=None, width=None, steps=None, guidance=None, init_video=None,
+                              init_latents=None)
+    g = _geometry(args, folder)
+    assert (g["frames"], g["height"], g["width"], g["steps"], g["guidance"]) == (9, 48, 832, 50, 3.5)
