@@ -2,7 +2,8 @@
 blocks not in KEEP get overlap_frames = 64 (their window then holds every earlier frame: exact chunk-causal
 softmax, the teacher's own attention), the others stay ReHyAt; PSNR of the whole video against the teacher and the
 world checks, 16 frames, the world_eval prompts, seed 0, CPU float32. ``python scripts/probes/partial_conversion.py
-TEACHER STUDENT 8 "1,3,4;1,3,4,5;0,1,2,3,4,5"`` (each ;-separated entry one run)."""
+TEACHER STUDENT 8 "1,3,4;1,3,4,5;0,1,2,3,4,5" [OVERLAP]`` (each ;-separated entry one run; OVERLAP: the ReHyAt
+blocks' overlap_frames, default their own)."""
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ torch.set_num_threads(2)
 TABLE = ".devcarry/world_text_embeddings.safetensors"
 teacher, student, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 keeps = [[int(b) for b in k.split(",")] for k in sys.argv[4].split(";")]
+overlap = int(sys.argv[5]) if len(sys.argv) > 5 else None
 prompts = [caption(sample_scene(10_000 + i)) for i in range(n)]
 
 
@@ -30,8 +32,10 @@ for keep in keeps:
     for b, block in enumerate(pipe.transformer.blocks):
         if b not in keep:
             block.attn1.processor.overlap_frames = 64
+        elif overlap is not None:
+            block.attn1.processor.overlap_frames = overlap
     vids = videos(pipe)
     s = summarise([check_video(v, p) for v, p in zip(vids, prompts)])
     psnr = np.mean([video_similarity(v, r)["psnr"] for v, r in zip(vids, ref)])
-    print(f"ReHyAt blocks {keep}: PSNR vs teacher {psnr:.2f} dB", {k: round(float(s[k]), 3) for k in (
+    print(f"ReHyAt blocks {keep} (overlap_frames {overlap or 'own'}): PSNR vs teacher {psnr:.2f} dB", {k: round(float(s[k]), 3) for k in (
         "colour_present", "shape_correct", "direction_correct", "persistence", "speed")}, flush=True)
