@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ReHyAt student of the teacher in $W/teacher (after teacher.sh or teacher_resume.sh in the same call): distil
-# every block (chunk 4, overlap 1, block-causal like its teacher), fine-tune with the teacher-velocity loss, world
-# checks of teacher, student and distilled model on the same prompts and noise. Each stage has a time limit; a
-# stage stopped by it is finished from its last checkpoint; every model is packed into $OUT as soon as it exists.
+# every block (chunk 4, OVERLAP_FRAMES overlap frames, default 1; block-causal like its teacher), fine-tune with
+# the teacher-velocity loss, world checks of teacher, student and distilled model on the same prompts and noise.
+# Each stage has a time limit; a stage stopped by it is finished from its last checkpoint; every model is packed
+# into $OUT as soon as it exists.
 # Env: D_STEPS D_BATCH D_LIMIT F_STEPS F_BATCH F_LIMIT EVAL_PROMPTS EVAL_LIMIT, FEATURE_MAP_INPUT (rotated, spatial,
 # unrotated), MASS_WEIGHT (distill --mass-weight), F_TRAINABLE (finetune --trainable: all or feature_maps),
 # F_STEPS=0 stops after distillation, EVAL_LIMIT (seconds for the 16-frame checks; 0 skips them), EVAL128_LIMIT
@@ -12,8 +13,9 @@ D_STEPS=${D_STEPS:-300} D_BATCH=${D_BATCH:-16} D_LIMIT=${D_LIMIT:-80}
 F_STEPS=${F_STEPS:-600} F_BATCH=${F_BATCH:-64} F_LIMIT=${F_LIMIT:-110}
 EVAL_PROMPTS=${EVAL_PROMPTS:-32} EVAL_LIMIT=${EVAL_LIMIT:-100} EVAL128_LIMIT=${EVAL128_LIMIT:-0}
 FEATURE_MAP_INPUT=${FEATURE_MAP_INPUT:-rotated} MASS_WEIGHT=${MASS_WEIGHT:-0} F_TRAINABLE=${F_TRAINABLE:-all}
+OVERLAP_FRAMES=${OVERLAP_FRAMES:-1}
 stamp distill
-dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames 1
+dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames "$OVERLAP_FRAMES"
        --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
        --mass-every 25 --feature-map-input "$FEATURE_MAP_INPUT" --mass-weight "$MASS_WEIGHT")
 timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
