@@ -47,8 +47,8 @@ import torch
 from ..models.runner import TransformerState, _forward_chunk, _recurrent_forward, check_recurrent
 from ..models.wan import AbsoluteRotaryPosEmbed, load_transformer
 from .folders import (  # noqa: F401  (the geometry readers are re-exported: part of this module's API)
-    PIPELINE_CONFIG_NAME, WAN21_DEFAULTS, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table, check_vae_channels,
-    default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors,
+    PIPELINE_CONFIG_NAME, WAN21_DEFAULTS, WAN_ROPE_MAX_SEQ_LEN, ModelFolder, PromptEncoder, check_rope_table,
+    check_vae_channels, default_scheduler, folder_check_rope_table, folder_latent_shape, folder_vae_config, folder_vae_factors,
     latent_shape, load_scheduler, load_text_encoder_from_folder, load_vae, vae_factors, write_model_folder)
 from .sampling import SamplingLoop, denoise, guidance_embeds, guidance_on, guided_velocity
 
@@ -596,8 +596,8 @@ class ReHyAtVideoPipeline:
             forward = lambda i, x, t, e: self.transformer(x, t, e, return_dict=False)[0]  # noqa: E731
         else:
             # the transformer was checked once, in _plan: not again per step and chunk
-            forward = lambda i, x, t, e: _recurrent_forward(self.transformer, x, t, e, chunk_frames=plan.chunk,  # noqa: E731
-                                                            runner_chunk=plan.chunk)
+            forward = lambda i, x, t, e: _recurrent_forward(  # noqa: E731
+                self.transformer, x, t, e, chunk_frames=plan.chunk, runner_chunk=plan.chunk)
         latents = self._denoise(initial_noise(seed, plan.shape, 0, self.device), embeds, plan.steps, plan.guidance,
                                 forward, progress=progress)
         if decoder is not None:

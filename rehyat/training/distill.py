@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 

@@ -492,7 +492,7 @@ class _FinetuneJob:
                 a.components_from = self.info.source_model
         from ..pipelines.folders import WAN21_DEFAULTS
 
-        pdefaults = {**WAN21_DEFAULTS, **(self.teacher.defaults if self.teacher is not None else {})}
+        pdefaults = self.teacher.generation_defaults if self.teacher is not None else WAN21_DEFAULTS
         self.guidance = float(a.guidance if a.guidance is not None else pdefaults["guidance"])
         self.run = TrainingRun.open(a.out, self._settings(), steps=a.steps, checkpoint_every=a.checkpoint_every,
                                     log_every=a.log_every, resume=a.resume, overwrite=a.overwrite, desc="finetune",

@@ -454,12 +454,11 @@ def _selection_run(model, tcfg: dict, latent_shape, env, *, prompts, data, text_
     """The keyword arguments every short distillation of a ranked selection takes: the prompt pool
     (:func:`~rehyat.training.trajectory.resolve_prompt_pool`), the guidance (``None``: the folder's default, else
     5.0), the run's dtype from ``precision`` on ``env.device``, and the rest as given."""
-    from ..pipelines.folders import WAN21_DEFAULTS
     from .common import resolve_dtype
     from .trajectory import resolve_prompt_pool
 
     if guidance is None:
-        guidance = {**WAN21_DEFAULTS, **model.defaults}["guidance"]
+        guidance = model.generation_defaults["guidance"]
     return dict(pool=resolve_prompt_pool(model, prompts=prompts, data=data, text_embeddings=text_embeddings,
                                          device=env.device, text_dim=tcfg["text_dim"]),
                 latent_shape=latent_shape, lr=lr, batch_size=batch_size, sampling_steps=sampling_steps,

@@ -12,7 +12,8 @@ source scripts/device/common.sh
 LONG_FRAMES=${LONG_FRAMES:-64} LONG_VIDEOS=${LONG_VIDEOS:-3000} L_STEPS=${L_STEPS:-600} L_BATCH=${L_BATCH:-16}
 L_LR=${L_LR:-3e-4} L_LIMIT=${L_LIMIT:-120} L_TRAINABLE=${L_TRAINABLE:-feature_maps} L_NAME=${L_NAME:-student_long}
 L_FROM=${L_FROM:-student}
-EVAL_PROMPTS=${EVAL_PROMPTS:-24} EVAL_LIMIT=${EVAL_LIMIT:-60} EVAL128_LIMIT=${EVAL128_LIMIT:-120} EVAL128_SEEDS=${EVAL128_SEEDS:-0}
+EVAL_PROMPTS=${EVAL_PROMPTS:-24} EVAL_LIMIT=${EVAL_LIMIT:-60}
+EVAL128_LIMIT=${EVAL128_LIMIT:-120} EVAL128_SEEDS=${EVAL128_SEEDS:-0}
 if [ -n "${STUDENT_TAR:-}" ]; then rm -rf "$W/student" && tar -C "$W" -xzf "$STUDENT_TAR"; fi
 if [ -n "${TEACHER_TAR:-}" ]; then rm -rf "$W/teacher" && tar -C "$W" -xzf "$TEACHER_TAR"; fi
 [ -d "$W/$L_FROM" ] || { echo "no student in $W/$L_FROM (run student.sh first or set STUDENT_TAR)"; exit 2; }
@@ -29,7 +30,8 @@ cp "$W/$L_NAME/train/log.jsonl" "$OUT/${L_NAME}_log.jsonl"
 [ "$EVAL128_LIMIT" = 0 ] || { stamp "eval at 128 frames"
 timeout "$EVAL128_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval128_long.json" \
     --model "$L_NAME=$W/$L_NAME:streaming" --model "student=$W/student:streaming" \
-    --model "teacher=$W/teacher" --prompts 8 --seeds "$EVAL128_SEEDS" --frames 128 || echo "eval at 128 frames stopped"; }
+    --model "teacher=$W/teacher" --prompts 8 --seeds "$EVAL128_SEEDS" --frames 128 \
+    || echo "eval at 128 frames stopped"; }
 [ "$EVAL_LIMIT" = 0 ] || { stamp "eval at 16 frames"
 timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16_long.json" --model "teacher=$W/teacher" \
     --model "student=$W/student" --model "$L_NAME=$W/$L_NAME" --prompts "$EVAL_PROMPTS" --seeds 0,1 \

@@ -37,5 +37,6 @@ for keep in keeps:
     vids = videos(pipe)
     s = summarise([check_video(v, p) for v, p in zip(vids, prompts)])
     psnr = np.mean([video_similarity(v, r)["psnr"] for v, r in zip(vids, ref)])
-    print(f"ReHyAt blocks {keep} (overlap_frames {overlap or 'own'}): PSNR vs teacher {psnr:.2f} dB", {k: round(float(s[k]), 3) for k in (
-        "colour_present", "shape_correct", "direction_correct", "persistence", "speed")}, flush=True)
+    checks = {k: round(float(s[k]), 3) for k in ("colour_present", "shape_correct", "direction_correct",
+                                                  "persistence", "speed")}
+    print(f"ReHyAt blocks {keep} (overlap_frames {overlap or 'own'}): PSNR vs teacher {psnr:.2f} dB", checks, flush=True)
