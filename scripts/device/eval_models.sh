@@ -6,11 +6,12 @@
 # for $OUT (at most 8 files come back): evals.tar.gz (shards and logs) and videos_F<frames>.tar.gz.
 # Env: MODELS (space-separated NAME=TARBALL[:MODE]; the tarball holds one folder), FRAMES (e.g. "16 128"),
 # PROMPTS (per length, default 24), SEEDS (default 0,1), SHARDS (default 4), LIMIT (seconds per length, default
-# 200), REFERENCE (default teacher). Videos of two models of the same name would overwrite each other.
+# 200), REFERENCE (default teacher), PRECISION (world_eval.py --precision, default auto: bf16 on the GPU). Videos
+# of two models of the same name would overwrite each other.
 source scripts/device/common.sh
 export OMP_NUM_THREADS=1
 PROMPTS=${PROMPTS:-24} SEEDS=${SEEDS:-0,1} SHARDS=${SHARDS:-4} LIMIT=${LIMIT:-200} FRAMES=${FRAMES:-16}
-REFERENCE=${REFERENCE:-teacher} E=$W/evals
+REFERENCE=${REFERENCE:-teacher} PRECISION=${PRECISION:-auto} E=$W/evals
 mkdir -p "$E"
 specs=()
 for m in $MODELS; do
@@ -23,7 +24,7 @@ for frames in $FRAMES; do stamp "eval at $frames frames: ${specs[*]}"
   for spec in "${specs[@]}"; do for ((s = 0; s < SHARDS; s++)); do
     timeout "$LIMIT" python3 scripts/device/world_eval.py "$E/eval_${spec%%=*}_F${frames}_shard$s.json" \
         --model "$spec" --prompts "$per" --first-prompt $((s * per)) --seeds "$SEEDS" --frames "$frames" \
-        --save-videos "$E/videos" > "$E/log_${spec%%=*}_F${frames}_shard$s.txt" 2>&1 &
+        --precision "$PRECISION" --save-videos "$E/videos" > "$E/log_${spec%%=*}_F${frames}_shard$s.txt" 2>&1 &
   done; done
   wait; stamp "done at $frames frames"
   (cd "$E/videos" && tar -czf "$OUT/videos_F$frames.tar.gz" ./*_F"$frames"_*.npy)

@@ -26,9 +26,12 @@ p.add_argument("--frames", default="16")
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--guidance", type=float, default=4.0)
 p.add_argument("--text-embeddings", default=".devcarry/world_text_embeddings.safetensors")
+p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+               help="auto: bf16 on a GPU, fp32 on the CPU; fp32 for PSNR between models (bf16 rounding differs)")
 a = p.parse_args()
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.precision,
+                                                              torch.bfloat16 if dev == "cuda" else torch.float32)
 prompts = [caption(sample_scene(10_000 + i)) for i in range(a.first_prompt, a.first_prompt + a.prompts)]
 seeds = [int(s) for s in a.seeds.split(",")]
 rows = []
