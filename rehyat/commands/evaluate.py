@@ -143,7 +143,8 @@ def run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    load = dict(torch_dtype=dtype, device=device, text_embeddings=args.text_embeddings)
+    # eager (compile="off"): seconds_per_video compares teacher and student, and a compiling first video would not
+    load = dict(torch_dtype=dtype, device=device, text_embeddings=args.text_embeddings, compile="off")
     teacher = ReHyAtVideoPipeline.from_pretrained(teacher_dir, **load)
     student = ReHyAtVideoPipeline.from_pretrained(student_dir, **load)
     result = evaluate_models(

@@ -16,7 +16,8 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     tiny model with eager on the CPU). Measured effect on an
     H200 at Wan2.1-1.3B geometry: one denoising forward of the 30/30 conversion 599 -> 301 ms at 81 frames and
     2,115 -> 1,143 ms at 321 frames (BENCHMARKS.md section 4); eager, the hybrid's many small element-wise passes
-    cost about as much as the attention it saves.
+    cost about as much as the attention it saves. ``ReHyAtVideoPipeline.from_pretrained(compile="auto")`` and
+    ``rehyat generate`` (``--compile auto``, their default) call it on a CUDA device (:func:`should_compile`).
 
     Parallel form (``mode="parallel"``): one graph per video length, the hybrid attention inside it. Chunk-by-chunk
     forms (recurrent, streaming): the recurrent attention step of a converted block is left out of the graph
@@ -55,3 +56,29 @@ def compile_blocks(transformer, *, dynamic: bool = False, cache_size_limit: int 
     if ctx is not None:  # a converted model: its recurrent attention step is compiled on its own (see above)
         ctx.compile_step = True
     return transformer
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def check_compile(compile, *, arg: str = "compile") -> str:
+    """``compile`` itself when it is one of :data:`COMPILE_CHOICES` (``"auto"``, ``"on"``, ``"off"``).
+
+    Raises:
+        ValueError: any other value, naming ``arg`` (the argument's name in the caller's words).
+    """
+    if not isinstance(compile, str) or compile not in COMPILE_CHOICES:
+        raise ValueError(f"{arg} must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
+    return compile
+
+
+def should_compile(compile: str, device) -> bool:
+    """Whether ``compile`` (:func:`check_compile`'s values) compiles a transformer on ``device`` (a
+    ``torch.device`` or its string): ``"on"`` always, ``"off"`` never, ``"auto"`` on a CUDA device only, where it
+    was measured to pay (see :func:`compile_blocks`); never measured on CPU or MPS, so ``"auto"`` stays eager there.
+
+    Raises:
+        ValueError: ``compile`` is not one of :data:`COMPILE_CHOICES`.
+    """
+    check_compile(compile)
+    return compile == "on" or (compile == "auto" and torch.device(device).type == "cuda")

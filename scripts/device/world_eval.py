@@ -40,8 +40,8 @@ for frames in [int(f) for f in a.frames.split(",")]:
     for spec in a.model:
         name, rest = spec.split("=", 1)
         folder, _, mode = rest.partition(":")
-        pipe = ReHyAtVideoPipeline.from_pretrained(folder, torch_dtype=dtype, device=dev,
-                                                   text_embeddings=a.text_embeddings)
+        pipe = ReHyAtVideoPipeline.from_pretrained(folder, torch_dtype=dtype, device=dev,  # eager, as timed before
+                                                   text_embeddings=a.text_embeddings, compile="off")
         t0 = time.time()
         runs = [(pr, s, _generate(pipe, pr, frames, 40, 40, a.steps, a.guidance, s, mode or "parallel"))
                 for pr in prompts for s in seeds]

@@ -161,8 +161,25 @@ def test_compile_gives_the_eager_video(model, tmp_path, capsys, mode):
         out = tmp_path / f"v{len(extra)}.mp4"
         assert gen(model, out, "--prompt", "a blue square", "--mode", mode, "--seed", "5", *extra) == 0
         videos[extra] = read_video(out).astype(int)
-    assert "(compiled)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(compiled)" in err
+    assert err.count("compiled the transformer blocks: first forward took ") == 1
     assert abs(videos[()] - videos[("--compile",)]).mean() < 1.0
+
+
+@pytest.mark.parametrize("extra", [(), ("--compile", "auto"), ("--compile", "off")])
+def test_compile_auto_and_off_stay_eager_on_the_cpu(model, tmp_path, capsys, extra):
+    """The default (auto) compiles on a CUDA device only: on the CPU, as with off, nothing compiles or is said."""
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a blue square", *extra) == 0
+    err = capsys.readouterr().err
+    assert "(compiled)" not in err and "compiled the transformer blocks" not in err
+
+
+def test_compile_refuses_an_unknown_value(model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gen(model, tmp_path / "v.mp4", "--prompt", "a blue square", "--compile", "yes")
+    assert "--compile: invalid choice: 'yes'" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
 
 
 def test_save_latents_must_not_replace_the_video(model, tmp_path, capsys):

@@ -149,6 +149,48 @@ def test_not_a_checkpoint(tmp_path):
         ReHyAtVideoPipeline.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("compile", ["auto", "off"])
+def test_compile_auto_and_off_stay_eager_on_the_cpu(tmp_path, compile):
+    """``compile="auto"`` (the default) compiles on a CUDA device only; on the CPU, as ``"off"``, the blocks stay
+    eager and no first-forward time is kept."""
+    kw = {} if compile == "auto" else {"compile": compile}
+    pipe = ReHyAtVideoPipeline.from_pretrained(tiny_pipeline_folder(tmp_path / "m", vae=False), **kw)
+    assert not pipe.compiled
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in pipe.transformer.blocks)
+    pipe("a red circle", progress=False)
+    assert pipe.compile_seconds is None
+
+
+@pytest.mark.parametrize("mode", ["parallel", "streaming"])
+def test_compile_on_compiles_once_and_times_the_first_forward(tmp_path, monkeypatch, mode):
+    """``compile="on"`` calls compile_blocks once on the loaded transformer (stubbed here: the real compilation is
+    tested in tests/models/test_compile.py and tests/commands/test_generate.py) and keeps the first denoising
+    forward's wall time, in every mode's forward path."""
+    calls = []
+    monkeypatch.setattr("rehyat.pipelines.video.compile_blocks", lambda tr: calls.append(tr) or tr)
+    pipe = ReHyAtVideoPipeline.from_pretrained(tiny_pipeline_folder(tmp_path / "m", vae=False), compile="on")
+    assert calls == [pipe.transformer] and pipe.compiled and pipe.compile_seconds is None
+    pipe("a red circle", mode=mode, progress=False)
+    first = pipe.compile_seconds
+    assert isinstance(first, float) and first > 0
+    pipe("a red circle", mode=mode, progress=False)
+    assert pipe.compile_seconds == first and len(calls) == 1
+
+
+def test_compile_auto_compiles_on_cuda_only():
+    from rehyat.models import should_compile
+
+    assert [should_compile("auto", d) for d in ("cuda", "cuda:1", torch.device("cuda"), "cpu", "mps")] == [
+        True, True, True, False, False]
+    assert should_compile("on", "cpu") and not should_compile("off", "cuda")
+
+
+@pytest.mark.parametrize("value", ["yes", "", True, None])
+def test_compile_refuses_other_values_before_loading(tmp_path, value):
+    with pytest.raises(ValueError, match=r"compile must be one of auto, on, off, got "):
+        ReHyAtVideoPipeline.from_pretrained(tmp_path / "missing", compile=value)  # not FileNotFoundError: first
+
+
 def test_call_uses_the_folder_defaults(tmp_path):
     folder = tiny_pipeline_folder(tmp_path / "m", vae=False)  # defaults: 8 frames of 32 x 32, 2 steps
     pipe = ReHyAtVideoPipeline.from_pretrained(folder)
