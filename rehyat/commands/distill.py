@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
                    help="teacher model folder (a converted folder from `rehyat convert` keeps its blocks and settings)")
     p.add_argument("--out", type=Path, required=True, help="output: the student model folder, reports and train/")
     p.add_argument("--blocks", default="all", help="all | a list like 0,3,5 | best:N (default all)")
+    p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
+                   help="per-block --overlap-frames of converted blocks, e.g. 0=12,2=12,5=12 (a wide softmax window "
+                        "in blocks 0, 2, 5; the others keep --overlap-frames); saved in the student's "
+                        "rehyat_config.json. Needs --blocks all or a list (not best:N)")
     add_prompt_args(p)
     add_conversion_args(p)
     add_geometry_args(p)
@@ -42,14 +46,41 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def parse_block_overlap_frames(spec: str | None) -> dict[int, int] | None:
+    """``--block-overlap-frames``: ``"0=12,2=12"`` -> ``{0: 12, 2: 12}`` (``None`` -> ``None``).
+
+    Raises:
+        ValueError: a malformed item (not ``BLOCK=FRAMES`` with two ints) or a block named twice, naming the flag
+            and the expected form.
+    """
+    if spec is None:
+        return None
+    form = "BLOCK=FRAMES,... (e.g. 0=12,2=12,5=12)"
+    out: dict[int, int] = {}
+    for item in spec.split(","):
+        block, sep, frames = item.partition("=")
+        try:
+            b, f = int(block), int(frames)
+        except ValueError:
+            b = f = None
+        if not sep or b is None:
+            raise ValueError(f"--block-overlap-frames must be {form}, got {spec!r}")
+        if b in out:
+            raise ValueError(f"--block-overlap-frames names block {b} twice in {spec!r}; expected {form}")
+        out[b] = f
+    return out
+
+
 def run(args) -> int:
     from ..training import TrainingInterrupted, distill
     from ..training.cli_args import conversion_kwargs
 
+    block_overlap_frames = parse_block_overlap_frames(args.block_overlap_frames)
     try:
         res = distill(
             args.model, args.out, prompts=args.prompts, data=args.data, text_embeddings=args.text_embeddings,
-            blocks=args.blocks, **conversion_kwargs(args), frames=args.frames, height=args.height, width=args.width,
+            blocks=args.blocks, block_overlap_frames=block_overlap_frames, **conversion_kwargs(args),
+            frames=args.frames, height=args.height, width=args.width,
             sampling_steps=args.sampling_steps, guidance=args.guidance, steps=args.steps, lr=args.lr,
             warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size,
             rank_steps=args.rank_steps, eval_trajectories=args.eval_trajectories, seed=args.seed,

@@ -429,6 +429,7 @@ def distill(
     data=None,
     text_embeddings=None,
     blocks="all",
+    block_overlap_frames: dict[int, int] | None = None,
     chunk_frames: int = 3,
     overlap_frames: int = 1,
     causal: bool = True,
@@ -476,6 +477,12 @@ def distill(
         blocks: ``"all"``, indices (list or ``"0,3,5"``), or ``"best:N"`` (rank all blocks by their error after
             ``rank_steps`` steps of distillation, then distil the N best, starting from the feature maps and linear
             scales the ranking trained: :func:`rank_blocks`, as ``rehyat convert --blocks best:N``).
+        block_overlap_frames: per-block ``overlap_frames`` overrides ``{block: frames}`` (default ``None``: every
+            block takes ``overlap_frames``), e.g. ``{0: 12, 2: 12, 5: 12}`` for a wide softmax window in those
+            blocks. Each block must be converted (in ``blocks``, given as ``"all"`` or a list; refused with
+            ``best:N``, whose blocks are only known after the ranking, and with an already converted folder); each
+            value an int >= 0. They become the conversion's ``block_settings`` (:func:`rehyat.convert_wan`), so the
+            student's ``rehyat_config.json`` carries them and finetuning, generation and streaming use them.
         chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs, feature_map_input,
             softmax_blocks: the conversion (see :func:`rehyat.convert_wan`).
         frames, height, width: video geometry of the trajectories (default: the folder's ``defaults``, else
@@ -508,7 +515,8 @@ def distill(
 
     Raises:
         ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
-            range, a bad geometry or setting, data that does not fit the model, an existing ``out`` without
+            range, a bad geometry or setting, a ``block_overlap_frames`` block that is not converted or value that
+            is not an int >= 0, data that does not fit the model, an existing ``out`` without
             ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
             checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
     """
@@ -530,6 +538,7 @@ class DistillArgs:
     data: Path | None
     text_embeddings: Path | None
     blocks: object
+    block_overlap_frames: dict | None
     conversion: ConversionSettings
     frames: int | None
     height: int | None
@@ -587,6 +596,7 @@ class _DistillJob:
                                        a.conversion.softmax_blocks)
             self.converted_cfg = None
         self.kind, self.bval = self._block_choice()
+        self.block_settings_given = self._block_overrides()
         self._check_numbers()
         self.latent_shape, geometry = self._geometry()
         self.guidance = float(a.guidance if a.guidance is not None else self.model.generation_defaults["guidance"])
@@ -607,6 +617,28 @@ class _DistillJob:
         if not converted_cfg["blocks"]:
             raise ValueError(f"{a.model}'s transformer is converted but has no converted block to distil")
         return "list", sorted(converted_cfg["blocks"])
+
+    def _block_overrides(self) -> dict[int, dict[str, int]] | None:
+        """``block_overlap_frames`` checked, as :func:`~rehyat.convert_wan`'s ``block_settings`` (``None``: none)."""
+        a, given = self.a, self.a.block_overlap_frames
+        if given is None:
+            return None
+        if self.converted_cfg is not None:
+            raise ValueError(f"--block-overlap-frames: {a.model} is already converted, its settings are kept; pass "
+                             "the teacher instead")
+        if self.kind == "best":
+            raise ValueError(f"--block-overlap-frames needs the converted blocks named up front, not --blocks "
+                             f"{a.blocks}: pass --blocks as a list, e.g. the blocks a best:N run chose")
+        if not isinstance(given, dict) or not given:
+            raise ValueError(f"--block-overlap-frames must be a non-empty {{block: overlap_frames}} dict, "
+                             f"got {given!r}")
+        for b, v in given.items():
+            if isinstance(b, bool) or b not in self.bval:
+                raise ValueError(f"--block-overlap-frames names block {b!r}, which is not converted: it must be one of "
+                                 f"--blocks {sorted(self.bval)}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"--block-overlap-frames: block {b} needs an int >= 0 of overlap frames, got {v!r}")
+        return {int(b): {"overlap_frames": v} for b, v in sorted(given.items())}
 
     def _check_numbers(self) -> None:
         a = self.a
@@ -642,6 +674,7 @@ class _DistillJob:
             "model": str(a.model.resolve()), "prompts": a.prompts and str(Path(a.prompts).resolve()),
             "text_embeddings": a.text_embeddings and str(Path(a.text_embeddings).resolve()), **geometry,
             "blocks": a.blocks if isinstance(a.blocks, str) else list(a.blocks), "conversion": self.conversion,
+            "block_settings": self.block_settings_given and {str(b): s for b, s in self.block_settings_given.items()},
             "sampling_steps": a.sampling_steps, "guidance": self.guidance, "steps": a.steps, "lr": a.lr,
             "warmup_steps": a.warmup_steps, "max_grad_norm": a.max_grad_norm, "batch_size": a.batch_size,
             "rank_steps": a.rank_steps, "eval_trajectories": a.eval_trajectories, "seed": a.seed,
@@ -702,7 +735,7 @@ class _DistillJob:
         teacher = self.teacher = self.pipe.transformer
         if self.converted_cfg is None:
             torch.manual_seed(self.a.seed)
-            convert_wan(teacher, blocks=self.chosen, **self.conversion)
+            convert_wan(teacher, blocks=self.chosen, block_settings=self.block_settings_given, **self.conversion)
             if ranked_maps is not None:  # best:N: the maps the ranking trained, as `rehyat convert --blocks best:N`
                 load_feature_maps(teacher, ranked_maps)
         prepare_for_distillation(teacher, self.dtype)
@@ -768,7 +801,7 @@ class _DistillJob:
         a, before, after, bs = self.a, self.before, self.after, self.block_settings
         fm_state = {n: p.detach().float().cpu() for n, p in feature_map_parameters(self.teacher)}
         student = build_student(self.model, None if self.converted_cfg is not None else self.chosen, self.conversion,
-                                None, fm_state)
+                                self.block_settings_given, fm_state)
         save_model_folder(student, a.out, components_from=self.model)
         summary = {
             "blocks": {str(b): {"chunk_frames": bs[b][0], "overlap_frames": bs[b][1],
