@@ -461,3 +461,67 @@ def test_distillation_backward_without_a_loss_is_refused():
     s = convert_wan(tiny_wan_transformer(num_layers=2), blocks=[0], chunk_frames=2, overlap_frames=1)
     with pytest.raises(ValueError, match="loss"), distill_mode(s, backward=True):
         s(torch.randn(1, 16, 5, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 64), return_dict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-block overlap_frames (--block-overlap-frames)
+# ----------------------------------------------------------------------------------------------------------------
+def _distill_cli(teacher, prompts, out, *extra):
+    return main(["distill", "--model", str(teacher), "--prompts", str(prompts), "--frames", "4", "--height", "4",
+                 "--width", "4", "--sampling-steps", "2", "--batch-size", "2", "--steps", "1", "--chunk-frames", "1",
+                 "--overlap-frames", "0", "--no-progress", "--out", str(out), *extra])
+
+
+def test_block_overlap_frames_reach_the_saved_student_and_its_report(teacher, prompts, tmp_path, capsys):
+    from rehyat.training.components import load_model_folder
+
+    out = tmp_path / "wide"
+    assert _distill_cli(teacher, prompts, out, "--blocks", "0,1", "--block-overlap-frames", "1=2") == 0
+    printed = capsys.readouterr().out
+    rc = json.loads((out / "transformer" / "rehyat_config.json").read_text())
+    assert rc["blocks"] == [0, 1] and rc["overlap_frames"] == 0
+    assert rc["block_settings"] == {"1": {"overlap_frames": 2}}
+    tr = load_model_folder(out, device="cpu").transformer
+    assert [tr.blocks[b].attn1.processor.overlap_frames for b in (0, 1)] == [0, 2]
+    assert [tr.blocks[b].attn1.processor.chunk_frames for b in (0, 1)] == [1, 1]
+    md = (out / "distill_report.md").read_text()
+    rows = _md_rows(md)
+    assert [rows[b][1:3] for b in (0, 1)] == [["1", "0"], ["1", "2"]]
+    assert "| 1 | 1 | 2 |" in printed
+    report = json.loads((out / "distill_report.json").read_text())
+    assert [report["blocks"][b]["overlap_frames"] for b in ("0", "1")] == [0, 2]
+    cfg = json.loads((out / "train" / "run_config.json").read_text())
+    assert cfg["block_settings"] == {"1": {"overlap_frames": 2}}
+
+
+@pytest.mark.parametrize("blocks, given, match", [
+    ([0], {1: 12}, r"--block-overlap-frames names block 1, which is not converted: it must be one of --blocks \[0\]"),
+    ([0, 1], {0: -1}, r"--block-overlap-frames: block 0 needs an int >= 0 of overlap frames, got -1"),
+    ([0, 1], {0: 1.5}, r"--block-overlap-frames: block 0 needs an int >= 0"),
+    ("best:1", {0: 12}, r"--block-overlap-frames needs the converted blocks named up front, not --blocks best:1"),
+])
+def test_bad_block_overlap_frames_refused_before_any_work(teacher, prompts, tmp_path, no_weights, blocks, given,
+                                                         match):
+    with pytest.raises(ValueError, match=match):
+        distill(teacher, tmp_path / "o", prompts=prompts, **GEOM, blocks=blocks, block_overlap_frames=given,
+                progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_block_overlap_frames_refused_for_an_already_converted_folder(pixel_student, prompts, tmp_path, no_weights):
+    with pytest.raises(ValueError, match="--block-overlap-frames: .* is already converted"):
+        distill(pixel_student, tmp_path / "o", prompts=prompts, **GEOM, block_overlap_frames={0: 2}, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("0:12", "must be BLOCK=FRAMES,..."), ("0=x", "must be BLOCK=FRAMES,..."), ("0=12,", "must be BLOCK=FRAMES,..."),
+    ("", "must be BLOCK=FRAMES,..."), ("0=12,0=3", "names block 0 twice"),
+    ("1=12", "names block 1, which is not converted"),
+])
+def test_bad_block_overlap_frames_flag_refused(teacher, prompts, tmp_path, capsys, no_weights, flag, expected):
+    code = _distill_cli(teacher, prompts, tmp_path / "o", "--blocks", "0", "--block-overlap-frames", flag)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("rehyat distill: error: --block-overlap-frames") and expected in err, err
+    assert not (tmp_path / "o").exists()
