@@ -6,8 +6,9 @@
 # sweep.tar.gz. Every run has a time limit; a run stopped by it is finished from its last checkpoint.
 # Env:
 #   TEACHER_TAR  packed teacher folder (default .devcarry/teacher.tar.gz)
-#   DISTILLS     space-separated NAME:OVERLAP_FRAMES:BLOCKS (BLOCKS "all" or "1,3,4"; other blocks become chunk-causal
-#                softmax); all at chunk 4, spatial feature-map inputs, --mass-weight 1
+#   DISTILLS     space-separated NAME:OVERLAP_FRAMES:BLOCKS[:BLOCK_OVERLAPS] (BLOCKS "all" or "1,3,4"; other blocks
+#                become chunk-causal softmax; BLOCK_OVERLAPS e.g. "0=12,2=12,5=12", distill --block-overlap-frames);
+#                all at chunk 4, spatial feature-map inputs, --mass-weight 1
 #   VARIANTS     space-separated NAME:DISTILL:SOURCE:TRAINABLE; SOURCE "data" (flow matching plus the teacher's
 #                velocity on the exported 16-frame clips) or "traj" (the teacher's velocity along its own sampling
 #                trajectories of the world captions); TRAINABLE "feature_maps" or "all"
@@ -34,10 +35,12 @@ run() {
 }
 
 stamp "distill: $DISTILLS"
-for d in $DISTILLS; do IFS=: read -r name overlap blocks <<< "$d"
+for d in $DISTILLS; do IFS=: read -r name overlap blocks per_block <<< "$d"
+  extra=(); [ -z "$per_block" ] || extra=(--block-overlap-frames "$per_block")
   run distill "$S/$name" "$D_LIMIT" --teacher "$W/teacher" --data "$W/data" --blocks "$blocks" --chunk-frames 4 \
       --overlap-frames "$overlap" --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 \
       --checkpoint-every 50 --mass-every 25 --feature-map-input spatial --mass-weight 1 --steps "$D_STEPS" \
+      "${extra[@]}" \
       > "$S/logs/distill_$name.txt" 2>&1 &
 done
 wait

@@ -3,7 +3,8 @@ include them, with their feature maps) get overlap_frames WIDE; every other bloc
 feature maps). With WIDE >= frames - chunk_frames the grafted blocks' windows hold every earlier frame at that
 length (exact chunk-causal softmax, as NEAR's softmax blocks), while at longer lengths their window stays bounded
 and the linear branch takes the rest. Both students must share the teacher's weights (trained with
---trainable feature_maps); checked bitwise. ``python scripts/probes/graft_window.py NEAR FAR "0,2,5" 12 OUT [--window-only]`` (--window-only: the grafted blocks'
+--trainable feature_maps); checked bitwise.
+``python scripts/probes/graft_window.py NEAR FAR "0,2,5" 12 OUT [--window-only]`` (--window-only: the grafted blocks'
 linear branch off, linear_log_scale -30, exp(-30) ~ 1e-13: a sliding softmax window of WIDE earlier frames)."""
 import json
 import shutil
