@@ -1,7 +1,8 @@
 """World checks of several model folders at one length, on the CPU: ``python scripts/probes/checks_at_length.py
-FRAMES N SEED MODEL[,MODEL...]`` (the world_eval prompts ``caption(sample_scene(10_000 + i))`` for i < N, one seed,
-20 steps, guidance 4, parallel mode, float32; the first model is the reference of PSNR). Prints one line per
-model: colour, shape, direction, persistence, speed (px/frame) and PSNR of the whole video against the first."""
+FRAMES N SEED MODEL[,MODEL...] [FIRST]`` (the world_eval prompts ``caption(sample_scene(10_000 + i))`` for
+FIRST <= i < FIRST + N, FIRST default 0; one seed, 20 steps, guidance 4, parallel mode, float32; the first model
+is the reference of PSNR). Prints one line per model: colour, shape, direction, persistence, speed (px/frame) and
+PSNR of the whole video against the first."""
 import sys
 
 import numpy as np
@@ -14,7 +15,8 @@ from rehyat.world import caption, check_video, sample_scene, summarise
 torch.set_num_threads(2)
 TABLE = ".devcarry/world_text_embeddings.safetensors"
 frames, n, seed, models = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-prompts = [caption(sample_scene(10_000 + i)) for i in range(n)]
+first = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+prompts = [caption(sample_scene(10_000 + i)) for i in range(first, first + n)]
 ref = None
 for folder in models:
     pipe = ReHyAtVideoPipeline.from_pretrained(folder, text_embeddings=TABLE)
