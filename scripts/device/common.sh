@@ -21,3 +21,10 @@ finish_from_checkpoint() {
   stamp "time limit: finishing $out from its checkpoint at step $step"
   cli "$cmd" "$@" --out "$out" --steps "$step" --resume --no-progress
 }
+# run_limited CMD OUT LIMIT ARGS...: `rehyat CMD ARGS --out OUT` (ARGS hold --steps) stopped by SIGINT after LIMIT
+# seconds and then finished from its last checkpoint (the later --steps of the finish wins)
+run_limited() {
+  local cmd=$1 out=$2 limit=$3; shift 3
+  timeout -s INT "$limit" python3 -m rehyat.cli "$cmd" "$@" --out "$out" --no-progress --overwrite \
+      || finish_from_checkpoint "$cmd" "$out" "$@"
+}

@@ -16,8 +16,7 @@ stamp teacher
 targs=(--config configs/world_teacher.json --components-from configs/world_components --chunk-causal 4 --data "$W/data"
        --batch-size "$T_BATCH" --lr 1e-3 --warmup-steps 100 --lr-schedule cosine --min-lr-ratio 0.1 --text-dropout 0.1
        --weight-decay 0.01 --checkpoint-every 200)
-timeout -s INT "$T_LIMIT" python3 -m rehyat.cli finetune "${targs[@]}" --out "$W/teacher" --steps "$T_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint finetune "$W/teacher" "${targs[@]}"
+run_limited finetune "$W/teacher" "$T_LIMIT" "${targs[@]}" --steps "$T_STEPS"
 cp "$W/teacher/train/log.jsonl" "$OUT/teacher_log.jsonl"; pack "$W/teacher" teacher
 D_STEPS=$D_STEPS D_BATCH=$D_BATCH D_LIMIT=$D_LIMIT F_STEPS=$F_STEPS F_BATCH=$F_BATCH F_LIMIT=$F_LIMIT \
     EVAL_PROMPTS=$EVAL_PROMPTS bash scripts/device/student.sh

@@ -18,8 +18,7 @@ stamp distill
 dargs=(--teacher "$W/teacher" --data "$W/data" --blocks all --chunk-frames 4 --overlap-frames "$OVERLAP_FRAMES"
        --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50
        --mass-every 25 --feature-map-input "$FEATURE_MAP_INPUT" --mass-weight "$MASS_WEIGHT")
-timeout -s INT "$D_LIMIT" python3 -m rehyat.cli distill "${dargs[@]}" --out "$W/distilled" --steps "$D_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint distill "$W/distilled" "${dargs[@]}"
+run_limited distill "$W/distilled" "$D_LIMIT" "${dargs[@]}" --steps "$D_STEPS"
 pack "$W/distilled" distilled
 cp "$W/distilled"/distill_report.* "$OUT/"
 [ "$F_STEPS" != 0 ] || { stamp "done (F_STEPS=0: no fine-tuning)"; exit 0; }
@@ -27,8 +26,7 @@ stamp finetune
 fargs=(--model "$W/distilled" --data "$W/data" --teacher "$W/teacher" --teacher-weight 1.0 --batch-size "$F_BATCH"
        --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100
        --trainable "$F_TRAINABLE")
-timeout -s INT "$F_LIMIT" python3 -m rehyat.cli finetune "${fargs[@]}" --out "$W/student" --steps "$F_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint finetune "$W/student" "${fargs[@]}"
+run_limited finetune "$W/student" "$F_LIMIT" "${fargs[@]}" --steps "$F_STEPS"
 pack "$W/student" student
 if [ "$EVAL_LIMIT" != 0 ]; then stamp eval
   timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$OUT/eval16.json" --model "teacher=$W/teacher" \

@@ -23,8 +23,7 @@ cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$LONG
 stamp "long fine-tune"
 largs=(--model "$W/$L_FROM" --data "$W/data_long" --batch-size "$L_BATCH" --lr "$L_LR" --warmup-steps 30
        --lr-schedule cosine --text-dropout 0.1 --checkpoint-every 100 --trainable "$L_TRAINABLE")
-timeout -s INT "$L_LIMIT" python3 -m rehyat.cli finetune "${largs[@]}" --out "$W/$L_NAME" --steps "$L_STEPS" \
-    --no-progress --overwrite || finish_from_checkpoint finetune "$W/$L_NAME" "${largs[@]}"
+run_limited finetune "$W/$L_NAME" "$L_LIMIT" "${largs[@]}" --steps "$L_STEPS"
 pack "$W/$L_NAME" "$L_NAME"
 cp "$W/$L_NAME/train/log.jsonl" "$OUT/${L_NAME}_log.jsonl"
 [ "$EVAL128_LIMIT" = 0 ] || { stamp "eval at 128 frames"

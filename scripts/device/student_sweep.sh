@@ -27,21 +27,13 @@ rm -rf "$W/teacher" && tar -C "$W" -xzf "$TEACHER_TAR"
   cli world export --format dataset --text-embeddings "$TABLE" --num-videos "$DATA_VIDEOS" --frames 16 --seed 0 \
       --out "$W/data" --overwrite > "$S/logs/data.txt" 2>&1 && touch "$W/data.done"; }
 
-# run CMD OUT LIMIT ARGS...: `rehyat CMD ARGS --out OUT`, finished from its checkpoint when the limit stops it
-run() {
-  local cmd=$1 out=$2 limit=$3; shift 3
-  timeout -s INT "$limit" python3 -m rehyat.cli "$cmd" "$@" --out "$out" --no-progress --overwrite \
-      || finish_from_checkpoint "$cmd" "$out" "$@"
-}
-
 stamp "distill: $DISTILLS"
 for d in $DISTILLS; do IFS=: read -r name overlap blocks per_block <<< "$d"
   extra=(); [ -z "$per_block" ] || extra=(--block-overlap-frames "$per_block")
-  run distill "$S/$name" "$D_LIMIT" --teacher "$W/teacher" --data "$W/data" --blocks "$blocks" --chunk-frames 4 \
-      --overlap-frames "$overlap" --softmax-blocks chunk_causal --sampling-steps 20 --batch-size "$D_BATCH" --lr 2e-3 \
-      --checkpoint-every 50 --mass-every 25 --feature-map-input spatial --mass-weight 1 --steps "$D_STEPS" \
-      "${extra[@]}" \
-      > "$S/logs/distill_$name.txt" 2>&1 &
+  run_limited distill "$S/$name" "$D_LIMIT" --teacher "$W/teacher" --data "$W/data" --blocks "$blocks" \
+      --chunk-frames 4 --overlap-frames "$overlap" --softmax-blocks chunk_causal --sampling-steps 20 \
+      --batch-size "$D_BATCH" --lr 2e-3 --checkpoint-every 50 --mass-every 25 --feature-map-input spatial \
+      --mass-weight 1 --steps "$D_STEPS" "${extra[@]}" > "$S/logs/distill_$name.txt" 2>&1 &
 done
 wait
 
@@ -51,9 +43,9 @@ for v in $VARIANTS; do IFS=: read -r name from source trainable <<< "$v"
   names+=("$name")
   if [ "$source" = data ]; then src=(--data "$W/data" --teacher-weight 1.0 --text-dropout 0.1)
   else src=(--text-embeddings "$TABLE" --sampling-steps 20 --frames 16 --height 40 --width 40); fi
-  run finetune "$S/$name" "$F_LIMIT" --model "$S/$from" --teacher "$W/teacher" "${src[@]}" --batch-size "$F_BATCH" \
-      --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --checkpoint-every 50 --trainable "$trainable" \
-      --steps "$F_STEPS" > "$S/logs/finetune_$name.txt" 2>&1 &
+  run_limited finetune "$S/$name" "$F_LIMIT" --model "$S/$from" --teacher "$W/teacher" "${src[@]}" \
+      --batch-size "$F_BATCH" --lr 5e-4 --warmup-steps 50 --lr-schedule cosine --checkpoint-every 50 \
+      --trainable "$trainable" --steps "$F_STEPS" > "$S/logs/finetune_$name.txt" 2>&1 &
 done
 wait
 
