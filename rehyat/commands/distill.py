@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output: the student model folder, reports and train/")
     p.add_argument("--blocks", default="all", help="all | a list like 0,3,5 | best:N (default all)")
     p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
-                   help="per-block --overlap-frames of converted blocks, e.g. 0=12,2=12,5=12 (a wide softmax window "
-                        "in blocks 0, 2, 5; the others keep --overlap-frames); saved in the student's "
-                        "rehyat_config.json. Needs --blocks all or a list (not best:N)")
+                   help="per-block --overlap-frames, e.g. 0=12,2=12,5=12 (a wide softmax window in blocks 0, 2, 5; "
+                        "the others keep --overlap-frames); saved in the student's rehyat_config.json. Needs --blocks "
+                        "all or a list (not best:N). With --softmax-blocks chunk_causal it may name unconverted "
+                        "blocks: their softmax then sees their chunk and that many earlier frames only")
     add_prompt_args(p)
     add_conversion_args(p)
     add_geometry_args(p)

@@ -89,7 +89,9 @@ class ReHyAtConfig:
             chunk-causal softmax blocks).
         overlap_frames: T_o, default of every converted block.
         block_settings: per-block overrides ``{block: {"chunk_frames": .., "overlap_frames": ..}}`` (the knapsack
-            block selection picks these); keys are ints in memory, strings in JSON.
+            block selection picks these); keys are ints in memory, strings in JSON. With ``softmax_blocks=
+            "chunk_causal"`` an unconverted block may have ``{"overlap_frames": T_o}``: its softmax window is then
+            its chunk plus T_o earlier frames, nothing further back (default: every earlier frame).
         causal: causal (True, recurrent) or bidirectional linear keys.
         stabilizer: ``"lse"`` or ``"max"`` (design section 3).
         feature_map: ``"polynomial"`` or ``"hedgehog"``; ``feature_map_kwargs`` go to its constructor.
@@ -590,16 +592,20 @@ def mass_warnings(records: dict[int, dict[str, float]], gap: float = MASS_WARN_G
 
 
 class ChunkCausalAttnProcessor(_ChunkedProcessorBase):
-    """Block-causal softmax for an unconverted block (CausVid-style): chunk c attends to every frame up to its end.
+    """Block-causal softmax for an unconverted block (CausVid-style): chunk c attends to every frame up to its end,
+    or, with a finite ``overlap_frames`` T_o, to its own frames and the T_o frames before them only (a sliding
+    softmax window; nothing further back is attended at all).
 
-    This is the ReHyAt operator with no linear branch and an unbounded overlap, so it shares the hybrid code path;
-    in recurrent mode its K/V cache grows with the frames seen (unlike a converted block's constant state).
+    This is the ReHyAt operator with no linear branch, so it shares the hybrid code path. In recurrent mode its K/V
+    cache holds every frame seen (``overlap_frames=UNBOUNDED``, the default: memory grows with the video) or the
+    last T_o frames (a finite window: memory flat in the video length, as a converted block's state).
     """
 
     causal = True
 
-    def __init__(self, block_index: int, *, chunk_frames: int, context: RunContext) -> None:
-        super().__init__(block_index, chunk_frames, UNBOUNDED, "lse", context)
+    def __init__(self, block_index: int, *, chunk_frames: int, context: RunContext,
+                 overlap_frames: int = UNBOUNDED) -> None:
+        super().__init__(block_index, chunk_frames, overlap_frames, "lse", context)
 
     def features(self, q, k, q_phi, k_phi):
         empty = q.new_zeros(*q.shape[:3], 0, dtype=torch.float32)
@@ -663,7 +669,10 @@ def convert_wan(
             (RoPE's height and width rotations only: the linear branch is the same at every frame position).
         softmax_blocks: unconverted blocks stay ``"bidirectional"`` or become ``"chunk_causal"`` (needed to run a
             partly converted model recurrently).
-        block_settings: optional per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides.
+        block_settings: optional per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides of converted
+            blocks; with ``softmax_blocks="chunk_causal"`` also ``{"overlap_frames": T_o}`` of an unconverted block
+            (a sliding softmax window of its chunk and T_o earlier frames, and a K/V cache of T_o frames when
+            streaming, instead of every earlier frame).
         linear_scale: give every converted block a learned per-head scale of its linear branch (default True;
             initialised to 1, calibrated by distillation, design section 4).
         teacher_attention: what the converted blocks are distilled against: ``None`` (default) takes it from the
@@ -719,7 +728,8 @@ def _conversion_config(
         raise ValueError(f"softmax_blocks must be one of {SOFTMAX_BLOCKS}, got {softmax_blocks!r}")
     if transformer.config.patch_size[0] != 1:
         raise ValueError(f"only temporal patch size 1 is supported, got patch_size {transformer.config.patch_size}")
-    block_settings = _check_block_settings(block_settings, blocks, chunk_frames, overlap_frames, stabilizer)
+    block_settings = _check_block_settings(block_settings, blocks, chunk_frames, overlap_frames, stabilizer,
+                                           softmax_blocks, len(transformer.blocks))
     cfg = ReHyAtConfig(
         blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, block_settings=block_settings,
         causal=causal, stabilizer=stabilizer, feature_map=feature_map,
@@ -745,16 +755,23 @@ def _check_blocks(blocks, n_blocks: int) -> list[int]:
 
 
 def _check_block_settings(block_settings: dict | None, blocks: list[int], chunk_frames: int, overlap_frames: int,
-                          stabilizer: str) -> dict[int, dict]:
-    """Per-block ``{"chunk_frames": .., "overlap_frames": ..}`` overrides with int keys (a copy); ValueError for a
-    block not in ``blocks``, an unknown key or settings :func:`~rehyat.ops.check_settings` refuses."""
+                          stabilizer: str, softmax_blocks: str, n_blocks: int) -> dict[int, dict]:
+    """Per-block overrides with int keys (a copy): ``{"chunk_frames": .., "overlap_frames": ..}`` of a converted
+    block, or ``{"overlap_frames": ..}`` of a chunk-causal softmax block (its sliding window; with
+    ``softmax_blocks="chunk_causal"`` only). ValueError for another block, an unknown key or settings
+    :func:`~rehyat.ops.check_settings` refuses."""
     block_settings = {int(b): dict(s) for b, s in (block_settings or {}).items()}
     for b, s in block_settings.items():
+        keys = {"chunk_frames", "overlap_frames"}
         if b not in blocks:
-            raise ValueError(f"block_settings names block {b}, which is not in blocks {blocks}")
-        unknown = set(s) - {"chunk_frames", "overlap_frames"}
+            if softmax_blocks != "chunk_causal" or not 0 <= b < n_blocks:
+                raise ValueError(f"block_settings names block {b}, which is not in blocks {blocks} (only with "
+                                 f"softmax_blocks='chunk_causal' may it name another block of 0..{n_blocks - 1}, "
+                                 "to bound that softmax block's window)")
+            keys = {"overlap_frames"}  # a chunk-causal softmax block keeps the model's chunk_frames
+        unknown = set(s) - keys
         if unknown:
-            raise ValueError(f"block_settings[{b}] has unknown keys {sorted(unknown)}")
+            raise ValueError(f"block_settings[{b}] has unknown keys {sorted(unknown)} (allowed: {sorted(keys)})")
         check_settings(frame_tokens=1, chunk_frames=s.get("chunk_frames", chunk_frames),
                        overlap_frames=s.get("overlap_frames", overlap_frames), stabilizer=stabilizer)
     return block_settings
@@ -782,7 +799,9 @@ def _build_processors(transformer, cfg: ReHyAtConfig, ctx: RunContext) -> dict[i
     if cfg.softmax_blocks == "chunk_causal":
         for b in range(len(transformer.blocks)):
             if b not in processors:
-                processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=cfg.chunk_frames, context=ctx)
+                window = cfg.block_settings.get(b, {}).get("overlap_frames", UNBOUNDED)
+                processors[b] = ChunkCausalAttnProcessor(b, chunk_frames=cfg.chunk_frames, context=ctx,
+                                                         overlap_frames=window)
     return processors
 
 

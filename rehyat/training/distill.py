@@ -480,8 +480,10 @@ def distill(
         block_overlap_frames: per-block ``overlap_frames`` overrides ``{block: frames}`` (default ``None``: every
             block takes ``overlap_frames``), e.g. ``{0: 12, 2: 12, 5: 12}`` for a wide softmax window in those
             blocks. Each block must be converted (in ``blocks``, given as ``"all"`` or a list; refused with
-            ``best:N``, whose blocks are only known after the ranking, and with an already converted folder); each
-            value an int >= 0. They become the conversion's ``block_settings`` (:func:`rehyat.convert_wan`), so the
+            ``best:N``, whose blocks are only known after the ranking, and with an already converted folder), or,
+            with ``softmax_blocks="chunk_causal"``, an unconverted block: its chunk-causal softmax then attends to
+            its chunk and that many earlier frames only (a sliding window, flat memory when streaming; distillation
+            itself runs the teacher's attention there). Each value an int >= 0. They become the conversion's ``block_settings`` (:func:`rehyat.convert_wan`), so the
             student's ``rehyat_config.json`` carries them and finetuning, generation and streaming use them.
         chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs, feature_map_input,
             softmax_blocks: the conversion (see :func:`rehyat.convert_wan`).
@@ -515,7 +517,8 @@ def distill(
 
     Raises:
         ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
-            range, a bad geometry or setting, a ``block_overlap_frames`` block that is not converted or value that
+            range, a bad geometry or setting, a ``block_overlap_frames`` block that is not converted (nor a
+            chunk-causal softmax block) or value that
             is not an int >= 0, data that does not fit the model, an existing ``out`` without
             ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
             checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
@@ -632,10 +635,16 @@ class _DistillJob:
         if not isinstance(given, dict) or not given:
             raise ValueError(f"--block-overlap-frames must be a non-empty {{block: overlap_frames}} dict, "
                              f"got {given!r}")
+        windowed = a.conversion.softmax_blocks == "chunk_causal"  # softmax blocks may get a bounded window
+        allowed = range(self.tcfg["num_layers"]) if windowed else self.bval
         for b, v in given.items():
-            if isinstance(b, bool) or b not in self.bval:
+            if (isinstance(b, bool) or b not in allowed) and windowed:
+                raise ValueError(f"--block-overlap-frames names block {b!r}: it must be one of the teacher's blocks "
+                                 f"0..{self.tcfg['num_layers'] - 1}")
+            if isinstance(b, bool) or b not in allowed:
                 raise ValueError(f"--block-overlap-frames names block {b!r}, which is not converted: it must be one of "
-                                 f"--blocks {sorted(self.bval)}")
+                                 f"--blocks {sorted(self.bval)} (or, with --softmax-blocks chunk_causal, any block, "
+                                 "to bound its softmax window)")
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"--block-overlap-frames: block {b} needs an int >= 0 of overlap frames, got {v!r}")
         return {int(b): {"overlap_frames": v} for b, v in sorted(given.items())}

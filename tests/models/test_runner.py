@@ -153,3 +153,22 @@ def test_forward_chunk_refuses_a_model_that_is_not_causal(teacher):
     x, t, e = data(2, hw=4)
     with pytest.raises(ValueError, match="not causal"):
         forward_chunk(copy.deepcopy(teacher), x, t, e)
+
+
+@pytest.mark.parametrize("frames, window", [(9, 1), (11, 3)])
+def test_windowed_softmax_block_streams_with_a_bounded_cache(teacher, frames, window):
+    # a chunk-causal softmax block with a finite window: the recurrent form equals the parallel one and its K/V
+    # cache stops growing once the window is full, where an unbounded block's keeps growing
+    model = convert_wan(copy.deepcopy(teacher), blocks=[1], chunk_frames=2, overlap_frames=1,
+                        softmax_blocks="chunk_causal", block_settings={0: {"overlap_frames": window}})
+    x, t, e = data(frames, hw=4)
+    with torch.no_grad():
+        par = model(x, t, e, return_dict=False)[0]
+    assert rel(recurrent_forward(model, x, t, e), par) < 1e-5
+    state, cached = None, []
+    for f0 in range(0, frames, 2):
+        _, state = forward_chunk(model, x[:, :, f0:f0 + 2], t, e, state)
+        cached.append((state.block_states[0].k.shape[1], state.block_states[2].k.shape[1]))
+    frame_tokens = 4  # 4 x 4 latents, patch 2 x 2
+    assert max(c[0] for c in cached) == window * frame_tokens
+    assert cached[-1][1] == frames * frame_tokens

@@ -680,3 +680,69 @@ class TestReadsOnce:
         monkeypatch.undo()
         assert counts == {"config.json": 1, **dict.fromkeys(shards, 1)}
         _assert_same_weights(loaded, teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunk-causal softmax blocks with a bounded window (block_settings of an unconverted block)
+# ----------------------------------------------------------------------------------------------------------------
+def _windowed(teacher, window, frames_chunk=2):
+    torch.manual_seed(0)  # the same feature maps in block 1 for every window
+    return convert_wan(copy.deepcopy(teacher), blocks=[1], softmax_blocks="chunk_causal", chunk_frames=frames_chunk,
+                       overlap_frames=1, block_settings={0: {"overlap_frames": window}})
+
+
+class TestSoftmaxWindow:
+    @pytest.mark.parametrize("frames, chunk, window", [(7, 2, 1), (5, 3, 0), (9, 2, 3)])
+    def test_empty_features_give_sliding_window_softmax(self, frames, chunk, window):
+        # the path a windowed softmax block takes (the hybrid operator with no feature dims) against explicit masks
+        from rehyat.ops import rehyat_attention
+
+        S, g = 3, torch.Generator().manual_seed(frames)
+        q, k, v = (torch.randn(2, frames * S, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        empty = q.new_zeros(*q.shape[:3], 0)
+        got = rehyat_attention(q, k, v, empty, empty, frame_tokens=S, chunk_frames=chunk, overlap_frames=window)
+        fq, fk = torch.arange(frames * S) // S, torch.arange(frames * S) // S
+        start = fq // chunk * chunk
+        allowed = (fk[None, :] >= start[:, None] - window) & (fk[None, :] < (start + chunk)[:, None])
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
+        want = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+    def test_window_reaches_the_processor_and_bounds_the_block(self, teacher):
+        from rehyat.models.wan import UNBOUNDED, ChunkCausalAttnProcessor
+
+        model = _windowed(teacher, 1)
+        procs = [blk.attn1.processor for blk in model.blocks]
+        assert isinstance(procs[0], ChunkCausalAttnProcessor) and procs[0].overlap_frames == 1
+        assert isinstance(procs[2], ChunkCausalAttnProcessor) and procs[2].overlap_frames == UNBOUNDED
+        x, t, e = inputs(frames=7)
+        torch.manual_seed(0)
+        unbounded = run(_convert_block_causal(teacher), x, t, e)
+        assert rel(run(model, x, t, e), unbounded) > 1e-4  # a one-frame window drops frames 0..2 for chunk 2
+        # a window that holds every earlier frame at this length is the unbounded block (two code paths)
+        assert_outputs_close(run(_windowed(teacher, 6), x, t, e), unbounded)
+
+    def test_saved_window_loads_back(self, teacher, tmp_path):
+        model = _windowed(teacher, 1)
+        save_rehyat(model, tmp_path / "m")
+        loaded = load_transformer(tmp_path / "m")
+        assert loaded.blocks[0].attn1.processor.overlap_frames == 1
+        assert get_rehyat_config(loaded).block_settings == {0: {"overlap_frames": 1}}
+        x, t, e = inputs(frames=7)
+        assert_outputs_close(run(loaded, x, t, e), run(model, x, t, e))
+
+    @pytest.mark.parametrize("kw, match", [
+        (dict(softmax_blocks="bidirectional"), r"block_settings names block 0, which is not in blocks \[1\] \(only "
+                                               r"with softmax_blocks='chunk_causal'"),
+        (dict(block_settings={0: {"chunk_frames": 3}}), r"block_settings\[0\] has unknown keys \['chunk_frames'\] "
+                                                         r"\(allowed: \['overlap_frames'\]\)"),
+        (dict(block_settings={3: {"overlap_frames": 1}}), r"names block 3, which is not in blocks \[1\].*0\.\.2"),
+        (dict(block_settings={0: {"overlap_frames": -1}}), r"overlap_frames"),
+    ])
+    def test_bad_window_refused_before_any_change(self, teacher, kw, match):
+        model = copy.deepcopy(teacher)
+        args = dict(blocks=[1], softmax_blocks="chunk_causal", chunk_frames=2, overlap_frames=1,
+                    block_settings={0: {"overlap_frames": 1}})
+        with pytest.raises(ValueError, match=match):
+            convert_wan(model, **{**args, **kw})
+        assert get_rehyat_config(model) is None

@@ -494,6 +494,27 @@ def test_block_overlap_frames_reach_the_saved_student_and_its_report(teacher, pr
     assert cfg["block_settings"] == {"1": {"overlap_frames": 2}}
 
 
+def test_block_overlap_frames_bound_a_chunk_causal_softmax_block(teacher, prompts, tmp_path, capsys):
+    # with --softmax-blocks chunk_causal an unconverted block may be named: its softmax window is bounded
+    from rehyat.models.wan import ChunkCausalAttnProcessor
+    from rehyat.training.components import load_model_folder
+
+    out = tmp_path / "window"
+    assert _distill_cli(teacher, prompts, out, "--blocks", "1", "--softmax-blocks", "chunk_causal",
+                        "--block-overlap-frames", "0=2") == 0
+    rc = json.loads((out / "transformer" / "rehyat_config.json").read_text())
+    assert rc["blocks"] == [1] and rc["block_settings"] == {"0": {"overlap_frames": 2}}
+    tr = load_model_folder(out, device="cpu").transformer
+    p0 = tr.blocks[0].attn1.processor
+    assert isinstance(p0, ChunkCausalAttnProcessor) and (p0.chunk_frames, p0.overlap_frames) == (1, 2)
+    assert tr.blocks[1].attn1.processor.overlap_frames == 0
+    code = _distill_cli(teacher, prompts, tmp_path / "o", "--blocks", "1", "--softmax-blocks", "chunk_causal",
+                        "--block-overlap-frames", "7=2")
+    err = capsys.readouterr().err
+    assert code == 2 and "--block-overlap-frames names block 7: it must be one of the teacher's blocks" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("blocks, given, match", [
     ([0], {1: 12}, r"--block-overlap-frames names block 1, which is not converted: it must be one of --blocks \[0\]"),
     ([0, 1], {0: -1}, r"--block-overlap-frames: block 0 needs an int >= 0 of overlap frames, got -1"),
