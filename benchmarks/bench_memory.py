@@ -6,6 +6,7 @@ Usage (from the repository root):
     python benchmarks/bench_memory.py --device cpu [--out DIR]        # tiny model, one subprocess per row, ~1 min
     python benchmarks/bench_memory.py --device cpu --smoke            # the GPU code path, tiny model (a script check)
     python benchmarks/bench_memory.py --geometry wan2.2-5b [--out DIR] # Wan2.2-TI2V-5B geometry, 704x1280
+    python benchmarks/bench_memory.py --compile --steps 3 --frames 81 321 [--out DIR]  # blocks compiled (CUDA default)
 
 On an H200 the default GPU run takes about 2-3 minutes (one measured run of an earlier version: 2 steps,
 teacher 0.63 / 6.2 s per step at 21 / 81 latent frames, teacher at 321 latent frames skipped, est. ~200 s).
@@ -235,7 +236,7 @@ def gpu_row(pipe, label: str, video_frames: int, args, embeds, geometry) -> dict
 
 
 def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
-    from rehyat.models import convert_wan
+    from rehyat.models import compile_blocks, convert_wan
     from rehyat.pipelines import ReHyAtVideoPipeline
 
     device = torch.device(args.device)
@@ -252,6 +253,8 @@ def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
     what = "tiny smoke-test" if args.smoke else f"{geo.name}-geometry"
     log(f"building the {what} transformer (random weights, {dtype}) on {device}")
     model = build_model(config, device, dtype, args.seed, args.keep_fp32_modules)
+    if args.compile:  # as rehyat generate's default on CUDA; again after the conversion below (its attention step)
+        compile_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     alloc = f", {gib(torch.cuda.memory_allocated(device)):.2f} GiB allocated" if _cuda(device) else ""
     log(f"  {n_params / 1e6:,.1f}M parameters, dtype {model.dtype}{alloc}")
@@ -267,6 +270,8 @@ def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
             log(f"converting all {config['num_layers']} blocks (chunk_frames={chunk}, "
                 f"overlap_frames={args.overlap_frames})")
             convert_wan(model, blocks="all", chunk_frames=chunk, overlap_frames=args.overlap_frames)
+            if args.compile:
+                compile_blocks(model)
             fm_dtype = feature_map_dtype(model)
             alloc = f", {gib(torch.cuda.memory_allocated(device)):.2f} GiB allocated" if _cuda(device) else ""
             log(f"  feature maps in {fm_dtype}{alloc}")
@@ -309,7 +314,9 @@ def run_gpu(args) -> tuple[list[dict], dict, list[str]]:
                           f"overlap_frames={args.overlap_frames}, causal, polynomial feature maps (random, {fm_dtype})",
             "text embeddings": f"random [1, {text_len}, {config['text_dim']}]",
             "guidance": ("CFG 5.0, batch 2" if args.cfg else "guidance off, batch 1"),
-            "steps": args.steps, "sdpa": args.sdpa}
+            "steps": args.steps, "sdpa": args.sdpa,
+            "compiled": ("every block under torch.compile (rehyat.models.compile_blocks), teacher and ReHyAt"
+                         if args.compile else "no (eager)")}
     notes = gpu_notes(rows, args)
     return rows, meta, notes
 
@@ -524,6 +531,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep-fp32-modules", action="store_true",
                    help="cast as from_pretrained(torch_dtype=bfloat16) does (rope, time_embedder, scale_shift_table, "
                         "norm1-3 stay float32) instead of .to(bfloat16) of everything (the default)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPU: every transformer block under torch.compile (rehyat.models.compile_blocks), the "
+                        "teacher's and ReHyAt's, as rehyat generate runs on CUDA by default; use --steps 3 or more "
+                        "(the first step of each length carries the compilation and is not counted)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for bench_memory.json and bench_memory.md")
     args = p.parse_args(argv)
@@ -544,6 +555,8 @@ def main(argv=None) -> int:
         args.chunk_frames = 2 if cpu else 3
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    if args.compile and cpu:
+        raise SystemExit("--compile: GPU mode only (the CPU rows run in child processes, eager)")
     args.guidance = 5.0 if args.cfg else 1.0
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device} requested but CUDA is not available")
