@@ -337,12 +337,10 @@ class TestDiffusersSave:
         from rehyat.assets import DEFAULT_STUDENT
 
         folder = DEFAULT_STUDENT / "transformer"
-        assert "rehyat" not in json.loads((folder / "config.json").read_text())  # settings only in rehyat_config.json
-        loaded = load_transformer(folder)
         saved_cfg = json.loads((folder / "rehyat_config.json").read_text())
-        # the file's settings, and for the keys it predates what such a folder means (no linear scale)
-        assert get_rehyat_config(loaded).to_dict() == {**saved_cfg, "linear_scale": False,
-                                                       "teacher_attention": "bidirectional"}
+        assert json.loads((folder / "config.json").read_text())["rehyat"] == saved_cfg  # one set of settings
+        loaded = load_transformer(folder)
+        assert get_rehyat_config(loaded).to_dict() == saved_cfg
         sd, saved = loaded.state_dict(), _weights(folder)
         assert sorted(sd) == sorted(saved)
         for k, v in saved.items():

@@ -519,9 +519,9 @@ def test_bad_continuation_refused_before_any_work(causal_pipe, kwargs, match):
 
 def test_shipped_student_follows_a_background_switch(single_thread):
     """The embedded world (issue 18): the shipped student, grey background switched to white at frame 8 (chunks of 4
-    frames). Frames 0-7 are the single-prompt run's; the background follows a chunk later (the state carries the
-    grey past): white in frames 12-15 (measured: 0.98 of the pixels, seeds 0-7 all so), never in the single run.
-    Frames 8-11 only lighten (measured: 0.00-0.04 white)."""
+    frames). Frames 0-7 are the single-prompt run's; the background turns white in the chunk of the switch (the
+    student shipped 2026-12-04; measured over seeds 0-7: 0.93-0.99 of the pixels of frames 8-11 and 0.99-1.00 of
+    frames 12-15 white), never in the single run."""
     from rehyat.assets import default_model
     from rehyat.world import check_video
 
@@ -531,7 +531,7 @@ def test_shipped_student_follows_a_background_switch(single_thread):
     single = pipe(grey, **kw).video
     switched = pipe(prompt_schedule=[(0, grey), (8, white)], **kw).video
     assert np.array_equal(switched[:8], single[:8])  # one object, the same computation
-    assert check_video(switched[12:], white)["background_correct"] == 1.0
+    assert check_video(switched[8:], white)["background_correct"] == 1.0
     assert check_video(single[8:], white)["background_correct"] == 0.0
     assert check_video(single[12:], grey)["background_correct"] == 1.0
 
