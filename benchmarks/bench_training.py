@@ -10,9 +10,10 @@ Usage (from the repository root):
 Models (``--models``, default both):
 
 * ``world``: the project's shipped small teacher ``rehyat/assets/teacher`` (1.81M parameters, pixel space,
-  3x16x48x48 videos, 1,024 tokens per sample) on a procedural world dataset the script exports itself
-  (``python -m rehyat.cli world export --format dataset --text-embeddings TABLE``, ``--world-videos`` videos).
-  Stage 1 converts and distils all 6 blocks (chunk_frames 4, overlap_frames 1, 20-step trajectories, lr 2e-3);
+  3x16x40x40 videos, 1,600 tokens per sample; block-causal with chunks of 4 frames) on a procedural world dataset
+  the script exports itself (``python -m rehyat.cli world export --format dataset --text-embeddings TABLE``,
+  ``--world-videos`` videos). Stage 1 converts and distils all 6 blocks (chunk_frames 4, overlap_frames 1,
+  ``--softmax-blocks chunk_causal`` as a block-causal teacher needs, 20-step trajectories, lr 2e-3);
   stage 2 fine-tunes the shipped student ``rehyat/assets/student`` (full, lr 1e-4). TABLE is ``--text-embeddings``
   (default ``.devcarry/world_text_embeddings.safetensors``, git-ignored: carry it); without it this model is
   skipped and the table says so.
@@ -203,7 +204,8 @@ def setup_world(a, work: Path, env: dict) -> ModelSpec:
     for f in (teacher, student):
         if not (f / "transformer" / "config.json").is_file():
             raise Skip(f"skipped: {f.relative_to(REPO)} is missing")
-    videos, frames, size = (8, 8, 24) if a.quick else (a.world_videos, 16, 48)
+    videos, frames, size = (8, 8, 24) if a.quick else (a.world_videos, 16, 40)
+    patch = json.loads((teacher / "transformer" / "config.json").read_text())["patch_size"][-1]
     data = work / "world_data"
     cmd = [sys.executable, "-m", "rehyat.cli", "world", "export", "--format", "dataset", "--text-embeddings", str(table),
            "--num-videos", str(videos), "--frames", str(frames), "--height", str(size), "--width", str(size),
@@ -216,15 +218,16 @@ def setup_world(a, work: Path, env: dict) -> ModelSpec:
         raise Skip(f"set-up failed: world export exited {rc}: {error_line(work / 'world_export.log')[:200]}")
     log(f"world: exported in {wall:.1f} s")
     b = a.world_batch or (4 if a.quick else 256)
+    # the shipped teacher is block-causal (chunk 4): its blocks are converted with its chunk, as chunk-causal softmax
     distill = ["distill", "--teacher", str(teacher), "--data", str(data), "--blocks", "all", "--chunk-frames", "4",
-               "--overlap-frames", "1", "--sampling-steps", "20", "--batch-size", str(b), "--lr", "2e-3",
-               "--eval-trajectories", "0"]
+               "--overlap-frames", "1", "--softmax-blocks", "chunk_causal", "--sampling-steps", "20",
+               "--batch-size", str(b), "--lr", "2e-3", "--eval-trajectories", "0"]
     finetune = ["finetune", "--model", str(student), "--data", str(data), "--batch-size", str(b), "--lr", "1e-4",
                 "--eval-batches", "0"]
     if a.teacher_loss:
         finetune += ["--teacher", str(teacher), "--teacher-weight", "1.0"]
     desc = (f"shipped world teacher (1.81M parameters, 6 blocks) / student, pixel space [3, {frames}, {size}, {size}] "
-            f"({frames * (size // 6) ** 2} tokens per sample), {videos} exported videos; distill all 6 blocks "
+            f"({frames * (size // patch) ** 2} tokens per sample), {videos} exported videos; distill all 6 blocks "
             f"(chunk 4, overlap 1); finetune the shipped student"
             + (" + teacher-velocity loss" if a.teacher_loss else ""))
     return ModelSpec("world", desc, a.world_steps or (3 if a.quick else 30), {"distill": distill, "finetune": finetune},

@@ -16,15 +16,15 @@ frequencies for absolute frame positions (chunk start as offset, no 1,024-frame 
 Where the conversion settings live. :func:`convert_wan` registers them in the transformer's diffusers config
 (``transformer.config["rehyat"]``, a :meth:`ReHyAtConfig.to_dict`), so ``config.json`` written by ANY
 ``save_pretrained`` (the transformer's own, diffusers' ``WanPipeline``'s, ours) carries them beside the feature-map
-weights the same call writes: a converted model cannot be saved as a teacher by accident. :func:`save_rehyat` also
-keeps writing ``rehyat_config.json``, the only home of the settings in folders saved before (the shipped student
-among them), so those and older readers keep working. :func:`read_rehyat_settings` is the one reader: it accepts
-either source and refuses two that disagree. Loading is strict (:func:`load_transformer`): the weight keys must be
-exactly those of the model the settings describe (feature maps without settings, settings without feature maps,
-missing or unexpected keys are one-line errors), since diffusers would otherwise drop unknown keys with a warning
-and leave missing ones uninitialised. diffusers 0.42.1 ignores the unknown ``"rehyat"`` config entry with a warning
-(and copies it into the loaded model's config), so ``WanTransformer3DModel.from_pretrained`` of a ReHyAt folder
-still gives the plain teacher to users without rehyat.
+weights the same call writes: a converted model cannot be saved as a teacher by accident. :func:`save_rehyat` also keeps
+writing ``rehyat_config.json``, the only home of the settings in folders saved before (the student shipped until
+2026-12-04 among them), so those and older readers keep working. :func:`read_rehyat_settings` is the one reader: it
+accepts either source and refuses two that disagree. Loading is strict (:func:`load_transformer`): the weight keys must
+be exactly those of the model the settings describe (feature maps without settings, settings without feature maps,
+missing or unexpected keys are one-line errors), since diffusers would otherwise drop unknown keys with a warning and
+leave missing ones uninitialised. diffusers 0.42.1 ignores the unknown ``"rehyat"`` config entry with a warning (and
+copies it into the loaded model's config), so ``WanTransformer3DModel.from_pretrained`` of a ReHyAt folder still gives
+the plain teacher to users without rehyat.
 """
 
 from __future__ import annotations
