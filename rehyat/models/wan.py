@@ -755,11 +755,12 @@ def _check_blocks(blocks, n_blocks: int) -> list[int]:
 
 
 def _check_block_settings(block_settings: dict | None, blocks: list[int], chunk_frames: int, overlap_frames: int,
-                          stabilizer: str, softmax_blocks: str, n_blocks: int) -> dict[int, dict]:
+                          stabilizer: str, softmax_blocks: str = "bidirectional",
+                          n_blocks: int = 0) -> dict[int, dict]:
     """Per-block overrides with int keys (a copy): ``{"chunk_frames": .., "overlap_frames": ..}`` of a converted
     block, or ``{"overlap_frames": ..}`` of a chunk-causal softmax block (its sliding window; with
-    ``softmax_blocks="chunk_causal"`` only). ValueError for another block, an unknown key or settings
-    :func:`~rehyat.ops.check_settings` refuses."""
+    ``softmax_blocks="chunk_causal"`` only, a block of ``0..n_blocks - 1``). ValueError for another block, an unknown
+    key or settings :func:`~rehyat.ops.check_settings` refuses."""
     block_settings = {int(b): dict(s) for b, s in (block_settings or {}).items()}
     for b, s in block_settings.items():
         keys = {"chunk_frames", "overlap_frames"}

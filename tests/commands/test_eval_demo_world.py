@@ -116,21 +116,24 @@ def test_eval_demo_out_is_a_file(models, tmp_path, capsys, command):
 
 @pytest.mark.parametrize("command", ["eval", "demo"])
 def test_eval_demo_refuse_a_teacher_of_another_geometry(models, tmp_path, capsys, command):
-    _, student = models  # 8 frames of 32x32; the embedded teacher: 16 frames of 48x48, sizes a multiple of 6
+    teacher, student = models  # 8 frames of 32x32; the embedded teacher: 16 frames of 40x40
     out = tmp_path / "out"
     assert main([command, "--student", str(student), "--out", str(out), "--steps", "1"]) == 2
     captured = capsys.readouterr()
     assert "--teacher" in captured.err and "--student" in captured.err and "different default sizes" in captured.err
     assert "loading" not in captured.out and not out.exists()  # refused before the models load
-    # a student without default sizes is generated at Wan's 480x832, which the embedded teacher cannot make
-    bare = tmp_path / "bare"
-    shutil.copytree(student, bare)
-    cfg = json.loads((bare / "rehyat_pipeline.json").read_text())
-    del cfg["defaults"]
-    (bare / "rehyat_pipeline.json").write_text(json.dumps(cfg))
-    assert main([command, "--student", str(bare), "--out", str(out), "--steps", "1"]) == 2
+    # a student without default sizes is generated at Wan's 480x832, which a teacher of 7x7 patches cannot make
+    bare, coarse = tmp_path / "bare", tmp_path / "coarse"
+    for src, dst in ((student, bare), (teacher, coarse)):
+        shutil.copytree(src, dst)
+        cfg = json.loads((dst / "rehyat_pipeline.json").read_text())
+        del cfg["defaults"]
+        (dst / "rehyat_pipeline.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((coarse / "transformer" / "config.json").read_text())
+    (coarse / "transformer" / "config.json").write_text(json.dumps({**tcfg, "patch_size": [1, 7, 7]}))
+    assert main([command, "--teacher", str(coarse), "--student", str(bare), "--out", str(out), "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--teacher" in err and "cannot make the student's" in err and "multiple of 6" in err
+    assert "--teacher" in err and "cannot make the student's" in err and "multiple of 7" in err, err
     assert not out.exists()
 
 

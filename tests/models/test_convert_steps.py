@@ -31,3 +31,16 @@ def test_check_block_settings_copies_with_int_keys():
 def test_check_block_settings_refuses(settings, match):
     with pytest.raises(ValueError, match=match):
         _check_block_settings(settings, [0, 1], chunk_frames=3, overlap_frames=1, stabilizer="lse")
+
+
+def test_check_block_settings_bounds_chunk_causal_softmax_blocks():
+    # an unconverted block may get a window, only with chunk-causal softmax blocks, only overlap_frames
+    out = _check_block_settings({"2": {"overlap_frames": 5}}, [0, 1], 3, 1, "lse", "chunk_causal", 3)
+    assert out == {2: {"overlap_frames": 5}}
+    with pytest.raises(ValueError, match=r"names block 2, which is not in blocks \[0, 1\] \(only with "
+                                         r"softmax_blocks='chunk_causal'"):
+        _check_block_settings({2: {"overlap_frames": 5}}, [0, 1], 3, 1, "lse", "bidirectional", 3)
+    with pytest.raises(ValueError, match=r"names block 3.*0\.\.2"):
+        _check_block_settings({3: {"overlap_frames": 5}}, [0, 1], 3, 1, "lse", "chunk_causal", 3)
+    with pytest.raises(ValueError, match=r"block_settings\[2\] has unknown keys \['chunk_frames'\]"):
+        _check_block_settings({2: {"chunk_frames": 2}}, [0, 1], 3, 1, "lse", "chunk_causal", 3)
