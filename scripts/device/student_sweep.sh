@@ -50,15 +50,10 @@ done
 wait
 
 stamp "eval at 16 frames"
-for m in teacher "${names[@]}"; do folder=$S/$m; [ "$m" = teacher ] && folder=$W/teacher
-  for s in 0 1; do per=$(( (EVAL_PROMPTS + 1) / 2 ))
-    timeout "$EVAL_LIMIT" python3 scripts/device/world_eval.py "$S/evals/eval_${m}_F16_shard$s.json" \
-        --model "$m=$folder" --prompts "$per" --first-prompt $((s * per)) --seeds 0,1 --frames 16 \
-        --precision fp32 --save-videos "$S/evals/videos" > "$S/logs/eval_${m}_$s.txt" 2>&1 &
-  done
-done
-wait
-python3 scripts/device/merge_evals.py "$S/evals" --out "$S/merged.json" | tee "$S/merged.md"
+models="teacher=$W/teacher"; for m in "${names[@]}"; do models+=" $m=$S/$m"; done
+MODELS=$models FRAMES=16 PROMPTS=$EVAL_PROMPTS SHARDS=2 LIMIT=$EVAL_LIMIT PRECISION=fp32 W=$S OUT=$S/checks \
+    bash scripts/device/eval_models.sh > "$S/logs/eval.txt" 2>&1
+cp "$S/checks/merged.json" "$S/checks/merged.md" "$S/" && cat "$S/merged.md"
 
 stamp pack
 best=$(python3 -c "import json,sys; rows=[r for r in json.load(open(sys.argv[1]))['rows'] if 'psnr_vs_reference' in r]
