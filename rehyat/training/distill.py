@@ -483,8 +483,9 @@ def distill(
             ``best:N``, whose blocks are only known after the ranking, and with an already converted folder), or,
             with ``softmax_blocks="chunk_causal"``, an unconverted block: its chunk-causal softmax then attends to
             its chunk and that many earlier frames only (a sliding window, flat memory when streaming; distillation
-            itself runs the teacher's attention there). Each value an int >= 0. They become the conversion's ``block_settings`` (:func:`rehyat.convert_wan`), so the
-            student's ``rehyat_config.json`` carries them and finetuning, generation and streaming use them.
+            itself runs the teacher's attention there). Each value an int >= 0. They become the conversion's
+            ``block_settings`` (:func:`rehyat.convert_wan`), so the student's ``rehyat_config.json`` carries them
+            and finetuning, generation and streaming use them.
         chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs, feature_map_input,
             softmax_blocks: the conversion (see :func:`rehyat.convert_wan`).
         frames, height, width: video geometry of the trajectories (default: the folder's ``defaults``, else
@@ -518,10 +519,10 @@ def distill(
     Raises:
         ValueError / FileNotFoundError / FileExistsError: an empty prompt file, no prompts, a block index out of
             range, a bad geometry or setting, a ``block_overlap_frames`` block that is not converted (nor a
-            chunk-causal softmax block) or value that
-            is not an int >= 0, data that does not fit the model, an existing ``out`` without
-            ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that differ from the
-            checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are loaded.
+            chunk-causal softmax block) or value that is not an int >= 0, data that does not fit the model, an
+            existing ``out`` without ``overwrite``/``resume``, a missing checkpoint for ``resume``, settings that
+            differ from the checkpoint's, or ``steps`` below the checkpoint's; all before any model weights are
+            loaded.
     """
     job = _DistillJob(DistillArgs.from_kwargs(locals()))
     job.open()
