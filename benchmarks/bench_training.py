@@ -9,7 +9,7 @@ Usage (from the repository root):
 
 Models (``--models``, default both):
 
-* ``world``: the project's shipped small teacher ``rehyat/assets/teacher`` (1.81M parameters, pixel space,
+* ``world``: the project's shipped small teacher ``rehyat/assets/teacher`` (1.79M parameters, pixel space,
   3x16x40x40 videos, 1,600 tokens per sample; block-causal with chunks of 4 frames) on a procedural world dataset
   the script exports itself (``python -m rehyat.cli world export --format dataset --text-embeddings TABLE``,
   ``--world-videos`` videos). Stage 1 converts and distils all 6 blocks (chunk_frames 4, overlap_frames 1,
@@ -226,7 +226,7 @@ def setup_world(a, work: Path, env: dict) -> ModelSpec:
                 "--eval-batches", "0"]
     if a.teacher_loss:
         finetune += ["--teacher", str(teacher), "--teacher-weight", "1.0"]
-    desc = (f"shipped world teacher (1.81M parameters, 6 blocks) / student, pixel space [3, {frames}, {size}, {size}] "
+    desc = (f"shipped world teacher (1.79M parameters, 6 blocks) / student, pixel space [3, {frames}, {size}, {size}] "
             f"({frames * (size // patch) ** 2} tokens per sample), {videos} exported videos; distill all 6 blocks "
             f"(chunk 4, overlap 1); finetune the shipped student"
             + (" + teacher-velocity loss" if a.teacher_loss else ""))

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
                    help="per-block --overlap-frames, e.g. 0=12,2=12,5=12 (a wide softmax window in blocks 0, 2, 5; "
                         "the others keep --overlap-frames); saved in the student's rehyat_config.json. Needs --blocks "
                         "all or a list (not best:N). With --softmax-blocks chunk_causal it may name unconverted "
-                        "blocks: their softmax then sees their chunk and that many earlier frames only")
+                        "blocks: their softmax then sees their chunk and that many earlier frames only (distillation "
+                        "runs the teacher's attention there, so their window acts in fine-tuning and generation)")
     add_prompt_args(p)
     add_conversion_args(p)
     add_geometry_args(p)

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--student", type=Path, default=None, help="ReHyAt folder (default: the embedded student)")
     p.add_argument("--prompt-file", type=Path, default=None,
                    help="world captions, one per line (default: --num-prompts captions sampled from the world)")
-    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=4,
+                   help="world captions sampled when --prompts is not given (default 4)")
     p.add_argument("--seeds", type=number_list(int), default=[0],
                    help="comma-separated noise seeds, one video per prompt and seed")
     p.add_argument("--lengths", type=number_list(float), default=[1.0, 4.0, 16.0],

@@ -55,10 +55,10 @@ def add_parser(sub) -> None:
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan's VAE; default: the model's)")
     p.add_argument("--height", type=int, default=None,
-                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 32 for Wan2.2-TI2V-5B, 6 for "
+                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 32 for Wan2.2-TI2V-5B, 4 for "
                         "the embedded model (default: the model's)")
     p.add_argument("--width", type=int, default=None,
-                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 32 for Wan2.2-TI2V-5B, 6 for "
+                   help="pixels, a multiple of VAE stride x patch size: 16 for Wan2.1, 32 for Wan2.2-TI2V-5B, 4 for "
                         "the embedded model (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 50 for Wan)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")

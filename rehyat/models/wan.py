@@ -759,23 +759,37 @@ def _check_block_settings(block_settings: dict | None, blocks: list[int], chunk_
                           n_blocks: int = 0) -> dict[int, dict]:
     """Per-block overrides with int keys (a copy): ``{"chunk_frames": .., "overlap_frames": ..}`` of a converted
     block, or ``{"overlap_frames": ..}`` of a chunk-causal softmax block (its sliding window; with
-    ``softmax_blocks="chunk_causal"`` only, a block of ``0..n_blocks - 1``). ValueError for another block, an unknown
-    key or settings :func:`~rehyat.ops.check_settings` refuses."""
-    block_settings = {int(b): dict(s) for b, s in (block_settings or {}).items()}
-    for b, s in block_settings.items():
+    ``softmax_blocks="chunk_causal"`` only, a block of ``0..n_blocks - 1``). ValueError, naming ``block_settings``
+    and the block, for another form than ``{block: {key: int}}``, another block, an unknown key or a value
+    :func:`~rehyat.ops.check_settings` refuses."""
+    form = "a dict {block: {'chunk_frames' | 'overlap_frames': int}}"
+    if block_settings is not None and not isinstance(block_settings, dict):
+        raise ValueError(f"block_settings must be {form}, got {block_settings!r}")
+    out = {}
+    for b, s in (block_settings or {}).items():
+        if not isinstance(s, dict) or isinstance(b, bool) or not str(b).lstrip("-").isdigit():
+            raise ValueError(f"block_settings must be {form}, got {{{b!r}: {s!r}}}")
+        out[int(b)] = dict(s)
+    for b, s in out.items():
         keys = {"chunk_frames", "overlap_frames"}
         if b not in blocks:
-            if softmax_blocks != "chunk_causal" or not 0 <= b < n_blocks:
+            if not 0 <= b < n_blocks and softmax_blocks == "chunk_causal":
+                raise ValueError(f"block_settings names block {b}, out of range: the transformer has blocks "
+                                 f"0..{n_blocks - 1}")
+            if softmax_blocks != "chunk_causal":
                 raise ValueError(f"block_settings names block {b}, which is not in blocks {blocks} (only with "
-                                 f"softmax_blocks='chunk_causal' may it name another block of 0..{n_blocks - 1}, "
-                                 "to bound that softmax block's window)")
+                                 "softmax_blocks='chunk_causal' may it name another block, to bound that softmax "
+                                 "block's window)")
             keys = {"overlap_frames"}  # a chunk-causal softmax block keeps the model's chunk_frames
         unknown = set(s) - keys
         if unknown:
             raise ValueError(f"block_settings[{b}] has unknown keys {sorted(unknown)} (allowed: {sorted(keys)})")
-        check_settings(frame_tokens=1, chunk_frames=s.get("chunk_frames", chunk_frames),
-                       overlap_frames=s.get("overlap_frames", overlap_frames), stabilizer=stabilizer)
-    return block_settings
+        try:
+            check_settings(frame_tokens=1, chunk_frames=s.get("chunk_frames", chunk_frames),
+                           overlap_frames=s.get("overlap_frames", overlap_frames), stabilizer=stabilizer)
+        except ValueError as e:
+            raise ValueError(f"block_settings[{b}]: {e}") from None
+    return out
 
 
 def _build_processors(transformer, cfg: ReHyAtConfig, ctx: RunContext) -> dict[int, "_ChunkedProcessorBase"]:

@@ -734,8 +734,13 @@ class TestSoftmaxWindow:
                                                r"with softmax_blocks='chunk_causal'"),
         (dict(block_settings={0: {"chunk_frames": 3}}), r"block_settings\[0\] has unknown keys \['chunk_frames'\] "
                                                          r"\(allowed: \['overlap_frames'\]\)"),
-        (dict(block_settings={3: {"overlap_frames": 1}}), r"names block 3, which is not in blocks \[1\].*0\.\.2"),
-        (dict(block_settings={0: {"overlap_frames": -1}}), r"overlap_frames"),
+        (dict(block_settings={3: {"overlap_frames": 1}}), r"block_settings names block 3, out of range: the "
+                                                           r"transformer has blocks 0\.\.2"),
+        (dict(block_settings={0: {"overlap_frames": -1}}), r"block_settings\[0\]: overlap_frames must be an int >= 0"),
+        (dict(block_settings={0: {"overlap_frames": "12"}}), r"block_settings\[0\]: overlap_frames must be an int"),
+        (dict(block_settings={0: 1}), r"block_settings must be a dict \{block: \{'chunk_frames' \| 'overlap_frames'"),
+        (dict(block_settings=[(0, 1)]), r"block_settings must be a dict \{block:"),
+        (dict(block_settings={"first": {"overlap_frames": 1}}), r"block_settings must be a dict \{block:"),
     ])
     def test_bad_window_refused_before_any_change(self, teacher, kw, match):
         model = copy.deepcopy(teacher)
