@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
                    help="--blocks auto: attention FLOPs as a fraction of the teacher's (e.g. 0.5)")
     p.add_argument("--candidates", default=None,
                    help='--blocks auto: (chunk_frames,overlap_frames) options, e.g. "3,1;5,1;2,0" (the default)')
+    p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
+                   help="--blocks all or a list: per-block --overlap-frames, e.g. 0=12,2=12 (as rehyat distill's; "
+                        "with --softmax-blocks chunk_causal it may name unconverted blocks, bounding their softmax "
+                        "window)")
     add_conversion_args(p)
     add_prompt_args(p)
     add_geometry_args(p)
@@ -40,9 +44,11 @@ def run(args) -> int:
     from ..training import convert_model
     from ..training.cli_args import conversion_kwargs
     from ..training.selection import selection_table
+    from .distill import parse_block_overlap_frames
 
     out, sel = convert_model(
         args.model, args.out, blocks=args.blocks, budget=args.budget, candidates=args.candidates,
+        block_overlap_frames=parse_block_overlap_frames(args.block_overlap_frames),
         **conversion_kwargs(args), prompts=args.prompts, data=args.data, text_embeddings=args.text_embeddings,
         frames=args.frames, height=args.height, width=args.width, rank_steps=args.rank_steps,
         sampling_steps=args.sampling_steps, guidance=args.guidance, lr=args.lr, batch_size=args.batch_size,

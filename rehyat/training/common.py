@@ -17,6 +17,7 @@ __all__ = [
     "check_resume_steps",
     "latent_shape_for",
     "parse_blocks",
+    "block_overlap_settings",
     "resolve_dtype",
     "feature_map_parameters",
 ]
@@ -160,6 +161,41 @@ def parse_blocks(spec, num_blocks: int, *, allow=("all", "list", "best")):
             raise ValueError(f"--blocks {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1})")
         val = sorted(set(val))
     return kind, val
+
+
+def block_overlap_settings(given, kind: str, blocks, num_blocks: int, softmax_blocks: str,
+                           spec="all") -> dict | None:
+    """``--block-overlap-frames`` (``{block: overlap_frames}``, or ``None``) checked against a block choice of
+    :func:`parse_blocks` (``kind``, ``blocks``; ``spec``: ``--blocks`` as given, for the messages), as
+    :func:`rehyat.convert_wan`'s ``block_settings`` (``{block: {"overlap_frames": n}}``; ``None`` for ``None``).
+
+    A block must be converted (in ``blocks``), or, with ``softmax_blocks="chunk_causal"``, any block of the model
+    (an unconverted one gets a bounded softmax window); each value an int >= 0.
+
+    Raises:
+        ValueError: a block choice other than ``"all"`` or a list (the blocks must be named up front), an empty or
+            non-dict ``given``, a block that may not be named, a bad value; naming ``--block-overlap-frames``.
+    """
+    if given is None:
+        return None
+    if kind not in ("all", "list"):
+        raise ValueError(f"--block-overlap-frames needs the converted blocks named up front, not --blocks {spec}: "
+                         "pass --blocks all or a list, e.g. the blocks a best:N run chose")
+    if not isinstance(given, dict) or not given:
+        raise ValueError(f"--block-overlap-frames must be a non-empty {{block: overlap_frames}} dict, got {given!r}")
+    windowed = softmax_blocks == "chunk_causal"  # unconverted blocks may then get a bounded window
+    allowed = range(num_blocks) if windowed else blocks
+    for b, v in given.items():
+        if (isinstance(b, bool) or b not in allowed) and windowed:
+            raise ValueError(f"--block-overlap-frames names block {b!r}: it must be one of the teacher's blocks "
+                             f"0..{num_blocks - 1}")
+        if isinstance(b, bool) or b not in allowed:
+            raise ValueError(f"--block-overlap-frames names block {b!r}, which is not converted: it must be one of "
+                             f"--blocks {sorted(blocks)} (or, with --softmax-blocks chunk_causal, any block, to bound "
+                             "its softmax window)")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"--block-overlap-frames: block {b} needs an int >= 0 of overlap frames, got {v!r}")
+    return {int(b): {"overlap_frames": v} for b, v in sorted(given.items())}
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -29,6 +29,7 @@ import torch
 
 from ..models.wan import mass_warnings
 from .common import (
+    block_overlap_settings,
     cast_frozen_model,
     default_geometry,
     feature_map_parameters,
@@ -630,25 +631,8 @@ class _DistillJob:
         if self.converted_cfg is not None:
             raise ValueError(f"--block-overlap-frames: {a.model} is already converted, its settings are kept; pass "
                              "the teacher instead")
-        if self.kind == "best":
-            raise ValueError(f"--block-overlap-frames needs the converted blocks named up front, not --blocks "
-                             f"{a.blocks}: pass --blocks as a list, e.g. the blocks a best:N run chose")
-        if not isinstance(given, dict) or not given:
-            raise ValueError(f"--block-overlap-frames must be a non-empty {{block: overlap_frames}} dict, "
-                             f"got {given!r}")
-        windowed = a.conversion.softmax_blocks == "chunk_causal"  # softmax blocks may get a bounded window
-        allowed = range(self.tcfg["num_layers"]) if windowed else self.bval
-        for b, v in given.items():
-            if (isinstance(b, bool) or b not in allowed) and windowed:
-                raise ValueError(f"--block-overlap-frames names block {b!r}: it must be one of the teacher's blocks "
-                                 f"0..{self.tcfg['num_layers'] - 1}")
-            if isinstance(b, bool) or b not in allowed:
-                raise ValueError(f"--block-overlap-frames names block {b!r}, which is not converted: it must be one of "
-                                 f"--blocks {sorted(self.bval)} (or, with --softmax-blocks chunk_causal, any block, "
-                                 "to bound its softmax window)")
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"--block-overlap-frames: block {b} needs an int >= 0 of overlap frames, got {v!r}")
-        return {int(b): {"overlap_frames": v} for b, v in sorted(given.items())}
+        return block_overlap_settings(given, self.kind, self.bval, self.tcfg["num_layers"],
+                                      a.conversion.softmax_blocks, a.blocks)
 
     def _check_numbers(self) -> None:
         a = self.a

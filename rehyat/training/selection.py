@@ -300,6 +300,7 @@ def convert_model(
     feature_map_kwargs: dict | None = None,
     feature_map_input: str = "rotated",
     softmax_blocks: str = "bidirectional",
+    block_overlap_frames: dict[int, int] | None = None,
     prompts=None,
     data=None,
     text_embeddings=None,
@@ -326,7 +327,10 @@ def convert_model(
     blocks at once, since teacher forcing makes them independent), then the exact knapsack of
     :func:`select_blocks_budget`. Converted blocks keep the feature maps of their short distillation (a head
     start for ``rehyat distill``). Unconverted blocks keep bidirectional softmax unless
-    ``softmax_blocks="chunk_causal"`` (then their cost is the chunk-causal one).
+    ``softmax_blocks="chunk_causal"`` (then their cost is the chunk-causal one). ``block_overlap_frames``
+    (``{block: frames}``, with ``"all"`` or a list only) gives those blocks their own ``overlap_frames``: converted
+    blocks a wider or narrower window, and with ``softmax_blocks="chunk_causal"`` unconverted blocks a bounded
+    softmax window (:func:`rehyat.training.distill`'s argument of the same name).
 
     The output is a model folder (teacher components copied, transformer via :func:`rehyat.save_rehyat` with
     per-block ``block_settings``) plus ``selection.json`` / ``selection.md`` for ``best:N`` and ``auto``. Prompts
@@ -336,10 +340,12 @@ def convert_model(
         ``(out, selection)`` (``selection`` is ``None`` for a plain conversion).
 
     Raises:
-        ValueError / FileNotFoundError / FileExistsError: bad blocks, budget or candidates, an already converted
-            folder, missing prompts for a ranked selection, an existing ``out``; all before any weights load.
+        ValueError / FileNotFoundError / FileExistsError: bad blocks, budget, candidates or
+            ``block_overlap_frames``, an already converted folder, missing prompts for a ranked selection, an
+            existing ``out``; all before any weights load.
     """
     from ..pipelines.folders import ModelFolder
+    from .common import block_overlap_settings
     from .dataset import prepare_output_folder
     from .distributed import init_distributed
 
@@ -347,6 +353,8 @@ def convert_model(
     tcfg, kind, bval, conversion = _check_conversion(model, blocks, ConversionSettings.from_kwargs(locals()))
     cands = _check_selection_args(kind, blocks, budget, candidates, prompts, data, text_embeddings,
                                   rank_steps=rank_steps, sampling_steps=sampling_steps, batch_size=batch_size)
+    given_settings = block_overlap_settings(block_overlap_frames, kind, bval, tcfg["num_layers"],
+                                            conversion["softmax_blocks"], blocks)
     latent_shape = _latent_shape(model, tcfg, data, frames, height, width)
     costs = _BlockCosts(tcfg, latent_shape, conversion)
     if kind == "auto":  # FLOP counts alone decide whether the budget can be met: check before any distillation
@@ -354,7 +362,7 @@ def convert_model(
                      softmax_flops=costs.softmax, teacher_flops_per_block=costs.teacher)
     prepare_output_folder(out, overwrite=overwrite)
 
-    selection, feature_maps, block_settings, chosen = None, {}, None, bval
+    selection, feature_maps, block_settings, chosen = None, {}, given_settings, bval
     if kind in ("best", "auto"):
         env = init_distributed(device)
         run = _selection_run(model, tcfg, latent_shape, env, prompts=prompts, data=data,

@@ -160,3 +160,27 @@ def test_best_n_keeps_the_ranking_feature_maps_in_convert_and_distill(teacher, p
     assert wa.keys() == wb.keys()
     for k in wa:  # the same computation in two runs (two model objects): float32 rounding apart at most
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_convert_block_overlap_frames_bound_a_softmax_block(teacher, prompts, tmp_path, capsys):
+    # a plain conversion of a listed block, the others chunk-causal softmax, block 0's window bounded
+    from rehyat.models import load_transformer
+    from rehyat.models.wan import ChunkCausalAttnProcessor
+
+    args = ["convert", "--model", str(teacher), "--chunk-frames", "2", "--overlap-frames", "1",
+            "--softmax-blocks", "chunk_causal", "--no-progress"]
+    assert main(args + ["--blocks", "1", "--block-overlap-frames", "0=3", "--out", str(tmp_path / "w")]) == 0
+    rc = json.loads((tmp_path / "w" / "transformer" / "rehyat_config.json").read_text())
+    assert rc["blocks"] == [1] and rc["block_settings"] == {"0": {"overlap_frames": 3}}
+    p0 = load_transformer(tmp_path / "w" / "transformer").blocks[0].attn1.processor
+    assert isinstance(p0, ChunkCausalAttnProcessor) and p0.overlap_frames == 3
+    capsys.readouterr()
+    # refused before anything is written: a ranked or budgeted choice, a block of no such window
+    for extra, expected in ((["--blocks", "best:1", "--prompts", str(prompts), "--block-overlap-frames", "0=3"],
+                             "--block-overlap-frames needs the converted blocks named up front, not --blocks best:1"),
+                            (["--blocks", "1", "--block-overlap-frames", "9=3"],
+                             "--block-overlap-frames names block 9: it must be one of the teacher's blocks")):
+        assert main(args + extra + ["--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "no").exists()
