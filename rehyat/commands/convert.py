@@ -9,7 +9,7 @@ HELP = "convert a Wan teacher to ReHyAt: all/listed blocks, the N best, or a FLO
 
 
 def add_parser(sub) -> None:
-    from ..training.cli_args import add_conversion_args, add_geometry_args, add_prompt_args
+    from ..training.cli_args import add_block_overlap_arg, add_conversion_args, add_geometry_args, add_prompt_args
 
     p = sub.add_parser("convert", help=HELP, description=HELP)
     p.add_argument("--model", "--teacher", dest="model", type=Path, required=True, help="teacher model folder")
@@ -19,10 +19,7 @@ def add_parser(sub) -> None:
                    help="--blocks auto: attention FLOPs as a fraction of the teacher's (e.g. 0.5)")
     p.add_argument("--candidates", default=None,
                    help='--blocks auto: (chunk_frames,overlap_frames) options, e.g. "3,1;5,1;2,0" (the default)')
-    p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
-                   help="--blocks all or a list: per-block --overlap-frames, e.g. 0=12,2=12 (as rehyat distill's; "
-                        "with --softmax-blocks chunk_causal it may name unconverted blocks, bounding their softmax "
-                        "window)")
+    add_block_overlap_arg(p)
     add_conversion_args(p)
     add_prompt_args(p)
     add_geometry_args(p)
@@ -42,9 +39,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..training import convert_model
-    from ..training.cli_args import conversion_kwargs
+    from ..training.cli_args import conversion_kwargs, parse_block_overlap_frames
     from ..training.selection import selection_table
-    from .distill import parse_block_overlap_frames
 
     out, sel = convert_model(
         args.model, args.out, blocks=args.blocks, budget=args.budget, candidates=args.candidates,

@@ -11,19 +11,15 @@ HELP = "distil a teacher's attention into ReHyAt feature maps along its own samp
 
 
 def add_parser(sub) -> None:
-    from ..training.cli_args import add_conversion_args, add_geometry_args, add_prompt_args, add_run_args
+    from ..training.cli_args import (add_block_overlap_arg, add_conversion_args, add_geometry_args,
+                                     add_prompt_args, add_run_args)
 
     p = sub.add_parser("distill", help=HELP, description=HELP)
     p.add_argument("--model", "--teacher", dest="model", type=Path, required=True,
                    help="teacher model folder (a converted folder from `rehyat convert` keeps its blocks and settings)")
     p.add_argument("--out", type=Path, required=True, help="output: the student model folder, reports and train/")
     p.add_argument("--blocks", default="all", help="all | a list like 0,3,5 | best:N (default all)")
-    p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
-                   help="per-block --overlap-frames, e.g. 0=12,2=12,5=12 (a wide softmax window in blocks 0, 2, 5; "
-                        "the others keep --overlap-frames); saved in the student's rehyat_config.json. Needs --blocks "
-                        "all or a list (not best:N). With --softmax-blocks chunk_causal it may name unconverted "
-                        "blocks: their softmax then sees their chunk and that many earlier frames only (distillation "
-                        "runs the teacher's attention there, so their window acts in fine-tuning and generation)")
+    add_block_overlap_arg(p)
     add_prompt_args(p)
     add_conversion_args(p)
     add_geometry_args(p)
@@ -48,34 +44,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def parse_block_overlap_frames(spec: str | None) -> dict[int, int] | None:
-    """``--block-overlap-frames``: ``"0=12,2=12"`` -> ``{0: 12, 2: 12}`` (``None`` -> ``None``).
-
-    Raises:
-        ValueError: a malformed item (not ``BLOCK=FRAMES`` with two ints) or a block named twice, naming the flag
-            and the expected form.
-    """
-    if spec is None:
-        return None
-    form = "BLOCK=FRAMES,... (e.g. 0=12,2=12,5=12)"
-    out: dict[int, int] = {}
-    for item in spec.split(","):
-        block, sep, frames = item.partition("=")
-        try:
-            b, f = int(block), int(frames)
-        except ValueError:
-            b = f = None
-        if not sep or b is None:
-            raise ValueError(f"--block-overlap-frames must be {form}, got {spec!r}")
-        if b in out:
-            raise ValueError(f"--block-overlap-frames names block {b} twice in {spec!r}; expected {form}")
-        out[b] = f
-    return out
-
-
 def run(args) -> int:
     from ..training import TrainingInterrupted, distill
-    from ..training.cli_args import conversion_kwargs
+    from ..training.cli_args import conversion_kwargs, parse_block_overlap_frames
 
     block_overlap_frames = parse_block_overlap_frames(args.block_overlap_frames)
     try:

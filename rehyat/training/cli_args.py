@@ -41,6 +41,43 @@ def add_conversion_args(p) -> None:
                    help="what unconverted blocks become (default: the teacher's bidirectional softmax)")
 
 
+def add_block_overlap_arg(p) -> None:
+    """``--block-overlap-frames`` of ``rehyat distill`` and ``convert`` (read with :func:`parse_block_overlap_frames`;
+    checked against the block choice by :func:`rehyat.training.common.block_overlap_settings`)."""
+    p.add_argument("--block-overlap-frames", default=None, metavar="BLOCK=FRAMES,...",
+                   help="per-block --overlap-frames, e.g. 0=12,2=12,5=12 (a wide softmax window in blocks 0, 2, 5; "
+                        "the others keep --overlap-frames); saved in the student's rehyat_config.json. Needs --blocks "
+                        "all or a list (not best:N or auto). With --softmax-blocks chunk_causal it may name "
+                        "unconverted blocks: their softmax then sees their chunk and that many earlier frames only "
+                        "(distillation runs the teacher's attention there, so their window acts in fine-tuning and "
+                        "generation)")
+
+
+def parse_block_overlap_frames(spec: str | None) -> dict[int, int] | None:
+    """``--block-overlap-frames``: ``"0=12,2=12"`` -> ``{0: 12, 2: 12}`` (``None`` -> ``None``).
+
+    Raises:
+        ValueError: a malformed item (not ``BLOCK=FRAMES`` with two ints) or a block named twice, naming the flag
+            and the expected form.
+    """
+    if spec is None:
+        return None
+    form = "BLOCK=FRAMES,... (e.g. 0=12,2=12,5=12)"
+    out: dict[int, int] = {}
+    for item in spec.split(","):
+        block, sep, frames = item.partition("=")
+        try:
+            b, f = int(block), int(frames)
+        except ValueError:
+            b = f = None
+        if not sep or b is None:
+            raise ValueError(f"--block-overlap-frames must be {form}, got {spec!r}")
+        if b in out:
+            raise ValueError(f"--block-overlap-frames names block {b} twice in {spec!r}; expected {form}")
+        out[b] = f
+    return out
+
+
 def conversion_kwargs(args) -> dict:
     """The eight conversion keyword arguments of ``rehyat distill`` / ``convert`` from parsed arguments (as given:
     :func:`~rehyat.training.distill` and :func:`~rehyat.training.convert_model` check them)."""

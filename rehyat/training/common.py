@@ -186,10 +186,10 @@ def block_overlap_settings(given, kind: str, blocks, num_blocks: int, softmax_bl
     windowed = softmax_blocks == "chunk_causal"  # unconverted blocks may then get a bounded window
     allowed = range(num_blocks) if windowed else blocks
     for b, v in given.items():
-        if (isinstance(b, bool) or b not in allowed) and windowed:
-            raise ValueError(f"--block-overlap-frames names block {b!r}: it must be one of the teacher's blocks "
-                             f"0..{num_blocks - 1}")
         if isinstance(b, bool) or b not in allowed:
+            if windowed:
+                raise ValueError(f"--block-overlap-frames names block {b!r}: it must be one of the teacher's blocks "
+                                 f"0..{num_blocks - 1}")
             raise ValueError(f"--block-overlap-frames names block {b!r}, which is not converted: it must be one of "
                              f"--blocks {sorted(blocks)} (or, with --softmax-blocks chunk_causal, any block, to bound "
                              "its softmax window)")
