@@ -73,6 +73,10 @@ def add_parser(sub) -> None:
                         "(first forward 17-19 s with compilation). Recurrent/streaming: each block around the "
                         "attention step, and the step on its own (an H200 forward chunk by chunk: 1.39x of the "
                         "compiled teacher, against 1.01x with the step eager)")
+    p.add_argument("--linear-norm-frames", default=None, metavar="FRAMES|off",
+                   help="override the model's length normalisation of its linear branch for this run: a converted "
+                        "block's linear sums over more than FRAMES latent frames are scaled down to FRAMES frames' "
+                        "mass (docs/design.md section 3); 'off' for plain sums (default: the model folder's setting)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .mp4 (a folder with --prompt-file, created if missing)")
     p.add_argument("--save-latents", type=Path, default=None,
@@ -171,6 +175,7 @@ def _resolve(args):
     model = ModelFolder(model)
     geometry = _geometry(args, model)
     _check_mode(args, model)
+    args.linear_norm_frames = _linear_norm_frames(args, model)
     shape = _latent_shape(args, model, geometry)
     if args.prompt_schedule is not None:
         _plan_schedule(args, model, jobs[0][0], labels, geometry["frames"])
@@ -270,6 +275,24 @@ def _check_mode(args, model) -> None:
         problem = folder_recurrence_problem(model)
         if problem is not None:
             raise ValueError(f"--mode {args.mode}: this ReHyAt model generates in parallel mode only: {problem}")
+
+
+def _linear_norm_frames(args, model):
+    """``--linear-norm-frames`` as the value to set (an int >= 1, ``None`` for off, or ``"keep"`` when not given);
+    ValueError naming the flag for another value, or for a model with no causal converted block."""
+    from ..ops._checks import check_linear_norm_frames
+
+    given = args.linear_norm_frames
+    if given is None:
+        return "keep"
+    value = None if given == "off" else int(given) if given.lstrip("-").isdigit() else given
+    try:
+        check_linear_norm_frames(value)
+    except ValueError:
+        raise ValueError(f"--linear-norm-frames must be an int >= 1 or 'off', got {given!r}") from None
+    if model.rehyat is None or not model.rehyat["blocks"] or not model.rehyat["causal"]:
+        raise ValueError(f"--linear-norm-frames needs a model with causal converted blocks; {model} has none")
+    return value
 
 
 def _latent_shape(args, model, geometry: dict) -> tuple[int, int, int, int, int]:
@@ -386,6 +409,10 @@ def run(args) -> int:
     ]
     pipe = ReHyAtVideoPipeline.from_pretrained(model, torch_dtype=dtype, device=device,
                                                text_embeddings=args.text_embeddings, compile=args.compile)
+    if args.linear_norm_frames != "keep":
+        from ..models.wan import set_linear_norm_frames
+
+        set_linear_norm_frames(pipe.transformer, args.linear_norm_frames)
     mode = args.mode
     if mode == "auto":
         from ..models.wan import get_rehyat_config

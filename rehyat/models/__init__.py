@@ -16,11 +16,13 @@ from .wan import (
     recurrent_mode,
     runner_chunk_frames,
     save_rehyat,
+    set_linear_norm_frames,
 )
 
 __all__ = [
     "COMPILE_CHOICES", "ChunkCausalAttnProcessor", "ReHyAtAttnProcessor", "ReHyAtConfig", "RunContext",
     "TransformerState", "check_compile", "check_recurrent", "compile_blocks", "convert_wan", "distill_mode",
     "forward_chunk", "get_context", "get_rehyat_config", "load_transformer", "read_rehyat_settings",
-    "recurrent_forward", "recurrent_mode", "runner_chunk_frames", "save_rehyat", "should_compile",
+    "recurrent_forward", "recurrent_mode", "runner_chunk_frames", "save_rehyat", "set_linear_norm_frames",
+    "should_compile",
 ]

@@ -35,7 +35,7 @@ import math
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..modules import FEATURE_MAPS, make_feature_map
 from ..ops import RecurrentState, rehyat_attention, rehyat_attention_step
 from ..ops.mass import attention_mass
-from ..ops._checks import check_settings
+from ..ops._checks import check_linear_norm_frames, check_settings
 
 __all__ = [
     "ReHyAtConfig",
@@ -60,6 +60,7 @@ __all__ = [
     "get_rehyat_config",
     "get_context",
     "save_rehyat",
+    "set_linear_norm_frames",
     "load_transformer",
     "read_wan_config",
     "read_rehyat_settings",
@@ -105,6 +106,10 @@ class ReHyAtConfig:
         linear_scale: each converted block has a learned per-head scale of its linear branch
             (``processor.linear_log_scale [H]``, design section 4); a folder whose ``rehyat_config.json`` does not
             name this key was written before it existed and has none (read as False).
+        linear_norm_frames: ``None`` (plain sums, the paper's) or H >= 1: a converted block's linear sums over
+            ``n > H`` frames are scaled by ``H / n`` (design section 3, "The linear branch at length"); causal only.
+            Set it to the most frames the training clips put into the linear branch to keep that branch's mass at
+            longer lengths; :func:`set_linear_norm_frames` changes it on a converted model.
     """
 
     blocks: list[int]
@@ -119,6 +124,7 @@ class ReHyAtConfig:
     softmax_blocks: str = "bidirectional"
     teacher_attention: str = "bidirectional"
     linear_scale: bool = True
+    linear_norm_frames: int | None = None
 
     def settings_for(self, block: int) -> tuple[int, int]:
         """``(chunk_frames, overlap_frames)`` of a converted block."""
@@ -373,6 +379,7 @@ class _ChunkedProcessorBase(nn.Module):
     """Shared plumbing: projections, RoPE, parallel or recurrent dispatch, output projection."""
 
     feature_map_input = "rotated"  # what the feature maps see of q, k (a converted block sets its own)
+    linear_norm_frames = None  # length normalisation of the linear branch (a converted block sets its own)
 
     def __init__(self, block_index: int, chunk_frames: int, overlap_frames: int, stabilizer: str, context: RunContext):
         super().__init__()
@@ -418,6 +425,7 @@ class _ChunkedProcessorBase(nn.Module):
         return rehyat_attention(
             q, k, v, fq, fk, frame_tokens=S, chunk_frames=self.chunk_frames,
             overlap_frames=min(self.overlap_frames, T), causal=self.causal, stabilizer=self.stabilizer,
+            linear_norm_frames=self.linear_norm_frames,
         )
 
     # Not traced by torch.compile (a graph break around it, a no-op in eager code): the chunk's state lives in the
@@ -448,7 +456,7 @@ class _ChunkedProcessorBase(nn.Module):
             y, state = rehyat_attention_step(
                 q[:, sl], k[:, sl], v[:, sl], fq[:, sl], fk[:, sl], state,
                 frame_tokens=S, overlap_frames=self.overlap_frames, stabilizer=self.stabilizer,
-                compiled=ctx.compile_step,
+                compiled=ctx.compile_step, linear_norm_frames=self.linear_norm_frames,
             )
             outs.append(y)
         ctx.states[self.block_index] = state
@@ -489,9 +497,11 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         feature_map_input: str,
         context: RunContext,
         linear_scale: bool = True,
+        linear_norm_frames: int | None = None,
     ) -> None:
         super().__init__(block_index, chunk_frames, overlap_frames, stabilizer, context)
         self.causal = causal
+        self.linear_norm_frames = linear_norm_frames
         self.feature_map_input = feature_map_input
         self.feature_map_q = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
         self.feature_map_k = make_feature_map(feature_map, num_heads, head_dim, **feature_map_kwargs)
@@ -512,7 +522,7 @@ class ReHyAtAttnProcessor(_ChunkedProcessorBase):
         T = q.shape[1] // S
         return attention_mass(q, k, fq, fk, frame_tokens=S, chunk_frames=self.chunk_frames,
                               overlap_frames=min(self.overlap_frames, T), causal=self.causal,
-                              stabilizer=self.stabilizer)
+                              stabilizer=self.stabilizer, linear_norm_frames=self.linear_norm_frames)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         if not self.context.distill:
@@ -655,6 +665,7 @@ def convert_wan(
     block_settings: dict | None = None,
     linear_scale: bool = True,
     teacher_attention: str | None = None,
+    linear_norm_frames: int | None = None,
 ):
     """Convert a diffusers ``WanTransformer3DModel`` to ReHyAt, in place (design sections 5 and 6).
 
@@ -678,6 +689,8 @@ def convert_wan(
         teacher_attention: what the converted blocks are distilled against: ``None`` (default) takes it from the
             model (``"chunk_causal"`` for a block-causal model, else ``"bidirectional"``); ``"chunk_causal"`` on a
             plain model says its weights were trained block-causal (a saved student of such a teacher, reloaded).
+        linear_norm_frames: ``None`` (default) or H >= 1 latent frames: the length normalisation of every converted
+            block's linear branch (:class:`ReHyAtConfig`; causal only).
 
     Returns:
         The same transformer, with converted processors (feature maps in the transformer's dtype and device),
@@ -694,7 +707,7 @@ def convert_wan(
         transformer, blocks=blocks, chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal,
         stabilizer=stabilizer, feature_map=feature_map, feature_map_kwargs=feature_map_kwargs,
         feature_map_input=feature_map_input, softmax_blocks=softmax_blocks, block_settings=block_settings,
-        linear_scale=linear_scale, teacher_attention=teacher_attention)
+        linear_scale=linear_scale, teacher_attention=teacher_attention, linear_norm_frames=linear_norm_frames)
     # Build every processor first, so a bad feature_map_kwargs fails before the model is changed.
     ctx = RunContext()
     ctx.teacher_chunk_frames = teacher_chunk
@@ -705,7 +718,7 @@ def convert_wan(
 
 def _conversion_config(
     transformer, *, blocks, chunk_frames, overlap_frames, causal, stabilizer, feature_map, feature_map_kwargs,
-    feature_map_input, softmax_blocks, block_settings, linear_scale, teacher_attention,
+    feature_map_input, softmax_blocks, block_settings, linear_scale, teacher_attention, linear_norm_frames=None,
 ) -> tuple[ReHyAtConfig, int | None]:
     """Check :func:`convert_wan`'s arguments (its Raises, in the same order) without changing anything; return
     the :class:`ReHyAtConfig` and the teacher's chunk (``None``: a bidirectional teacher)."""
@@ -720,6 +733,7 @@ def _conversion_config(
         teacher_chunk = chunk_frames
     blocks = _check_blocks(blocks, len(transformer.blocks))
     check_settings(frame_tokens=1, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer)
+    check_linear_norm_frames(linear_norm_frames, causal)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     if feature_map_input not in FEATURE_MAP_INPUTS:
@@ -736,6 +750,7 @@ def _conversion_config(
         feature_map_kwargs=dict(feature_map_kwargs or {}), feature_map_input=feature_map_input,
         softmax_blocks=softmax_blocks, linear_scale=bool(linear_scale),
         teacher_attention="bidirectional" if teacher_chunk is None else "chunk_causal",
+        linear_norm_frames=linear_norm_frames,
     )
     return cfg, teacher_chunk
 
@@ -807,6 +822,7 @@ def _build_processors(transformer, cfg: ReHyAtConfig, ctx: RunContext) -> dict[i
                 b, heads, head_dim, chunk_frames=tc, overlap_frames=to, causal=cfg.causal, stabilizer=cfg.stabilizer,
                 feature_map=cfg.feature_map, feature_map_kwargs=cfg.feature_map_kwargs,
                 feature_map_input=cfg.feature_map_input, context=ctx, linear_scale=cfg.linear_scale,
+                linear_norm_frames=cfg.linear_norm_frames,
             ).to(device=param.device, dtype=param.dtype)
         except TypeError as e:  # an unknown keyword in feature_map_kwargs
             raise ValueError(f"feature_map_kwargs {cfg.feature_map_kwargs} do not fit feature_map "
@@ -863,6 +879,26 @@ def get_context(transformer) -> RunContext:
     if ctx is None:
         raise ValueError("transformer is not converted to ReHyAt (see rehyat.convert_wan)")
     return ctx
+
+
+def set_linear_norm_frames(transformer, linear_norm_frames: int | None):
+    """Set the length normalisation of every converted block's linear branch, in place (:class:`ReHyAtConfig`'s
+    ``linear_norm_frames``; design section 3): ``None`` for plain sums, or H >= 1 latent frames. The model's
+    settings (and so a later save) carry the new value. Returns the transformer.
+
+    Raises:
+        ValueError: a transformer that is not converted, a value that is not None or an int >= 1, or a
+            bidirectional conversion (causal=False), before anything is changed.
+    """
+    cfg = get_rehyat_config(transformer)
+    if cfg is None:
+        raise ValueError("transformer is not converted to ReHyAt (see rehyat.convert_wan)")
+    check_linear_norm_frames(linear_norm_frames, cfg.causal)
+    for b in cfg.blocks:
+        transformer.blocks[b].attn1.processor.linear_norm_frames = linear_norm_frames
+    transformer.rehyat_config = replace(cfg, linear_norm_frames=linear_norm_frames)
+    transformer.register_to_config(**{REHYAT_CONFIG_KEY: transformer.rehyat_config.to_dict()})
+    return transformer
 
 
 def save_rehyat(transformer, folder, *, overwrite: bool = False, **save_kwargs) -> Path:

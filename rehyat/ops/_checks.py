@@ -24,6 +24,18 @@ def check_settings(*, frame_tokens: int, chunk_frames: int | None, overlap_frame
         raise ValueError(f"stabilizer must be one of {STABILIZERS}, got {stabilizer!r}")
 
 
+def check_linear_norm_frames(linear_norm_frames: int | None, causal: bool = True) -> None:
+    """Validate ``linear_norm_frames`` (design section 7): ``None`` or an int >= 1, and only for the causal
+    variant (the bidirectional one's linear keys are not a growing past)."""
+    if linear_norm_frames is None:
+        return
+    if not isinstance(linear_norm_frames, int) or isinstance(linear_norm_frames, bool) or linear_norm_frames < 1:
+        raise ValueError(f"linear_norm_frames must be None or an int >= 1 (latent frames), got {linear_norm_frames!r}")
+    if not causal:
+        raise ValueError("linear_norm_frames needs causal=True: it bounds the mass of the past frames, and the "
+                         "bidirectional variant's linear keys include future ones")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor) -> None:
     """Check layouts ``[B, N, H, D]`` (q, k, v) and ``[B, N, H, D']`` (fq, fk), dtypes and devices."""
     named = {"q": q, "k": k, "v": v, "fq": fq, "fk": fk}

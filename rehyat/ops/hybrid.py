@@ -20,6 +20,11 @@ paper (Ghafoorian and Habibian, "ReHyAt", arXiv 2601.04342):
   the softmax branch is plain softmax attention and any SDPA kernel serves) or their row maximum (``"max"``, the
   paper's "max exponent term").
 
+Length normalisation (optional, ``linear_norm_frames`` H; design section 3): the linear sums of a query whose
+linear branch holds ``n > H`` frames are scaled by ``H / n``, so that branch's mass stays what H frames give (a
+mean over its frames, times H) instead of growing with the video. With ``n <= H`` nothing changes: a model whose
+training clips never put more than H frames into the linear branch computes exactly what it was trained on.
+
 Denominator guard: the linear mass ``phi_q(q) . sum_L phi_k(k_j)`` is clamped at zero before it enters the
 denominator, so the denominator is at least the softmax mass (1 for ``"lse"``, >= 1 for ``"max"``) and never
 reaches zero or changes sign. The library's feature maps are non-negative by construction (``rehyat.modules``), so
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_frames, check_qkv, check_settings
+from ._checks import check_frames, check_linear_norm_frames, check_qkv, check_settings
 
 __all__ = [
     "chunk_windows",
@@ -43,6 +48,7 @@ __all__ = [
     "RecurrentState",
     "rehyat_attention_step",
     "rehyat_attention_recurrent",
+    "linear_norm_factor",
 ]
 
 
@@ -151,6 +157,24 @@ def _readout(fq, s, z, mm: torch.dtype):
     return out[..., :Dv], out[..., Dv : Dv + 1]
 
 
+def linear_norm_factor(linear_frames: int, linear_norm_frames: int | None) -> float:
+    """The scale of the linear sums of a query whose linear branch holds ``linear_frames`` frames:
+    ``min(1, linear_norm_frames / linear_frames)``, and 1 for ``linear_norm_frames=None`` (plain sums, the paper's
+    Eq. 13). Used by every path (parallel, reference, recurrent, the mass diagnostic)."""
+    if linear_norm_frames is None or linear_frames <= linear_norm_frames:
+        return 1.0
+    return linear_norm_frames / linear_frames
+
+
+def _norm_factors(starts: list[int], linear_norm_frames: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``[G]`` factors of :func:`linear_norm_factor` for chunks whose linear branch holds ``starts`` frames, in
+    ``like``'s dtype and device; ``None`` when every factor is 1 (nothing to scale)."""
+    factors = [linear_norm_factor(n, linear_norm_frames) for n in starts]
+    if all(f == 1.0 for f in factors):
+        return None
+    return torch.tensor(factors, dtype=like.dtype, device=like.device)
+
+
 def _merge(o, mass, num_lin, den_lin, acc: torch.dtype, out_dtype: torch.dtype):
     """Joint normalisation of the two branches (design section 3), computed in ``acc``, returned in ``out_dtype``.
 
@@ -200,7 +224,7 @@ def _windows_view(x: torch.Tensor, first: int, size: int, step: int, count: int)
     return w.permute(0, 1, 5, 2, 3, 4)
 
 
-def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc):
+def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc, linear_norm_frames=None):
     """All chunks at once; see :func:`rehyat_attention`. Returns ``[B, N, H, Dv]`` in q's dtype."""
     B, N, H, D = q.shape
     S, Dv, Fd = frame_tokens, v.shape[-1], fq.shape[-1]
@@ -235,6 +259,9 @@ def _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale,
         if not causal:
             ends = torch.tensor([windows[c][2] for c in range(c0, c1)], device=q.device)
             state_kv, state_k = state_kv + suffix_kv[:, ends], state_k + suffix_k[:, ends]
+        factors = _norm_factors([windows[c][0] for c in range(c0, c1)], linear_norm_frames, state_k)
+        if factors is not None:  # length normalisation (causal only): chunk g's sums times factors[g]
+            state_kv, state_k = state_kv * factors[:, None, None, None], state_k * factors[:, None, None]
         num_lin, den_lin = _readout(fq[:, t0:t1].reshape(B, G, nq * S, H, Fd), state_kv, state_k, mm)
         outs.append(_merge(o, mass, num_lin, den_lin, acc, q.dtype).reshape(B, G * nq * S, H, Dv))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -253,6 +280,7 @@ def rehyat_attention(
     causal: bool = True,
     stabilizer: str = "lse",
     scale: float | None = None,
+    linear_norm_frames: int | None = None,
 ) -> torch.Tensor:
     """ReHyAt hybrid attention, parallel form (all chunks at once): training and moderate-length inference.
 
@@ -278,23 +306,27 @@ def rehyat_attention(
             it (False, bidirectional).
         stabilizer: ``"lse"`` (default) or ``"max"``: the row constant ``c`` subtracted from the window logits.
         scale: logit scale, default ``D ** -0.5``.
+        linear_norm_frames: ``None`` (default: plain sums, Eq. 13) or H >= 1 latent frames: a chunk whose linear
+            branch holds ``n > H`` frames has its linear sums scaled by ``H / n`` (module docstring; causal only).
 
     Returns:
         ``[B, N, H, Dv]`` in q's dtype.
 
     Raises:
         ValueError: mismatched shapes, dtypes or devices, ``N`` not a multiple of ``frame_tokens``,
-            ``chunk_frames < 1``, ``overlap_frames < 0`` or an unknown ``stabilizer``; raised before any compute.
+            ``chunk_frames < 1``, ``overlap_frames < 0``, an unknown ``stabilizer``, or ``linear_norm_frames`` not
+            None or an int >= 1 (or given with ``causal=False``); raised before any compute.
     """
     check_settings(
         frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer
     )
+    check_linear_norm_frames(linear_norm_frames, causal)
     check_qkv(q, k, v, fq, fk)
     T = check_frames(q.shape[1], frame_tokens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype, fq.dtype)
     windows = chunk_windows(T, chunk_frames, overlap_frames)
-    return _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc)
+    return _parallel(q, k, v, fq, fk, windows, frame_tokens, causal, stabilizer, scale, acc, linear_norm_frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,6 +365,7 @@ def rehyat_attention_reference(
     causal: bool = True,
     stabilizer: str = "lse",
     scale: float | None = None,
+    linear_norm_frames: int | None = None,
 ) -> torch.Tensor:
     """Dense reference of :func:`rehyat_attention`: full ``[N, N]`` scores and explicit masks.
 
@@ -342,11 +375,16 @@ def rehyat_attention_reference(
     check_settings(
         frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames, stabilizer=stabilizer
     )
+    check_linear_norm_frames(linear_norm_frames, causal)
     check_qkv(q, k, v, fq, fk)
     T = check_frames(q.shape[1], frame_tokens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype, fq.dtype)
     soft, lin = hybrid_masks(T, frame_tokens, chunk_frames, overlap_frames, causal, device=q.device)
+    # each query row's length normalisation, from the number of frames among its linear keys
+    row_frames = (lin.sum(-1) // frame_tokens).tolist()
+    row_factor = torch.tensor([linear_norm_factor(n, linear_norm_frames) for n in row_frames], dtype=acc,
+                              device=q.device)
 
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     s = s.masked_fill(~soft, float("-inf"))
@@ -355,7 +393,7 @@ def rehyat_attention_reference(
     else:
         c = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - c)  # zero outside the window
-    kernel = torch.einsum("bqhf,bkhf->bhqk", fq.to(acc), fk.to(acc)) * lin
+    kernel = torch.einsum("bqhf,bkhf->bhqk", fq.to(acc), fk.to(acc)) * lin * row_factor[:, None]
     va = v.to(acc)
     num = torch.einsum("bhqk,bkhd->bqhd", p + kernel, va)
     den = p.sum(-1) + kernel.sum(-1).clamp(min=0)  # [B, H, N]
@@ -417,6 +455,7 @@ def rehyat_attention_step(
     stabilizer: str = "lse",
     scale: float | None = None,
     compiled: bool = False,
+    linear_norm_frames: int | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """One chunk of the causal hybrid attention as an RNN step (design section 5).
 
@@ -440,6 +479,8 @@ def rehyat_attention_step(
             chunk_frames) + 1`` (+ 1) while the cache takes several chunks to fill; beyond ``torch._dynamo``'s
             recompile limit (8 by default, raised by :func:`rehyat.models.compile_blocks`) it runs eagerly.
             Default False (eager).
+        linear_norm_frames: as in :func:`rehyat_attention`: the state's sums over ``n > H`` frames are read out
+            scaled by ``H / n`` (the state itself keeps the plain sums). Default None.
 
     Returns:
         ``(y, new_state)``: ``y`` ``[B, n, H, Dv]`` in q's dtype, and the state after this chunk.
@@ -449,6 +490,7 @@ def rehyat_attention_step(
             device of each tensor, the cached-token count, ``frames_seen``), before any work.
     """
     check_settings(frame_tokens=frame_tokens, chunk_frames=None, overlap_frames=overlap_frames, stabilizer=stabilizer)
+    check_linear_norm_frames(linear_norm_frames)
     check_qkv(q, k, v, fq, fk)
     n_frames = check_frames(q.shape[1], frame_tokens)
     if state is None:
@@ -462,9 +504,12 @@ def rehyat_attention_step(
     # changing once overlap_frames frames have been seen), never the chunk's position, so a compiled core serves
     # every chunk with a few graphs instead of recompiling for each position.
     keep = min(overlap_frames, frames_seen) * frame_tokens
+    # the frames in (s, z) now: those before this chunk's window; a tensor factor (or None), so that a compiled
+    # core does not recompile for each value
+    factor = _norm_factors([max(state.frames_seen - overlap_frames, 0)], linear_norm_frames, state.z)
     core = _compiled_step_core() if compiled else _step_core
     y, s_new, z_new, k_keep, v_keep, fk_keep = core(
-        q, k, v, fq, fk, state.s, state.z, state.k, state.v, state.fk, keep, frame_tokens, stabilizer, scale
+        q, k, v, fq, fk, state.s, state.z, state.k, state.v, state.fk, keep, frame_tokens, stabilizer, scale, factor
     )
     return y, RecurrentState(s=s_new, z=z_new, k=k_keep, v=v_keep, fk=fk_keep, frames_seen=frames_seen)
 
@@ -502,18 +547,21 @@ def _check_state(state: RecurrentState, q, k, v, fq, fk, *, frame_tokens: int, o
         )
 
 
-def _step_core(q, k, v, fq, fk, s, z, ck, cv, cfk, keep: int, frame_tokens: int, stabilizer: str, scale: float):
+def _step_core(q, k, v, fq, fk, s, z, ck, cv, cfk, keep: int, frame_tokens: int, stabilizer: str, scale: float,
+               factor=None):
     """Tensor part of :func:`rehyat_attention_step`: the chunk's output and the new state's tensors.
 
     ``(s, z, ck, cv, cfk)`` is the old state (sums, cached overlap keys / values / feature-mapped keys); ``keep``
-    the tokens that stay cached after this chunk. Returns ``(y, s, z, k, v, fk)``.
+    the tokens that stay cached after this chunk; ``factor`` ``[1]`` the length normalisation of the read-out, or
+    ``None``. Returns ``(y, s, z, k, v, fk)``.
     """
     acc = s.dtype
     k_win = torch.cat([ck, k], dim=1)
     v_win = torch.cat([cv, v], dim=1)
     mm = _mm_dtype(q, fq, acc)
     o, mass = _window_softmax(q, k_win, v_win, stabilizer, scale, acc)
-    num_lin, den_lin = _readout(fq[:, None], s[:, None], z[:, None], mm)
+    s_read, z_read = (s, z) if factor is None else (s * factor, z * factor)
+    num_lin, den_lin = _readout(fq[:, None], s_read[:, None], z_read[:, None], mm)
     y = _merge(o, mass, num_lin[:, 0], den_lin[:, 0], acc, q.dtype)
 
     # Frames leaving the softmax window: the first `move` tokens of [cached overlap, chunk]. Their per-frame sums
@@ -560,10 +608,11 @@ def rehyat_attention_recurrent(
     stabilizer: str = "lse",
     scale: float | None = None,
     state: RecurrentState | None = None,
+    linear_norm_frames: int | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """Run a whole sequence chunk by chunk through :func:`rehyat_attention_step`.
 
-    Same inputs as :func:`rehyat_attention` (causal variant only). With ``state=None`` the sequence starts at
+    Same inputs as :func:`rehyat_attention` (causal variant only; ``linear_norm_frames`` included). With ``state=None`` the sequence starts at
     frame 0; a given state continues a longer sequence, and its ``frames_seen`` must then be a multiple of
     ``chunk_frames`` for the result to follow the parallel chunking.
 
@@ -583,6 +632,7 @@ def rehyat_attention_recurrent(
         y, state = rehyat_attention_step(
             q[:, sl], k[:, sl], v[:, sl], fq[:, sl], fk[:, sl], state,
             frame_tokens=frame_tokens, overlap_frames=overlap_frames, stabilizer=stabilizer, scale=scale,
+            linear_norm_frames=linear_norm_frames,
         )
         outs.append(y)
     return torch.cat(outs, dim=1), state

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_frames, check_qkv, check_settings
-from .hybrid import hybrid_mask_rows
+from ._checks import check_frames, check_linear_norm_frames, check_qkv, check_settings
+from .hybrid import hybrid_mask_rows, linear_norm_factor
 
 __all__ = ["attention_mass", "mass_query_tokens", "log_scale_for_mass", "MASS_QUERIES"]
 
@@ -64,13 +64,14 @@ def attention_mass(
     stabilizer: str = "lse",
     scale: float | None = None,
     max_queries: int = MASS_QUERIES,
+    linear_norm_frames: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-query masses of the hybrid's two branches and of softmax attention over the same keys.
 
     Args:
         q, k: ``[B, N, H, D]`` as given to :func:`rehyat.ops.rehyat_attention` (RoPE applied if the model uses it).
         fq, fk: ``[B, N, H, D']`` the feature-mapped q and k the hybrid uses (any scale folded into them).
-        frame_tokens, chunk_frames, overlap_frames, causal, stabilizer, scale: as in
+        frame_tokens, chunk_frames, overlap_frames, causal, stabilizer, scale, linear_norm_frames: as in
             :func:`rehyat.ops.rehyat_attention`.
         max_queries: sampled query tokens (:func:`mass_query_tokens`), default 256.
 
@@ -79,7 +80,8 @@ def attention_mass(
         (``n = 0`` when no query has linear keys), every mass relative to the window's stabiliser ``c``:
 
         - ``"window"``: ``sum_S exp(s_j - c)`` (1 for ``"lse"``);
-        - ``"linear"``: the hybrid's linear mass ``phi_q . sum_L phi_k`` (clamped at 0, as the operator does);
+        - ``"linear"``: the hybrid's linear mass ``phi_q . sum_L phi_k`` (clamped at 0, as the operator does;
+          times the length normalisation when ``linear_norm_frames`` is set);
         - ``"teacher_linear"``: ``sum_L exp(s_j - c)``, softmax's mass on the same linear keys;
         - ``"teacher_rest"``: ``sum exp(s_j - c)`` over the keys in neither set (the future, causal variant);
         - ``"queries"``: the sampled token indices, int64 ``[n]``.
@@ -92,6 +94,7 @@ def attention_mass(
     """
     check_settings(frame_tokens=frame_tokens, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                    stabilizer=stabilizer)
+    check_linear_norm_frames(linear_norm_frames, causal)
     check_qkv(q, k, k, fq, fk)
     T = check_frames(q.shape[1], frame_tokens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -109,7 +112,9 @@ def attention_mass(
 
         out = {"window": mass(soft), "teacher_linear": mass(lin), "teacher_rest": mass(~(soft | lin)), "queries": idx}
     z = torch.einsum("qk,bkhf->bqhf", lin.to(acc), fk.to(acc))  # sum of phi_k over each query's linear keys
-    out["linear"] = (fq[:, idx].to(acc) * z).sum(-1).clamp(min=0)
+    factor = [linear_norm_factor(n, linear_norm_frames) for n in (lin.sum(-1) // frame_tokens).tolist()]
+    factor = torch.tensor(factor, dtype=acc, device=q.device)[:, None]  # [n, 1]
+    out["linear"] = (fq[:, idx].to(acc) * z).sum(-1).clamp(min=0) * factor
     return out
 
 

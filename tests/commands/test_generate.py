@@ -482,3 +482,32 @@ def test_init_needs_one_causal_video(model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--init-video", "a.mp4", "--init-latents", "b.pt")
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_linear_norm_frames_overrides_the_model_for_the_run(model, tmp_path):
+    """--linear-norm-frames N reaches the converted blocks (7 latent frames: the last chunk's linear branch holds
+    more than one frame, so N = 1 changes the latents); 'off' is the folder's own setting (none here)."""
+    latents = {}
+    for extra in ((), ("--linear-norm-frames", "1"), ("--linear-norm-frames", "off")):
+        path = tmp_path / f"l{len(latents)}.pt"
+        assert main(["generate", "--model", str(model), "--frames", "25", "--height", "32", "--width", "32",
+                     "--steps", "2", "--guidance", "2.0", "--out", str(tmp_path / f"v{len(latents)}.mp4"),
+                     "--prompt", "a red circle", "--save-latents", str(path), *extra]) == 0
+        latents[extra] = torch.load(path)
+    plain = latents[()]
+    assert torch.equal(latents[("--linear-norm-frames", "off")], plain)
+    assert not torch.equal(latents[("--linear-norm-frames", "1")], plain)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nine", "2.5"])
+def test_linear_norm_frames_bad_value_refused_before_loading(model, tmp_path, capsys, value):
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", value) == 2
+    assert f"--linear-norm-frames must be an int >= 1 or 'off', got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_linear_norm_frames_refused_for_a_plain_teacher(tmp_path, capsys):
+    teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
+    assert gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", "3") == 2
+    assert "--linear-norm-frames needs a model with causal converted blocks" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

@@ -749,3 +749,70 @@ class TestSoftmaxWindow:
         with pytest.raises(ValueError, match=match):
             convert_wan(model, **{**args, **kw})
         assert get_rehyat_config(model) is None
+
+
+def _normed(teacher, linear_norm_frames, frames_chunk=1):
+    torch.manual_seed(0)  # the same feature maps for every setting
+    model = convert_wan(copy.deepcopy(teacher), blocks=[0, 1], softmax_blocks="chunk_causal",
+                        chunk_frames=frames_chunk, overlap_frames=1, linear_norm_frames=linear_norm_frames)
+    # a linear mass near the window's (not far above it), so that its scale shows in the output
+    _set_log_scales(model, [0, 1], torch.full((model.config.num_attention_heads,), -2.0))
+    return model
+
+
+class TestLinearNormFrames:
+    """The length normalisation of the linear branch (design section 3) through conversion, the runner and saving."""
+
+    def test_no_change_within_the_horizon_and_a_change_beyond(self, teacher):
+        x, t, e = inputs(frames=7)  # chunk 1, overlap 1: the last chunk's linear branch holds 5 frames
+        plain = run(_normed(teacher, None), x, t, e)
+        assert torch.equal(run(_normed(teacher, 5), x, t, e), plain)
+        assert rel(run(_normed(teacher, 2), x, t, e), plain) > 1e-4
+
+    def test_recurrent_equals_parallel(self, teacher):
+        from rehyat.models import recurrent_forward
+
+        model = _normed(teacher, 2)
+        x, t, e = inputs(frames=7)
+        with torch.no_grad():
+            assert_outputs_close(recurrent_forward(model, x, t, e), run(model, x, t, e))
+
+    def test_saved_setting_loads_back(self, teacher, tmp_path):
+        model = _normed(teacher, 2)
+        save_rehyat(model, tmp_path / "m")
+        loaded = load_transformer(tmp_path / "m")
+        assert get_rehyat_config(loaded).linear_norm_frames == 2
+        assert all(loaded.blocks[b].attn1.processor.linear_norm_frames == 2 for b in (0, 1))
+        x, t, e = inputs(frames=7)
+        assert_outputs_close(run(loaded, x, t, e), run(model, x, t, e))
+
+    def test_set_changes_the_processors_and_the_saved_settings(self, teacher, tmp_path):
+        from rehyat.models import set_linear_norm_frames
+
+        x, t, e = inputs(frames=7)
+        model = set_linear_norm_frames(_normed(teacher, None), 2)
+        assert_outputs_close(run(model, x, t, e), run(_normed(teacher, 2), x, t, e))
+        save_rehyat(model, tmp_path / "m")
+        assert json.loads((tmp_path / "m" / "config.json").read_text())["rehyat"]["linear_norm_frames"] == 2
+        assert get_rehyat_config(load_transformer(tmp_path / "m")).linear_norm_frames == 2
+        set_linear_norm_frames(model, None)
+        assert_outputs_close(run(model, x, t, e), run(_normed(teacher, None), x, t, e))
+
+    @pytest.mark.parametrize("value, kw, match", [
+        (0, {}, r"linear_norm_frames must be None or an int >= 1 \(latent frames\), got 0"),
+        (2.5, {}, r"linear_norm_frames must be None or an int >= 1"),
+        (3, dict(causal=False), r"linear_norm_frames needs causal=True"),
+    ])
+    def test_bad_value_refused_before_any_change(self, teacher, value, kw, match):
+        from rehyat.models import set_linear_norm_frames
+
+        model = copy.deepcopy(teacher)
+        with pytest.raises(ValueError, match=match):
+            convert_wan(model, blocks=[1], linear_norm_frames=value, **kw)
+        assert get_rehyat_config(model) is None
+        converted = convert_wan(copy.deepcopy(teacher), blocks=[1], **kw)
+        with pytest.raises(ValueError, match=match):
+            set_linear_norm_frames(converted, value)
+        assert get_rehyat_config(converted).linear_norm_frames is None
+        with pytest.raises(ValueError, match="not converted"):
+            set_linear_norm_frames(copy.deepcopy(teacher), 3)
