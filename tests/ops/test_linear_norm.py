@@ -138,3 +138,21 @@ def test_bidirectional_refused():
     for fn in (rehyat_attention, rehyat_attention_reference):
         with pytest.raises(ValueError, match="linear_norm_frames needs causal=True"):
             fn(*x, frame_tokens=2, chunk_frames=2, overlap_frames=1, causal=False, linear_norm_frames=3)
+
+
+def test_compiled_step_matches_eager_without_a_graph_per_position():
+    """The factor enters the compiled step as a tensor: chunks with different factors share one graph."""
+    from torch._dynamo.utils import counters
+
+    x = _inputs(17, 2, dtype=torch.float32, B=1, seed=6)  # 9 chunks of 2 frames (the last of 1), factors 1, 1, 2/3..
+    torch._dynamo.reset()
+    counters.clear()
+    state_e = state_c = None
+    for f0 in range(0, 17, 2):
+        sl = slice(f0 * 2, min(f0 + 2, 17) * 2)
+        kw = dict(frame_tokens=2, overlap_frames=1, linear_norm_frames=2)
+        y_e, state_e = rehyat_attention_step(*(t[:, sl] for t in x), state_e, **kw)
+        y_c, state_c = rehyat_attention_step(*(t[:, sl] for t in x), state_c, compiled=True, **kw)
+        assert _rel(y_c, y_e) <= 1e-5
+    # first chunk (empty cache), second (no factor), later chunks (a factor), the shorter last chunk
+    assert counters["stats"]["unique_graphs"] <= 4
