@@ -25,7 +25,7 @@ def check_settings(*, frame_tokens: int, chunk_frames: int | None, overlap_frame
 
 
 def check_linear_norm_frames(linear_norm_frames: int | None, causal: bool = True) -> None:
-    """Validate ``linear_norm_frames`` (design section 7): ``None`` or an int >= 1, and only for the causal
+    """Validate ``linear_norm_frames`` (design section 3): ``None`` or an int >= 1, and only for the causal
     variant (the bidirectional one's linear keys are not a growing past)."""
     if linear_norm_frames is None:
         return

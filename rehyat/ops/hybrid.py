@@ -612,9 +612,9 @@ def rehyat_attention_recurrent(
 ) -> tuple[torch.Tensor, RecurrentState]:
     """Run a whole sequence chunk by chunk through :func:`rehyat_attention_step`.
 
-    Same inputs as :func:`rehyat_attention` (causal variant only; ``linear_norm_frames`` included). With ``state=None`` the sequence starts at
-    frame 0; a given state continues a longer sequence, and its ``frames_seen`` must then be a multiple of
-    ``chunk_frames`` for the result to follow the parallel chunking.
+    Same inputs as :func:`rehyat_attention` (causal variant only; ``linear_norm_frames`` included). With
+    ``state=None`` the sequence starts at frame 0; a given state continues a longer sequence, and its
+    ``frames_seen`` must then be a multiple of ``chunk_frames`` for the result to follow the parallel chunking.
 
     Returns:
         ``(y, state)``: ``y`` ``[B, N, H, Dv]`` in q's dtype, equal to ``rehyat_attention(..., causal=True)``
