@@ -33,7 +33,7 @@ EMBEDDED_NOTE = (
     "softmax with a 12-frame window, so every block streams in constant memory. Against its teacher at 16 frames "
     "the student is within 0.006 on every check and 30.1 dB PSNR from it (same prompts and noise); streamed at 128 "
     "frames, with its linear branch held to 9 frames' mass (linear_norm_frames 9), it keeps 100% / 97% / 100% / 98% "
-    "of its colour / shape / direction / persistence scores (40 videos, CPU), where the teacher keeps 91% / 83% / "
+    "of its colour / shape / direction / persistence scores (48 videos, CPU), where the teacher keeps 91% / 83% / "
     "100% / 77%. One video is not those averages: the long video here may still split or fray the object in places.")
 SWEEP_REPEATS = 3  # timed steps per point of the time/memory plot (their median): one sample misleads on a busy CPU
 HELP = "run the main job on the embedded models: long streamed video, side-by-side, evaluation report and plot"

@@ -1,9 +1,9 @@
-"""Pool the lines of ``scripts/probes/checks_by_segment.py``: ``python scripts/probes/pool_checks.py SHORT.txt ...
--- LONG.txt ...``. For each TAG of the LONG files: the mean checks over its videos, the mean over the same
-(prompt, seed) pairs in the SHORT files (the training length), and the share kept; then the mean shape score per
-16-frame segment."""
+"""Pool the lines of ``scripts/probes/checks_by_segment.py``: ``python scripts/probes/pool_checks.py FILE ... --short
+TAG --long TAG[,TAG...]``. For each long TAG: the mean checks over its videos at its length, the mean over the same
+(prompt, seed) pairs of the short TAG's videos at the shortest length in the files (the training length), the share
+kept, and the mean shape score per 16-frame segment. Lines starting with ``#`` are skipped."""
+import argparse
 import re
-import sys
 
 KEYS = ("colour_present", "shape_correct", "direction_correct", "persistence", "speed")
 
@@ -25,18 +25,21 @@ def mean(rows, k):
     return sum(r[k] for r in rows) / len(rows)
 
 
-args = sys.argv[1:]
-cut = args.index("--")
-short = {(i, s): row for (_, i, s, _), row in read(args[:cut]).items()}
-long = read(args[cut + 1:])
-for tag in sorted({key[0] for key in long}):
-    keys = sorted((i, s) for (t, i, s, _) in long if t == tag)
-    rows = [row for (t, i, s, _), row in long.items() if t == tag]
-    print(f"{tag}: {len(rows)} videos")
-    print("  long: ", " ".join(f"{k} {mean(rows, k):.3f}" for k in KEYS))
-    if all(k in short for k in keys):
-        ref = [short[k] for k in keys]
+p = argparse.ArgumentParser()
+p.add_argument("files", nargs="+")
+p.add_argument("--short", required=True, help="tag of the videos at the training length")
+p.add_argument("--long", required=True, help="tags of the long videos, comma-separated")
+a = p.parse_args()
+rows = read(a.files)
+short_frames = min(f for (t, _, _, f) in rows if t == a.short)
+short = {(i, s): r for (t, i, s, f), r in rows.items() if t == a.short and f == short_frames}
+for tag in a.long.split(","):
+    mine = {(i, s): r for (t, i, s, f), r in rows.items() if t == tag and f > short_frames}
+    print(f"{tag}: {len(mine)} videos")
+    print("  long: ", " ".join(f"{k} {mean(list(mine.values()), k):.3f}" for k in KEYS))
+    if all(key in short for key in mine):
+        ref = [short[key] for key in mine]
         print("  short:", " ".join(f"{k} {mean(ref, k):.3f}" for k in KEYS))
-        print("  kept: ", " ".join(f"{k} {100 * mean(rows, k) / mean(ref, k):.1f}%" for k in KEYS[:4]))
-    segs = [r["seg"] for r in rows]
+        print("  kept: ", " ".join(f"{k} {100 * mean(list(mine.values()), k) / mean(ref, k):.1f}%" for k in KEYS[:4]))
+    segs = [r["seg"] for r in mine.values()]
     print("  shape per segment:", " ".join(f"{sum(s[j] for s in segs) / len(segs):.2f}" for j in range(len(segs[0]))))
