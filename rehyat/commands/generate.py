@@ -75,8 +75,11 @@ def add_parser(sub) -> None:
                         "compiled teacher, against 1.01x with the step eager)")
     p.add_argument("--linear-norm-frames", default=None, metavar="FRAMES|off",
                    help="override the model's length normalisation of its linear branch for this run: a converted "
-                        "block's linear sums over more than FRAMES latent frames are scaled down to FRAMES frames' "
-                        "mass (docs/design.md section 3); 'off' for plain sums (default: the model folder's setting)")
+                        "block's linear sums over more than FRAMES *latent* frames are scaled down to FRAMES frames' "
+                        "mass (docs/design.md section 3); 'off' for plain sums (default: the model folder's setting). "
+                        "Leaves videos up to the training length unchanged with FRAMES = the training clip's latent "
+                        "frames - chunk_frames - overlap_frames (e.g. 17 for 81-frame Wan2.1 clips at chunk 3, "
+                        "overlap 1; the embedded student ships with 9)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .mp4 (a folder with --prompt-file, created if missing)")
     p.add_argument("--save-latents", type=Path, default=None,
@@ -285,14 +288,27 @@ def _linear_norm_frames(args, model):
     given = args.linear_norm_frames
     if given is None:
         return "keep"
-    value = None if given == "off" else int(given) if given.lstrip("-").isdigit() else given
     try:
+        value = None if given.strip().lower() == "off" else int(given)
         check_linear_norm_frames(value)
     except ValueError:
         raise ValueError(f"--linear-norm-frames must be an int >= 1 or 'off', got {given!r}") from None
-    if model.rehyat is None or not model.rehyat["blocks"] or not model.rehyat["causal"]:
-        raise ValueError(f"--linear-norm-frames needs a model with causal converted blocks; {model} has none")
+    if value is None:  # nothing to scale: harmless for any model
+        return None if model.rehyat is not None and model.rehyat["blocks"] and model.rehyat["causal"] else "keep"
+    if model.rehyat is None or not model.rehyat["blocks"]:
+        raise ValueError(f"--linear-norm-frames needs a model with converted blocks; {model} has none")
+    if not model.rehyat["causal"]:
+        raise ValueError(f"--linear-norm-frames needs causal converted blocks; {model} was converted bidirectional")
     return value
+
+
+def _norm_note(pipe) -> str:
+    """``", linear_norm_frames N"`` when the loaded transformer's converted blocks scale their linear sums, else ""."""
+    from ..models.wan import get_rehyat_config
+
+    cfg = get_rehyat_config(pipe.transformer)
+    h = None if cfg is None else cfg.linear_norm_frames
+    return "" if h is None else f", linear_norm_frames {h}"
 
 
 def _latent_shape(args, model, geometry: dict) -> tuple[int, int, int, int, int]:
@@ -423,7 +439,8 @@ def run(args) -> int:
         if problem is not None:
             print(f"note: --mode auto chose parallel, since the model cannot stream: {problem}", file=sys.stderr)
     print(f"{g['frames']} frames at {g['height']}x{g['width']}, {g['steps']} steps, guidance {g['guidance']:g}, "
-          f"mode {mode}{' (compiled)' if pipe.compiled else ''}, {dtype} on {device} (settings not given come from "
+          f"mode {mode}{' (compiled)' if pipe.compiled else ''}{_norm_note(pipe)}, {dtype} on {device} (settings not "
+          "given come from "
           "the model folder, else Wan2.1's)",
           file=sys.stderr)
     if args.prompt_file is not None:

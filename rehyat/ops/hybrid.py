@@ -158,9 +158,22 @@ def _readout(fq, s, z, mm: torch.dtype):
 
 
 def linear_norm_factor(linear_frames: int, linear_norm_frames: int | None) -> float:
-    """The scale of the linear sums of a query whose linear branch holds ``linear_frames`` frames:
-    ``min(1, linear_norm_frames / linear_frames)``, and 1 for ``linear_norm_frames=None`` (plain sums, the paper's
-    Eq. 13). Used by every path (parallel, reference, recurrent, the mass diagnostic)."""
+    """The scale of the linear sums of a query whose linear branch holds ``linear_frames`` frames (design section 3).
+
+    Args:
+        linear_frames: int >= 0, latent frames in the query's linear branch.
+        linear_norm_frames: ``None`` (plain sums, the paper's Eq. 13) or H, an int >= 1.
+
+    Returns:
+        ``min(1, H / linear_frames)`` as a Python float, 1.0 for ``None``. Used by every path (parallel, reference,
+        recurrent, the mass diagnostic).
+
+    Raises:
+        ValueError: ``linear_frames`` not an int >= 0 or ``linear_norm_frames`` not None or an int >= 1.
+    """
+    check_linear_norm_frames(linear_norm_frames)
+    if not isinstance(linear_frames, int) or isinstance(linear_frames, bool) or linear_frames < 0:
+        raise ValueError(f"linear_frames must be an int >= 0, got {linear_frames!r}")
     if linear_norm_frames is None or linear_frames <= linear_norm_frames:
         return 1.0
     return linear_norm_frames / linear_frames

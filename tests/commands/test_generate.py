@@ -499,15 +499,21 @@ def test_linear_norm_frames_overrides_the_model_for_the_run(model, tmp_path):
     assert not torch.equal(latents[("--linear-norm-frames", "1")], plain)
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "nine", "2.5"])
+@pytest.mark.parametrize("value", ["0", "-3", "nine", "2.5", "²", ""])
 def test_linear_norm_frames_bad_value_refused_before_loading(model, tmp_path, capsys, value):
     assert gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", value) == 2
     assert f"--linear-norm-frames must be an int >= 1 or 'off', got '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
 
 
-def test_linear_norm_frames_refused_for_a_plain_teacher(tmp_path, capsys):
+def test_linear_norm_frames_refused_for_a_plain_teacher_but_off_is_harmless(tmp_path, capsys):
     teacher = tiny_pipeline_folder(tmp_path / "teacher", converted=False)
     assert gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", "3") == 2
-    assert "--linear-norm-frames needs a model with causal converted blocks" in capsys.readouterr().err
+    assert "--linear-norm-frames needs a model with converted blocks" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+    assert gen(teacher, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", "OFF") == 0
+
+
+def test_linear_norm_frames_in_use_is_printed(model, tmp_path, capsys):
+    assert gen(model, tmp_path / "v.mp4", "--prompt", "a cat", "--linear-norm-frames", " 4") == 0
+    assert ", linear_norm_frames 4," in capsys.readouterr().err

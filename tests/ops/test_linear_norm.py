@@ -65,6 +65,11 @@ def test_factor():
     assert linear_norm_factor(5, 9) == linear_norm_factor(9, 9) == 1.0
     assert linear_norm_factor(18, 9) == 0.5
     assert linear_norm_factor(0, 1) == 1.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="linear_norm_frames must be None or an int >= 1"):
+            linear_norm_factor(5, bad)
+    with pytest.raises(ValueError, match="linear_frames must be an int >= 0, got -3"):
+        linear_norm_factor(-3, 2)
 
 
 @pytest.mark.parametrize("T,S,Tc,To,Hn", CASES)
