@@ -293,9 +293,10 @@ def _linear_norm_frames(args, model):
         check_linear_norm_frames(value)
     except ValueError:
         raise ValueError(f"--linear-norm-frames must be an int >= 1 or 'off', got {given!r}") from None
+    converted = model.rehyat is not None and bool(model.rehyat["blocks"])
     if value is None:  # nothing to scale: harmless for any model
-        return None if model.rehyat is not None and model.rehyat["blocks"] and model.rehyat["causal"] else "keep"
-    if model.rehyat is None or not model.rehyat["blocks"]:
+        return None if converted and model.rehyat["causal"] else "keep"
+    if not converted:
         raise ValueError(f"--linear-norm-frames needs a model with converted blocks; {model} has none")
     if not model.rehyat["causal"]:
         raise ValueError(f"--linear-norm-frames needs causal converted blocks; {model} was converted bidirectional")

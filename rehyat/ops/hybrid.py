@@ -174,18 +174,30 @@ def linear_norm_factor(linear_frames: int, linear_norm_frames: int | None) -> fl
     check_linear_norm_frames(linear_norm_frames)
     if not isinstance(linear_frames, int) or isinstance(linear_frames, bool) or linear_frames < 0:
         raise ValueError(f"linear_frames must be an int >= 0, got {linear_frames!r}")
-    if linear_norm_frames is None or linear_frames <= linear_norm_frames:
-        return 1.0
-    return linear_norm_frames / linear_frames
+    return _factor(linear_frames, linear_norm_frames)
+
+
+def _factor(n: int, linear_norm_frames: int | None) -> float:
+    """:func:`linear_norm_factor` without its checks, for callers whose arguments are already checked."""
+    return 1.0 if linear_norm_frames is None or n <= linear_norm_frames else linear_norm_frames / n
 
 
 def _norm_factors(starts: list[int], linear_norm_frames: int | None, like: torch.Tensor) -> torch.Tensor | None:
     """``[G]`` factors of :func:`linear_norm_factor` for chunks whose linear branch holds ``starts`` frames, in
-    ``like``'s dtype and device; ``None`` when every factor is 1 (nothing to scale)."""
-    factors = [linear_norm_factor(n, linear_norm_frames) for n in starts]
-    if all(f == 1.0 for f in factors):
+    ``like``'s dtype and device; ``None`` when every factor is 1 (nothing to scale: the default, decided before
+    any list or tensor is built, since the recurrent step calls this per chunk and block)."""
+    if linear_norm_frames is None or max(starts) <= linear_norm_frames:
         return None
-    return torch.tensor(factors, dtype=like.dtype, device=like.device)
+    return torch.tensor([_factor(n, linear_norm_frames) for n in starts], dtype=like.dtype, device=like.device)
+
+
+def _row_norm_factors(lin: torch.Tensor, frame_tokens: int, linear_norm_frames: int | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``[n]`` factors of query rows from their linear-key mask ``lin`` (bool ``[n, N]``: a row's linear frames are
+    its linear keys over ``frame_tokens``), in ``dtype`` on ``lin``'s device; the dense paths' form of
+    :func:`linear_norm_factor` (the reference, the mass diagnostic)."""
+    frames = (lin.sum(-1) // frame_tokens).tolist()
+    return torch.tensor([_factor(n, linear_norm_frames) for n in frames], dtype=dtype, device=lin.device)
 
 
 def _merge(o, mass, num_lin, den_lin, acc: torch.dtype, out_dtype: torch.dtype):
@@ -394,10 +406,7 @@ def rehyat_attention_reference(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype, fq.dtype)
     soft, lin = hybrid_masks(T, frame_tokens, chunk_frames, overlap_frames, causal, device=q.device)
-    # each query row's length normalisation, from the number of frames among its linear keys
-    row_frames = (lin.sum(-1) // frame_tokens).tolist()
-    row_factor = torch.tensor([linear_norm_factor(n, linear_norm_frames) for n in row_frames], dtype=acc,
-                              device=q.device)
+    row_factor = _row_norm_factors(lin, frame_tokens, linear_norm_frames, acc)  # each query row's normalisation
 
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     s = s.masked_fill(~soft, float("-inf"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_frames, check_linear_norm_frames, check_qkv, check_settings
-from .hybrid import hybrid_mask_rows, linear_norm_factor
+from .hybrid import _row_norm_factors, hybrid_mask_rows
 
 __all__ = ["attention_mass", "mass_query_tokens", "log_scale_for_mass", "MASS_QUERIES"]
 
@@ -112,8 +112,7 @@ def attention_mass(
 
         out = {"window": mass(soft), "teacher_linear": mass(lin), "teacher_rest": mass(~(soft | lin)), "queries": idx}
     z = torch.einsum("qk,bkhf->bqhf", lin.to(acc), fk.to(acc))  # sum of phi_k over each query's linear keys
-    factor = [linear_norm_factor(n, linear_norm_frames) for n in (lin.sum(-1) // frame_tokens).tolist()]
-    factor = torch.tensor(factor, dtype=acc, device=q.device)[:, None]  # [n, 1]
+    factor = _row_norm_factors(lin, frame_tokens, linear_norm_frames, acc)[:, None]  # [n, 1]
     out["linear"] = (fq[:, idx].to(acc) * z).sum(-1).clamp(min=0) * factor
     return out
 
